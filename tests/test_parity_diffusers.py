@@ -6,13 +6,12 @@ Every step is fed the same random x_t, model output and noise on both sides; the
 Precision.  diffusers builds alpha_bar with a float32 cumprod; minidiff in float64, as the
 original ldm code did.  The two tables differ by up to ~1e-6 relative (checked below), which
 x0_hat = x_t / sqrt(alpha_bar_t) amplifies to ~2e-5 absolute where |x0_hat| ~ 30 (SD, t = 981).
-So the step arithmetic is compared twice:
-  - exact formulas: minidiff's step fed diffusers' own alpha_bar values, float64 inputs,
-    max abs error <= 1e-5 (measured <= 7e-6: diffusers takes sqrt(alpha_bar) of a float32
-    scalar even for float64 inputs);
-  - end to end: minidiff's own tables and float32 inputs, max error relative to the largest
-    output <= 1e-5 (measured <= 5.3e-6: float32 rounding in diffusers' step, e.g. in
-    beta = 1 - alpha_bar_t / alpha_bar_prev at small t).
+So the step formulas are compared by feeding minidiff's step diffusers' own alpha_bar values,
+with float64 inputs: max abs error <= 1e-5 (measured <= 7e-6; diffusers takes sqrt(alpha_bar)
+of a float32 scalar even for float64 inputs).  Float32 inputs are not compared with diffusers:
+its float32 step is itself off the exact result by up to 3e-4 (at t = 2 of the linear schedule,
+from cancellation in 1 - alpha_bar_t / alpha_bar_prev), while minidiff computes coefficients in
+double precision (see test_samplers.py::test_float32_steps_stay_float32_and_accurate).
 """
 
 import numpy as np
@@ -26,7 +25,6 @@ diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.parity
 
 TOL = 1e-5
-REL32 = 1e-5  # float32 rounding amplified by 1 / sqrt(alpha_bar_t) (up to ~160 for the linear schedule)
 
 # name -> (diffusers config, minidiff schedule name + beta range, steps_offset, set_alpha_to_one, clip)
 CONFIGS = {
@@ -51,8 +49,8 @@ def _ours(cfg, num_steps, **kw):
     )
 
 
-def _inputs(rng, shape=(2, 4, 8, 8), dtype=np.float64):
-    return [rng.standard_normal(shape).astype(dtype) for _ in range(3)]
+def _inputs(rng, shape=(2, 4, 8, 8)):
+    return [rng.standard_normal(shape) for _ in range(3)]
 
 
 def _with_alpha_bar(isc, alpha_bar, final):
@@ -62,9 +60,7 @@ def _with_alpha_bar(isc, alpha_bar, final):
 
 
 def _err(ours, theirs):
-    """(max abs error, max abs error relative to the largest reference value)."""
-    e = np.abs(ours - theirs.numpy()).max()
-    return e, e / np.abs(theirs.numpy()).max()
+    return np.abs(ours - theirs.numpy()).max()
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -81,18 +77,15 @@ def test_ddim_matches_diffusers(config, prediction_type, eta, num_steps):
 
     ref_isc = _with_alpha_bar(isc, ref.alphas_cumprod.double().numpy(), float(ref.final_alpha_cumprod))
     rng = np.random.default_rng(0)
-    worst = {np.float64: 0.0, np.float32: 0.0}
+    worst = 0.0
     for i, t in enumerate(isc.timesteps):
-        for dtype, s in ((np.float64, ref_isc), (np.float32, isc)):
-            x, out, z = _inputs(rng, dtype=dtype)
-            r = ref.step(torch.from_numpy(out), int(t), torch.from_numpy(x), eta=eta,
-                         variance_noise=torch.from_numpy(z) if eta else None)
-            x_prev, x0 = ddim_step(x, out, s.alpha_bar_t[i], s.alpha_bar_prev[i], eta, z if eta else None,
-                                   prediction_type, cfg["clip"])
-            (a1, r1), (a2, r2) = _err(x_prev, r.prev_sample), _err(x0, r.pred_original_sample)
-            worst[dtype] = max(worst[dtype], *((a1, a2) if dtype == np.float64 else (r1, r2)))
-    assert worst[np.float64] <= TOL, f"max abs error {worst[np.float64]:.2e} (float64 inputs)"
-    assert worst[np.float32] <= REL32, f"max relative error {worst[np.float32]:.2e} (float32 inputs)"
+        x, out, z = _inputs(rng)
+        r = ref.step(torch.from_numpy(out), int(t), torch.from_numpy(x), eta=eta,
+                     variance_noise=torch.from_numpy(z) if eta else None)
+        x_prev, x0 = ddim_step(x, out, ref_isc.alpha_bar_t[i], ref_isc.alpha_bar_prev[i], eta, z if eta else None,
+                               prediction_type, cfg["clip"])
+        worst = max(worst, _err(x_prev, r.prev_sample), _err(x0, r.pred_original_sample))
+    assert worst <= TOL, f"max abs error {worst:.2e}"
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -113,27 +106,25 @@ def test_ddpm_matches_diffusers(config, prediction_type, variance, num_steps):
 
     ref_isc = _with_alpha_bar(isc, ref.alphas_cumprod.double().numpy(), 1.0)
     rng = np.random.default_rng(1)
-    worst = {np.float64: 0.0, np.float32: 0.0}
+    worst = 0.0
     steps = range(len(isc)) if num_steps <= 50 else [0, 1, 2, *rng.choice(len(isc), 40, replace=False), len(isc) - 1]
     for i in steps:
         t = int(isc.timesteps[i])
-        for dtype, s in ((np.float64, ref_isc), (np.float32, isc)):
-            x, out, _ = _inputs(rng, dtype=dtype)
-            gen = torch.Generator().manual_seed(int(i))
-            # the noise diffusers draws inside step(), drawn again from the same seed
-            z = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(i)), dtype=torch.from_numpy(x).dtype).numpy()
-            r = ref.step(torch.from_numpy(out), t, torch.from_numpy(x), generator=gen)
-            x_prev, x0 = ddpm_step(x, out, s.alpha_bar_t[i], s.alpha_bar_prev[i], z, variance, prediction_type, cfg["clip"])
-            expected = r.prev_sample
-            if variance == "beta" and i == len(isc) - 1 and t > 0:
-                # Documented difference: diffusers' fixed_large adds noise on the last step whenever
-                # t > 0 (here t = steps_offset = 1); minidiff follows DDPM's Algorithm 2 (z = 0 on
-                # the step to the clean sample).  Compare against diffusers' output minus that noise.
-                expected = expected - (1 - ref.alphas_cumprod[t].double()) ** 0.5 * torch.from_numpy(z)
-            (a1, r1), (a2, r2) = _err(x_prev, expected), _err(x0, r.pred_original_sample)
-            worst[dtype] = max(worst[dtype], *((a1, a2) if dtype == np.float64 else (r1, r2)))
-    assert worst[np.float64] <= TOL, f"max abs error {worst[np.float64]:.2e} (float64 inputs)"
-    assert worst[np.float32] <= REL32, f"max relative error {worst[np.float32]:.2e} (float32 inputs)"
+        x, out, _ = _inputs(rng)
+        gen = torch.Generator().manual_seed(int(i))
+        # the noise diffusers draws inside step(), drawn again from the same seed
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(i)), dtype=torch.float64).numpy()
+        r = ref.step(torch.from_numpy(out), t, torch.from_numpy(x), generator=gen)
+        x_prev, x0 = ddpm_step(x, out, ref_isc.alpha_bar_t[i], ref_isc.alpha_bar_prev[i], z, variance, prediction_type,
+                               cfg["clip"])
+        expected = r.prev_sample
+        if variance == "beta" and i == len(isc) - 1 and t > 0:
+            # Documented difference: diffusers' fixed_large adds noise on the last step whenever
+            # t > 0 (here t = steps_offset = 1); minidiff follows DDPM's Algorithm 2 (z = 0 on
+            # the step to the clean sample).  Compare against diffusers' output minus that noise.
+            expected = expected - (1 - ref.alphas_cumprod[t].double()) ** 0.5 * torch.from_numpy(z)
+        worst = max(worst, _err(x_prev, expected), _err(x0, r.pred_original_sample))
+    assert worst <= TOL, f"max abs error {worst:.2e}"
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])

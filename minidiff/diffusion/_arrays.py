@@ -16,10 +16,15 @@ def check_shapes(**arrays) -> None:
 
 def expand_like(c, x):
     """Make a coefficient broadcast against ``x``: a scalar stays a scalar; a per-example vector
-    of length ``x.shape[0]`` becomes shape (B, 1, ..., 1)."""
+    of length ``x.shape[0]`` becomes shape (B, 1, ..., 1).
+
+    NumPy coefficients are taken as Python floats / cast to x's dtype, so a float32 array stays
+    float32 (a float64 table entry would otherwise promote the whole array to float64)."""
     ndim = np.ndim(c)
     if ndim == 0:
-        return c
+        return float(c) if isinstance(c, (np.generic, np.ndarray)) else c
+    if isinstance(c, np.ndarray) and isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating):
+        c = c.astype(x.dtype)
     if ndim != 1 or np.shape(c)[0] != np.shape(x)[0]:
         raise ValueError(
             f"a coefficient must be a scalar or have one entry per example (shape ({np.shape(x)[0]},)); "

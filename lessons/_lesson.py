@@ -1,0 +1,33 @@
+"""Shared plumbing for the lessons: quick mode, where figures go, saving them.
+
+Quick mode (``--quick`` or ``MINIDIFF_QUICK=1``) shrinks data and steps so the test suite can
+run every lesson end to end in seconds.  Figures go to ``--out DIR`` (or ``MINIDIFF_OUT``),
+by default ``lessons/figures/``.
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+import matplotlib
+
+if "ipykernel" not in os.environ.get("MPLBACKEND", "") and not hasattr(__builtins__, "__IPYTHON__"):
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+_p = argparse.ArgumentParser(add_help=False)
+_p.add_argument("--quick", action="store_true")
+_p.add_argument("--out", default=os.environ.get("MINIDIFF_OUT", str(Path(__file__).parent / "figures")))
+_args, _ = _p.parse_known_args()
+
+QUICK = _args.quick or os.environ.get("MINIDIFF_QUICK", "") not in ("", "0")
+OUT = Path(_args.out)
+OUT.mkdir(parents=True, exist_ok=True)
+
+
+def savefig(fig, name: str) -> Path:
+    path = OUT / name
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    print(f"saved {path}")
+    return path

@@ -1,0 +1,77 @@
+"""Pixels <-> arrays, and PNGs that remember how they were made.
+
+Models see images as float arrays in [-1, 1], shape (H, W, C); files hold uint8.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+EXAMPLE_PHOTOS = ("chelsea", "astronaut", "coffee")
+
+
+def to_unit_range(pixels) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return np.asarray(pixels, dtype=np.float32) / 127.5 - 1.0
+
+
+def to_uint8(x) -> np.ndarray:
+    """float [-1, 1] -> uint8 [0, 255] (values outside are clipped)."""
+    return np.clip(np.round((np.asarray(x, dtype=np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def load_image(path, size: int | None = None) -> np.ndarray:
+    """Read an image file as uint8 RGB (H, W, 3), optionally center-cropped and resized to size x size."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image file not found: {path}")
+    try:
+        img = Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read {path} as an image: {e}") from None
+    if size is not None:
+        img = _square(img, size)
+    return np.asarray(img)
+
+
+def example_photo(name: str = "chelsea", size: int | None = 256) -> np.ndarray:
+    """One of scikit-image's example photographs (shipped inside its wheel, no download), uint8 RGB."""
+    if name not in EXAMPLE_PHOTOS:
+        raise ValueError(f"unknown example photo {name!r}; choose one of {', '.join(EXAMPLE_PHOTOS)}")
+    try:
+        import skimage.data
+    except ImportError:
+        raise ImportError(
+            "the example photographs come from scikit-image: pip install 'minidiff[lessons]' (or pass your own image)"
+        ) from None
+    from PIL import Image
+
+    img = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    return np.asarray(_square(img, size) if size else img)
+
+
+def _square(img, size: int):
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    from PIL import Image
+
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def save_png(path, pixels, metadata: dict | None = None) -> Path:
+    """Write uint8 pixels as PNG, recording ``metadata`` (prompt, seed, settings...) as text chunks."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(str(key), str(value))
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(path, pnginfo=info)
+    return path

@@ -1,0 +1,28 @@
+"""Every lesson runs end to end in quick mode and writes its figures."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+LESSONS = sorted((Path(__file__).parent.parent / "lessons").glob("[0-9][0-9]_*.py"))
+
+
+def test_there_are_lessons():
+    assert len(LESSONS) >= 2
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
+def test_lesson_runs_in_quick_mode(lesson, tmp_path):
+    env = {**os.environ, "MINIDIFF_QUICK": "1", "MPLBACKEND": "Agg"}
+    r = subprocess.run([sys.executable, str(lesson), "--out", str(tmp_path)], cwd=lesson.parent, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    figures = sorted(tmp_path.glob(f"{lesson.stem[:2]}_*.png"))
+    assert figures, f"{lesson.name} saved no figures"
+    for f in figures:
+        with Image.open(f) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
