@@ -1,0 +1,216 @@
+"""UNet2DCondition: the noise predictor eps_theta(x_t, t, context) of Stable Diffusion.
+
+One config dataclass covers SD 1.x, SD 2.x and the toy sizes that train on a CPU.  The network:
+
+    t ──sinusoidal──► MLP ──► temb (+ class embedding)              (added inside every ResnetBlock)
+    x ─► conv_in ─► down blocks ─► mid block ─► up blocks ─► GroupNorm, SiLU, conv_out ─► eps
+                       │  [ResnetBlock, Transformer2D] x layers,          ▲
+                       │  then a stride-2 Downsample                     │ each up block concatenates
+                       └──────────── skip connections ───────────────────┘ the matching skips
+
+Transformer2D blocks attend over the pixels (self-attention) and to the text tokens
+(cross-attention, keys/values from ``context``).  NHWC throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from .layers import Downsample, ResnetBlock, TimestepEmbedding, Transformer2D, Upsample, conv3x3, timestep_embedding
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Everything that fixes the architecture (and so the parameter tree).
+
+    ``attention`` says which down blocks carry Transformer2D layers (the up blocks mirror it);
+    ``num_attention_heads`` is one count or one per block (SD 2.x: 5, 10, 20, 20; head_dim =
+    channels / heads).  ``cross_attention_dim=None`` gives self-attention only (unconditional or
+    class-conditional toys); ``num_class_embeds`` adds a class embedding to the time embedding.
+    """
+
+    sample_size: int = 64
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    attention: tuple[bool, ...] = (True, True, True, False)
+    mid_block_attention: bool = True
+    num_attention_heads: int | tuple[int, ...] = 8
+    transformer_layers_per_block: int = 1
+    cross_attention_dim: int | None = 768
+    use_linear_projection: bool = False
+    num_class_embeds: int | None = None
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    attention_chunk_size: int | None = 1024  # queries per attention block (memory at 64x64 latents)
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        if len(self.attention) != n:
+            raise ValueError(f"attention has {len(self.attention)} entries, block_out_channels {n}")
+        heads = self.heads_per_block
+        if len(heads) != n:
+            raise ValueError(f"num_attention_heads has {len(heads)} entries, block_out_channels {n}")
+        for c, h in zip(self.block_out_channels, heads):
+            if c % self.norm_num_groups:
+                raise ValueError(f"{c} channels cannot be split into {self.norm_num_groups} GroupNorm groups")
+            if c % h:
+                raise ValueError(f"{c} channels cannot be split into {h} attention heads")
+
+    @property
+    def heads_per_block(self) -> tuple[int, ...]:
+        h = self.num_attention_heads
+        return tuple(h) if isinstance(h, (tuple, list)) else (h,) * len(self.block_out_channels)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]
+
+    @classmethod
+    def sd15(cls, **overrides) -> "UNetConfig":
+        """Stable Diffusion 1.x (1.4, 1.5): 859,520,964 parameters."""
+        return replace(cls(), **overrides)
+
+    @classmethod
+    def sd2(cls, **overrides) -> "UNetConfig":
+        """Stable Diffusion 2.x: linear projections, 5/10/20/20 heads of 64, OpenCLIP context 1024."""
+        return replace(cls(num_attention_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True),
+                       **overrides)
+
+    @classmethod
+    def toy(cls, in_channels: int = 3, out_channels: int | None = None, sample_size: int = 32, **overrides) -> "UNetConfig":
+        """A few hundred thousand parameters, for 32x32 images on a CPU."""
+        base = cls(sample_size=sample_size, in_channels=in_channels, out_channels=out_channels or in_channels,
+                   block_out_channels=(32, 64, 64), layers_per_block=1, attention=(False, True, True),
+                   num_attention_heads=4, cross_attention_dim=None, norm_num_groups=8, attention_chunk_size=None)
+        return replace(base, **overrides)
+
+
+def _resnet(cfg: UNetConfig, channels: int, dtype, name: str) -> ResnetBlock:
+    return ResnetBlock(channels, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout, dtype, name=name)
+
+
+def _transformer(cfg: UNetConfig, channels: int, heads: int, dtype, name: str) -> Transformer2D:
+    return Transformer2D(heads, channels // heads, cfg.transformer_layers_per_block, cfg.cross_attention_dim is not None,
+                         cfg.use_linear_projection, cfg.norm_num_groups, cfg.attention_chunk_size, dtype, name=name)
+
+
+class DownBlock(nn.Module):
+    """``layers_per_block`` x [ResnetBlock, Transformer2D if attention], then a Downsample
+    (except in the last block).  Returns h and every intermediate output, for the skips."""
+
+    config: UNetConfig
+    index: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, temb, context, train):
+        cfg, i = self.config, self.index
+        ch, skips = cfg.block_out_channels[i], []
+        for j in range(cfg.layers_per_block):
+            h = _resnet(cfg, ch, self.dtype, f"resnets_{j}")(h, temb, train)
+            if cfg.attention[i]:
+                h = _transformer(cfg, ch, cfg.heads_per_block[i], self.dtype, f"attentions_{j}")(h, context)
+            skips.append(h)
+        if i < len(cfg.block_out_channels) - 1:
+            h = Downsample(ch, self.dtype, name="downsamplers_0")(h)
+            skips.append(h)
+        return h, skips
+
+
+class MidBlock(nn.Module):
+    """ResnetBlock, Transformer2D, ResnetBlock at the lowest resolution."""
+
+    config: UNetConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, temb, context, train):
+        cfg = self.config
+        ch = cfg.block_out_channels[-1]
+        h = _resnet(cfg, ch, self.dtype, "resnets_0")(h, temb, train)
+        if cfg.mid_block_attention:
+            h = _transformer(cfg, ch, cfg.heads_per_block[-1], self.dtype, "attentions_0")(h, context)
+        return _resnet(cfg, ch, self.dtype, "resnets_1")(h, temb, train)
+
+
+class UpBlock(nn.Module):
+    """Mirror of a down block: ``layers_per_block + 1`` x [concat a skip, ResnetBlock,
+    Transformer2D if attention], then an Upsample (except in the last block)."""
+
+    config: UNetConfig
+    index: int  # up block i mirrors down block n - 1 - i
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, skips, temb, context, train):
+        cfg, i = self.config, self.index
+        n = len(cfg.block_out_channels)
+        b = n - 1 - i
+        ch = cfg.block_out_channels[b]
+        for j in range(cfg.layers_per_block + 1):
+            h = jnp.concatenate([h, skips.pop()], axis=-1)
+            h = _resnet(cfg, ch, self.dtype, f"resnets_{j}")(h, temb, train)
+            if cfg.attention[b]:
+                h = _transformer(cfg, ch, cfg.heads_per_block[b], self.dtype, f"attentions_{j}")(h, context)
+        if i < n - 1:
+            h = Upsample(ch, self.dtype, name="upsamplers_0")(h)
+        return h
+
+
+class UNet2DCondition(nn.Module):
+    config: UNetConfig
+    dtype: Any = jnp.float32  # computation dtype (bfloat16 on accelerators); parameters stay float32
+
+    @nn.compact
+    def __call__(self, x, t, context=None, class_labels=None, train: bool = False):
+        """x (B, H, W, in_channels), t (B,) timesteps, context (B, L, cross_attention_dim) or None,
+        class_labels (B,) or None.  Returns (B, H, W, out_channels) float32."""
+        cfg, dt = self.config, self.dtype
+        self._check_inputs(x, t, context, class_labels)
+        t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+
+        # time (and class) embedding
+        temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        temb = TimestepEmbedding(cfg.time_embed_dim, dt, name="time_embedding")(temb.astype(dt))
+        if cfg.num_class_embeds is not None:
+            temb = temb + nn.Embed(cfg.num_class_embeds, cfg.time_embed_dim, dtype=dt, name="class_embedding")(class_labels)
+        if context is not None:
+            context = context.astype(dt)
+
+        h = conv3x3(cfg.block_out_channels[0], "conv_in", dt)(x.astype(dt))
+        skips = [h]
+        for i in range(len(cfg.block_out_channels)):
+            h, block_skips = DownBlock(cfg, i, dt, name=f"down_blocks_{i}")(h, temb, context, train)
+            skips += block_skips
+        h = MidBlock(cfg, dt, name="mid_block")(h, temb, context, train)
+        for i in range(len(cfg.block_out_channels)):
+            h = UpBlock(cfg, i, dt, name=f"up_blocks_{i}")(h, skips, temb, context, train)
+
+        h = nn.silu(nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, name="conv_norm_out")(h))
+        return conv3x3(cfg.out_channels, "conv_out", dt)(h).astype(jnp.float32)
+
+    def _check_inputs(self, x, t, context, class_labels):
+        cfg = self.config
+        if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
+            raise ValueError(f"x must be NHWC with {cfg.in_channels} channels, got shape {x.shape}")
+        factor = 2 ** (len(cfg.block_out_channels) - 1)
+        if x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(f"height and width must be multiples of {factor} for this UNet, got {x.shape[1:3]}")
+        if cfg.cross_attention_dim is not None:
+            if context is None or context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
+                got = None if context is None else context.shape
+                raise ValueError(f"context must be (B, L, {cfg.cross_attention_dim}), got {got}")
+        elif context is not None:
+            raise ValueError("this UNet has no cross-attention (cross_attention_dim=None) but a context was given")
+        if (cfg.num_class_embeds is None) != (class_labels is None):
+            raise ValueError("class_labels must be given exactly when the config has num_class_embeds "
+                             f"(num_class_embeds={cfg.num_class_embeds})")
