@@ -1,0 +1,123 @@
+"""One forward pass of the SD 1.5-size UNet: minidiff (Flax, jit-compiled) next to diffusers'
+UNet2DConditionModel (PyTorch), random weights, batch 2, context 77x768, 64x64 and 32x32 latents.
+
+    python benchmarks/unet_step.py [--sizes 64 32] [--repeats 3] [--chunk 1024] [--config sd15|small]
+
+Each implementation runs in its own subprocess so that its peak RSS is its own.  Prints seconds
+per forward (best of --repeats, after one warm-up), minidiff's compile time, the ratio
+minidiff / diffusers, and peak RSS.  ``--config small`` is a quick smoke run with a tiny UNet.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+SMALL = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=2, attention_head_dim=8, cross_attention_dim=768)
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_minidiff(size, repeats, chunk, config):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from minidiff.nn.unet import UNet2DCondition, UNetConfig
+
+    if config == "sd15":
+        cfg = UNetConfig.sd15(attention_chunk_size=chunk)
+    else:
+        cfg = UNetConfig(block_out_channels=SMALL["block_out_channels"], attention_chunk_size=chunk)
+    model = UNet2DCondition(cfg)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, size, size, 4)), jnp.float32)
+    t = jnp.array([981, 981])
+    ctx = jnp.asarray(rng.standard_normal((2, 77, 768)), jnp.float32)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), x, t, ctx)["params"]
+    forward = jax.jit(model.apply)
+    t0 = time.perf_counter()
+    compiled = forward.lower({"params": params}, x, t, ctx).compile()
+    compile_s = time.perf_counter() - t0
+    compiled({"params": params}, x, t, ctx).block_until_ready()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        compiled({"params": params}, x, t, ctx).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return dict(seconds=min(times), compile=compile_s)
+
+
+def run_diffusers(size, repeats, config):
+    import numpy as np
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    if config == "sd15":
+        model = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # SD 1.x defaults
+    else:
+        model = UNet2DConditionModel(sample_size=size, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, **SMALL)
+    model.eval()
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((2, 4, size, size)).astype(np.float32))
+    t = torch.tensor([981, 981])
+    ctx = torch.from_numpy(rng.standard_normal((2, 77, 768)).astype(np.float32))
+    with torch.inference_mode():
+        model(x, t, ctx)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x, t, ctx)
+            times.append(time.perf_counter() - t0)
+    return dict(seconds=min(times), compile=0.0, threads=torch.get_num_threads())
+
+
+def child(args):
+    if args.impl == "minidiff":
+        r = run_minidiff(args.size, args.repeats, args.chunk, args.config)
+    else:
+        r = run_diffusers(args.size, args.repeats, args.config)
+    r["peak_rss_mib"] = peak_rss_mib()
+    print("RESULT " + json.dumps(r))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 32])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunk", type=int, default=1024, help="attention query chunk (0 = unchunked)")
+    ap.add_argument("--config", choices=["sd15", "small"], default="sd15")
+    ap.add_argument("--impl", choices=["minidiff", "diffusers"], help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.chunk = args.chunk or None
+    if args.impl:
+        return child(args)
+
+    print(f"UNet forward, config {args.config}, batch 2, context 77x768, fp32, best of {args.repeats} "
+          f"(attention chunk {args.chunk})")
+    print(f"{'latents':>8s} {'minidiff s':>11s} {'diffusers s':>12s} {'ratio':>6s} {'compile s':>10s} "
+          f"{'RSS minidiff':>13s} {'RSS diffusers':>14s}")
+    for size in args.sizes:
+        res = {}
+        for impl in ("minidiff", "diffusers"):
+            cmd = [sys.executable, __file__, "--impl", impl, "--size", str(size), "--repeats", str(args.repeats),
+                   "--chunk", str(args.chunk or 0), "--config", args.config]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode or not line:
+                sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
+            res[impl] = json.loads(line[0][7:])
+        m, d = res["minidiff"], res["diffusers"]
+        print(f"{size:>5d}^2 {m['seconds']:11.2f} {d['seconds']:12.2f} {m['seconds'] / d['seconds']:6.2f} "
+              f"{m['compile']:10.1f} {m['peak_rss_mib']:10.0f} MiB {d['peak_rss_mib']:11.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
