@@ -11,15 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .diffusion import GaussianMixture, InferenceSchedule, NoiseSchedule, q_sample, sample
+from .data import TOY_MIXTURE  # the 2-D toy data of the demo and lesson 02
+from .diffusion import InferenceSchedule, NoiseSchedule, q_sample, sample
 from .images import example_photo, load_image, save_png, to_uint8, to_unit_range
-
-# The 2-D toy data of the demo and lesson 02: three Gaussians, well apart.
-TOY_MIXTURE = GaussianMixture(
-    [0.2, 0.5, 0.3],
-    [[-2.0, 0.0], [1.5, 1.0], [0.5, -2.0]],
-    [[[0.3, 0.1], [0.1, 0.2]], [[0.4, -0.15], [-0.15, 0.3]], [[0.2, 0.0], [0.0, 0.5]]],
-)
 
 
 def noise_strip(image01, schedule: NoiseSchedule, timesteps, rng) -> np.ndarray:
