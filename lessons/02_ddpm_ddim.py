@@ -23,7 +23,7 @@
 import numpy as np
 from _lesson import QUICK, plt, savefig
 
-from minidiff.demo import TOY_MIXTURE as gm
+from minidiff.data import TOY_MIXTURE as gm
 from minidiff.diffusion import InferenceSchedule, NoiseSchedule, ddim_invert, q_sample, sample
 
 rng = np.random.default_rng(0)

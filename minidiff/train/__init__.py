@@ -1,0 +1,1 @@
+"""Training loops (optax): diffusion models, and the helpers they share (checkpoints)."""
