@@ -105,20 +105,27 @@ def dot_product_attention(q, k, v, chunk_size: int | None = None):
 
     The (Lq x Lk) weight matrix is the memory hog: at SD's 64x64 latents it has 4096^2 entries per
     head.  With ``chunk_size`` the queries are processed ``chunk_size`` at a time (``lax.map``), so
-    only a (chunk_size x Lk) block exists at once; the result is the same.
+    only a (chunk_size x Lk) block exists at once; the result is the same.  The softmax is
+    normalised after multiplying by v (divide Lq x d numbers, not Lq x Lk):
+
+        out = (exp(s - max s) v) / sum exp(s - max s),     s = q k^T / sqrt(d)
     """
     B, Lq, H, d = q.shape
-    q = q * d**-0.5
+    q = (q * d**-0.5).transpose(0, 2, 1, 3)  # heads first: (B, H, L, d), plain batched matmuls
+    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # k as (B, H, d, Lk)
 
     def attend(q_block):
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q_block, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        s = jnp.matmul(q_block, k, preferred_element_type=jnp.float32)
+        p = jnp.exp(s - s.max(axis=-1, keepdims=True))
+        out = jnp.matmul(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return (out / p.sum(axis=-1, keepdims=True)).astype(v.dtype)
 
     if chunk_size is None or Lq <= chunk_size or Lq % chunk_size:
-        return attend(q)
-    blocks = q.reshape(B, Lq // chunk_size, chunk_size, H, d).swapaxes(0, 1)
-    return jax.lax.map(attend, blocks).swapaxes(0, 1).reshape(B, Lq, H, d)
+        out = attend(q)
+    else:
+        blocks = q.reshape(B, H, Lq // chunk_size, chunk_size, d).transpose(2, 0, 1, 3, 4)
+        out = jax.lax.map(attend, blocks).transpose(1, 2, 0, 3, 4).reshape(B, H, Lq, d)
+    return out.transpose(0, 2, 1, 3)
 
 
 class Attention(nn.Module):
