@@ -3,13 +3,87 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 def _demo(args):
     from . import demo
 
     demo.run(args.out, image=args.image, quick=args.quick, seed=args.seed)
+
+
+def _train(args):
+    from .train.checkpoint import CHECKPOINT
+    from .train.diffusion import Trainer, TrainConfig
+
+    out = Path(args.out)
+    if (out / CHECKPOINT).is_file():
+        if not args.resume:
+            raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+        trainer = Trainer.resume(out, steps=args.steps)  # the saved config, except the number of steps
+        print(f"resuming {out} at step {trainer.step} of {trainer.config.steps}")
+    else:
+        try:
+            model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--model-kwargs is not valid JSON: {e}") from None
+        config = TrainConfig.create(
+            args.data, steps=args.steps, batch=args.batch, lr=args.lr, cond=args.cond, prediction=args.prediction,
+            seed=args.seed, schedule=args.schedule, warmup=args.warmup, ema_decay=args.ema, cond_drop=args.cond_drop,
+            sample_every=args.sample_every, checkpoint_every=args.checkpoint_every, model_kwargs=model_kwargs,
+            grad_clip=args.grad_clip, lr_decay=args.lr_decay or None,
+        )
+        trainer = Trainer(config, out)
+    try:
+        trainer.train(progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"minidiff train: interrupted at step {trainer.step}; continue with --resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    h = trainer.history
+    print(f"step {trainer.step}: loss {h['loss'][-1]:.4f}; checkpoint in {out}")
+
+
+def _class_label(text, denoiser):
+    """--class-label: an index, or a class name such as "red circle" (shapes)."""
+    try:
+        return int(text)
+    except ValueError:
+        if denoiser.config.data == "shapes" and denoiser.config.num_classes:
+            ds = denoiser.config.dataset()
+            names = [ds.class_name(i) for i in range(ds.num_classes)]
+            if text in names:
+                return names.index(text)
+            raise ValueError(f"unknown class {text!r}; choose an index or one of: {', '.join(names)}") from None
+        raise ValueError(f"--class-label must be an integer, got {text!r}") from None
+
+
+def _sample(args):
+    from .train.diffusion import load_denoiser, save_samples
+
+    den = load_denoiser(args.checkpoint, ema=not args.no_ema)
+    label = None if args.class_label is None else _class_label(args.class_label, den)
+    k = den.config.num_classes
+    n = args.n or ((k * max(1, 64 // k) if k and label is None else 64) if den.config.data == "shapes" else 2000)
+    x = den.sample(n, args.seed, args.sampler, args.steps, args.eta, class_labels=label, guidance_scale=args.guidance)
+    meta = {"checkpoint": args.checkpoint, "training_step": den.step, "data": den.config.data, "sampler": args.sampler,
+            "steps": args.steps, "eta": args.eta, "seed": args.seed, "n": n, "ema": not args.no_ema}
+    if label is not None:
+        meta["class_label"] = label
+    if args.guidance is not None:
+        meta["guidance_scale"] = args.guidance
+    columns = k if (k and label is None and x.ndim == 4) else None
+    print(f"wrote {save_samples(args.output, x, meta, columns=columns)}")
+
+
+def _evaluate(args):
+    from .train.diffusion import evaluate, load_denoiser
+
+    den = load_denoiser(args.checkpoint, ema=not args.no_ema)
+    print(f"{args.checkpoint} (step {den.step}, {den.config.data}), {args.sampler} {args.steps} steps, seed {args.seed}:")
+    for key, value in evaluate(den, args.n, args.sampler, args.steps, args.seed, args.eta, args.guidance).items():
+        print(f"  {key:30s} {value:.6g}" if isinstance(value, float) else f"  {key:30s} {value}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +96,53 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="fewer samples and steps (seconds)")
     d.set_defaults(func=_demo)
+
+    t = sub.add_parser("train", help="train a diffusion model on toy data (2-D points or 32x32 shapes)")
+    t.add_argument("--data", choices=("shapes", "gmm", "mixture", "moons", "swissroll"), default="moons")
+    t.add_argument("--out", required=True, help="run folder: checkpoint.msgpack, config.json, samples/")
+    t.add_argument("--steps", type=int, help="total training steps (default: 10000 points, 3000 shapes)")
+    t.add_argument("--batch", type=int, help="batch size (default: 512 points, 64 shapes)")
+    t.add_argument("--lr", type=float, help="peak AdamW learning rate (default: 1e-3)")
+    t.add_argument("--cond", choices=("none", "class"), default="none", help="class-conditional (shapes, gmm)")
+    t.add_argument("--cond-drop", type=float, help="probability of dropping the class (classifier-free guidance)")
+    t.add_argument("--prediction", choices=("eps", "v"), default="eps", help="predict the noise or v")
+    t.add_argument("--schedule", choices=("linear", "scaled_linear", "cosine"), help="beta schedule (default: linear)")
+    t.add_argument("--warmup", type=int, help="learning-rate warmup steps (default: 200)")
+    t.add_argument("--lr-decay", action="store_true", help="cosine decay of the learning rate to lr/10")
+    t.add_argument("--grad-clip", type=float, help="clip the gradient's global norm (default: 1.0)")
+    t.add_argument("--ema", type=float, help="EMA decay of the parameters (default: 0.999)")
+    t.add_argument("--model-kwargs", help='JSON overrides of the model config, e.g. \'{"block_out_channels": [16, 32, 32]}\'')
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--sample-every", type=int, help="save a sample grid every N steps (0: never)")
+    t.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N steps (0: at the end only)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out (its saved settings; --steps may grow)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    s = sub.add_parser("sample", help="sample from a trained run: an image grid, or a scatter plot for 2-D data")
+    s.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint.msgpack)")
+    s.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    s.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--class-label", help="class index (or name, e.g. 'red circle') for every sample")
+    s.add_argument("--n", type=int, help="number of samples (default: 64 images, 2000 points)")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (models trained with --cond-drop)")
+    s.add_argument("--no-ema", action="store_true", help="use the raw parameters instead of their EMA")
+    s.add_argument("-o", "--output", default="samples.png", help="PNG to write (default: samples.png)")
+    s.set_defaults(func=_sample)
+
+    e = sub.add_parser("evaluate", help="measure samples against the data (2-D: energy distance, MMD; "
+                                        "shapes: classifier accuracy on the requested class)")
+    e.add_argument("--checkpoint", required=True, help="a run folder (or its checkpoint.msgpack)")
+    e.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    e.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
+    e.add_argument("--eta", type=float, default=0.0)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--n", type=int, help="number of samples (default: 5000 points, 100 per class of shapes)")
+    e.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    e.add_argument("--no-ema", action="store_true", help="use the raw parameters instead of their EMA")
+    e.set_defaults(func=_evaluate)
     return p
 
 
