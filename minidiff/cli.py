@@ -33,7 +33,8 @@ def _train(args):
             args.data, steps=args.steps, batch=args.batch, lr=args.lr, cond=args.cond, prediction=args.prediction,
             seed=args.seed, schedule=args.schedule, warmup=args.warmup, ema_decay=args.ema, cond_drop=args.cond_drop,
             sample_every=args.sample_every, checkpoint_every=args.checkpoint_every, model_kwargs=model_kwargs,
-            grad_clip=args.grad_clip, lr_decay=args.lr_decay or None,
+            grad_clip=args.grad_clip, patch_size=args.patch_size, min_snr_gamma=args.min_snr_gamma,
+            lr_decay=False if args.no_lr_decay else None,
         )
         trainer = Trainer(config, out)
     try:
@@ -100,18 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a diffusion model on toy data (2-D points or 32x32 shapes)")
     t.add_argument("--data", choices=("shapes", "gmm", "mixture", "moons", "swissroll"), default="moons")
     t.add_argument("--out", required=True, help="run folder: checkpoint.msgpack, config.json, samples/")
-    t.add_argument("--steps", type=int, help="total training steps (default: 10000 points, 3000 shapes)")
-    t.add_argument("--batch", type=int, help="batch size (default: 512 points, 64 shapes)")
-    t.add_argument("--lr", type=float, help="peak AdamW learning rate (default: 1e-3)")
+    t.add_argument("--steps", type=int, help="total training steps (default: 10000 points, 2000 shapes)")
+    t.add_argument("--batch", type=int, help="batch size (default: 512 points, 32 shapes)")
+    t.add_argument("--lr", type=float, help="peak AdamW learning rate (default: 1e-3 points, 2e-3 shapes)")
     t.add_argument("--cond", choices=("none", "class"), default="none", help="class-conditional (shapes, gmm)")
     t.add_argument("--cond-drop", type=float, help="probability of dropping the class (classifier-free guidance)")
-    t.add_argument("--prediction", choices=("eps", "v"), default="eps", help="predict the noise or v")
-    t.add_argument("--schedule", choices=("linear", "scaled_linear", "cosine"), help="beta schedule (default: linear)")
-    t.add_argument("--warmup", type=int, help="learning-rate warmup steps (default: 200)")
-    t.add_argument("--lr-decay", action="store_true", help="cosine decay of the learning rate to lr/10")
+    t.add_argument("--prediction", choices=("eps", "v"), help="predict the noise or v (default: eps points, v shapes)")
+    t.add_argument("--schedule", choices=("linear", "scaled_linear", "cosine"),
+                   help="beta schedule (default: linear points, cosine shapes)")
+    t.add_argument("--warmup", type=int, help="learning-rate warmup steps (default: 200 points, 100 shapes)")
+    t.add_argument("--no-lr-decay", action="store_true", help="constant learning rate after the warmup "
+                                                             "(default: cosine decay to lr/10 at the last step)")
     t.add_argument("--grad-clip", type=float, help="clip the gradient's global norm (default: 1.0)")
     t.add_argument("--ema", type=float, help="EMA decay of the parameters (default: 0.999)")
+    t.add_argument("--min-snr-gamma", type=float, help="Min-SNR loss weighting with this gamma (default: none)")
     t.add_argument("--model-kwargs", help='JSON overrides of the model config, e.g. \'{"block_out_channels": [16, 32, 32]}\'')
+    t.add_argument("--patch-size", type=int, help="shapes: the UNet sees PxP pixel patches as channels (default: 1)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--sample-every", type=int, help="save a sample grid every N steps (0: never)")
     t.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N steps (0: at the end only)")

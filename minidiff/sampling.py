@@ -1,0 +1,116 @@
+"""The reverse chain for JAX models, compiled once.
+
+``minidiff.diffusion.sample`` walks an :class:`InferenceSchedule` in a Python loop on NumPy arrays.
+Here the same walk is one ``jax.lax.scan`` inside one ``jax.jit``: the loop body calls the very
+same step functions (``ddim_step``, ``ddpm_step``), whose coefficients are gathered from the
+schedule's arrays step by step, so the whole chain of N network calls compiles into one program.
+
+Randomness comes from one ``jax.random`` key, split the same way on every call::
+
+    k_T, k_steps = split(key);   x_T = N(0, I) from k_T;   z_i = N(0, I) from split(k_steps, N)[i]
+
+(:func:`noise_keys`), so a sample is a pure function of (params, key) and a new seed reuses the
+compiled program.
+
+Classifier-free guidance: given the unconditional input ``uncond`` as well as ``cond``, the model
+runs on both halves of a doubled batch and the outputs are mixed,
+
+    eps = eps(x_t, uncond) + s * (eps(x_t, cond) - eps(x_t, uncond)),      s = guidance_scale.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from .diffusion import InferenceSchedule, ddim_step, ddpm_step
+from .diffusion.samplers import DDPM_VARIANCES, PREDICTION_TYPES
+
+ModelFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]  # (params, x_t, t (B,) int32, cond) -> output
+
+
+def noise_keys(key, num_steps: int):
+    """The sampler's whole use of randomness: (key of x_T, the (N,) keys of the steps' noise z_i)."""
+    k_T, k_steps = jax.random.split(key)
+    return k_T, jax.random.split(k_steps, num_steps)
+
+
+class Sampler:
+    """DDIM or DDPM sampling of a JAX model, compiled once per input shape.
+
+    ``model_fn(params, x_t, t, cond)`` returns the model output (``prediction_type``: "epsilon",
+    "sample" or "v_prediction") for the batch x_t at the timesteps t, shape (B,) int32; ``cond`` is
+    whatever the model is conditioned on (class labels, text embeddings, or None), a pytree whose
+    leaves have the batch as first axis.
+
+        sampler = Sampler(model_fn, InferenceSchedule.create(NoiseSchedule.from_name("linear"), 50))
+        x0 = sampler(params, jax.random.key(0), (16, 2))          # compiles
+        x0 = sampler(params, jax.random.key(1), (16, 2))          # reuses the program
+    """
+
+    def __init__(
+        self,
+        model_fn: ModelFn,
+        schedule: InferenceSchedule,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        prediction_type: str = "epsilon",
+        variance: str = "beta_tilde",
+        clip_x0: float | None = None,
+    ):
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+        if variance not in DDPM_VARIANCES:
+            raise ValueError(f"unknown DDPM variance {variance!r}; choose one of {', '.join(DDPM_VARIANCES)}")
+        self.model_fn, self.schedule, self.sampler = model_fn, schedule, sampler
+        self.eta, self.prediction_type, self.variance, self.clip_x0 = float(eta), prediction_type, variance, clip_x0
+        self._chain = jax.jit(self._run, static_argnames=("shape", "return_trajectory"))
+
+    def __call__(self, params, key, shape=None, *, x_T=None, cond=None, uncond=None, guidance_scale=1.0,
+                 return_trajectory: bool = False):
+        """Run the chain from x_T (drawn from ``key`` unless given) down to x0.
+
+        Returns x0, or (x0, trajectory) with ``return_trajectory``: the stacked (N + 1, *shape)
+        states x_T, ..., x0.
+        """
+        if (shape is None) == (x_T is None):
+            raise ValueError("give exactly one of shape= (x_T is drawn from the key) and x_T=")
+        shape = None if shape is None else tuple(int(s) for s in shape)
+        return self._chain(params, key, x_T, cond, uncond, jnp.float32(guidance_scale),
+                           shape=shape, return_trajectory=return_trajectory)
+
+    def predict(self, params, x, t, cond, uncond, guidance_scale):
+        """The model output at one step, guided when ``uncond`` is given."""
+        t = jnp.full((x.shape[0],), t, jnp.int32)
+        if uncond is None:
+            return self.model_fn(params, x, t, cond)
+        both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)
+        out_c, out_u = jnp.split(self.model_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both), 2)
+        return out_u + guidance_scale * (out_c - out_u)  # eps_u + s (eps_c - eps_u)
+
+    def _run(self, params, key, x_T, cond, uncond, guidance_scale, shape, return_trajectory):
+        isc = self.schedule
+        k_T, step_keys = noise_keys(key, len(isc))
+        x = jax.random.normal(k_T, shape, jnp.float32) if x_T is None else jnp.asarray(x_T, jnp.float32)
+        steps = (jnp.asarray(isc.timesteps, jnp.int32), jnp.asarray(isc.alpha_bar_t, jnp.float32),
+                 jnp.asarray(isc.alpha_bar_prev, jnp.float32), step_keys)
+        noisy = self.sampler == "ddpm" or self.eta != 0
+
+        def body(x, step):
+            t, ab_t, ab_prev, k = step
+            out = self.predict(params, x, t, cond, uncond, guidance_scale)
+            z = jax.random.normal(k, x.shape, x.dtype) if noisy else None
+            if self.sampler == "ddpm":
+                x, _ = ddpm_step(x, out, ab_t, ab_prev, z, self.variance, self.prediction_type, self.clip_x0)
+            else:
+                x, _ = ddim_step(x, out, ab_t, ab_prev, self.eta, z, self.prediction_type, self.clip_x0)
+            return x, (x if return_trajectory else None)
+
+        x0, xs = jax.lax.scan(body, x, steps)
+        if return_trajectory:
+            return x0, jnp.concatenate([x[None], xs])
+        return x0

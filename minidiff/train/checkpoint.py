@@ -1,0 +1,99 @@
+"""Training checkpoints: one msgpack file per run folder, written atomically.
+
+``RUN/checkpoint.msgpack`` holds everything a run needs to continue exactly where it stopped::
+
+    {"state":  {"step", "params", "ema_params", "opt_state", "key", ...},   # pytrees of arrays
+     "config": JSON text of the training configuration,
+     "meta":   JSON text of anything else (loss history, versions...)}
+
+It is written to a temporary file in the same folder, flushed to disk and renamed over the old
+one (``os.replace`` is atomic), so a run killed mid-write leaves the previous checkpoint intact.
+``RUN/config.json`` is a readable copy of the configuration; loading never needs it.
+
+Parameters come back as plain nested dicts (what Flax's ``apply`` takes), so sampling needs no
+template.  Optimizer states are tuples of optax NamedTuples: restoring them exactly needs a
+template of the same structure (``target``), e.g. a freshly initialised state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from flax import serialization
+
+CHECKPOINT = "checkpoint.msgpack"
+CONFIG = "config.json"
+
+
+def atomic_write(path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(run_dir, state, config: dict, meta: dict | None = None) -> Path:
+    """Save a training state (a pytree of arrays) with its configuration into ``run_dir``."""
+    run_dir = Path(run_dir)
+    config_text = json.dumps(config, indent=2, sort_keys=True)
+    blob = serialization.to_bytes({"state": state, "config": config_text, "meta": json.dumps(meta or {})})
+    atomic_write(run_dir / CONFIG, (config_text + "\n").encode())
+    return atomic_write(run_dir / CHECKPOINT, blob)
+
+
+def checkpoint_path(run_dir) -> Path:
+    """``run_dir/checkpoint.msgpack``, or ``run_dir`` itself if it is the file; ValueError if absent."""
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise ValueError(f"no checkpoint found at {path}")
+    return path
+
+
+def load_checkpoint(run_dir, target=None):
+    """Read a checkpoint: returns (state, config dict, meta dict).
+
+    Without ``target`` the state is nested dicts of NumPy arrays; with it (a pytree of the saved
+    structure, e.g. a freshly initialised training state) the state has the target's structure
+    (optax NamedTuples included) and its leaves are the saved values.
+    """
+    path = checkpoint_path(run_dir)
+    try:
+        raw = serialization.msgpack_restore(path.read_bytes())
+        state, config, meta = raw["state"], json.loads(raw["config"]), json.loads(raw.get("meta", "{}"))
+    except Exception as e:  # truncated or foreign file: msgpack/KeyError/JSON errors
+        raise ValueError(f"{path} is not a minidiff checkpoint (or is damaged): {type(e).__name__}: {e}") from None
+    if target is not None:
+        try:
+            state = serialization.from_state_dict(target, state)
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{path} does not match the model built from its config: {e}") from None
+        _check_shapes(target, state, path)
+    return state, config, meta
+
+
+def _check_shapes(target, state, path):
+    import jax
+
+    for (where, want), got in zip(jax.tree_util.tree_leaves_with_path(target), jax.tree_util.tree_leaves(state)):
+        if np.shape(want) != np.shape(got):
+            raise ValueError(f"{path}: {jax.tree_util.keystr(where)} has shape {np.shape(got)}, "
+                             f"the model expects {np.shape(want)}")
