@@ -77,7 +77,7 @@ savefig(fig, "04_training_inputs.png")
 
 # %%
 start = time.perf_counter()
-trainer.train()
+trainer.train(progress=not QUICK)
 print(f"{moons.steps} steps in {time.perf_counter() - start:.0f} s")
 
 fig, ax = plt.subplots(figsize=(6, 4))
@@ -150,7 +150,7 @@ else:
                                 lr_decay=True, model_kwargs=SHAPES_UNET, checkpoint_every=250)
     shapes_trainer = Trainer.resume(run_dir) if (run_dir / CHECKPOINT).is_file() else Trainer(shapes, run_dir)
 start = time.perf_counter()
-shapes_trainer.train()
+shapes_trainer.train(progress=not QUICK)
 print(f"step {shapes_trainer.step}, {time.perf_counter() - start:.0f} s")
 
 # %%
@@ -161,13 +161,12 @@ images = shapes_den.sample(k * (1 if QUICK else 6), seed=0, steps=10 if QUICK el
 pool, labels, _ = ds.sample(300, np.random.default_rng(0))
 real = pool[np.stack([np.flatnonzero(labels["class"] == c)[:2] for c in range(k)]).T.ravel()]  # 2 rows of k classes
 
-fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [2, 2, 1.2]})
-a.imshow(image_grid(real, k))
-a.set_title("data, one column per class")
-b.imshow(image_grid(images, k))
-b.set_title(f"samples (DDIM), column i: class {ds.class_name(0)!r}, {ds.class_name(1)!r}, ...")
-for ax in (a, b):
-    ax.axis("off")
+top, bottom = image_grid(real, k), image_grid(images, k)
+panel = np.concatenate([top, np.full((3, top.shape[1], 3), 255, np.uint8), bottom])  # a white line between
+fig, (a, c) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [3, 1.2]})
+a.imshow(panel)
+a.set_title(f"top: data; below: samples (DDIM).  Column i is class i: {ds.class_name(0)!r}, {ds.class_name(1)!r}, ...")
+a.axis("off")
 c.plot(shapes_trainer.history["step"], shapes_trainer.history["loss"])
 c.set(xlabel="step", ylabel="loss", yscale="log", title="shapes, v-prediction")
 savefig(fig, "04_shapes.png")

@@ -87,6 +87,85 @@ def _evaluate(args):
         print(f"  {key:30s} {value:.6g}" if isinstance(value, float) else f"  {key:30s} {value}")
 
 
+def _json_arg(text, flag):
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} must be JSON, e.g. '{{\"width\": 128}}': {e}") from None
+
+
+def _fresh_run_dir(out) -> Path:
+    from .train.checkpoint import CHECKPOINT
+
+    out = Path(out)
+    if (out / CHECKPOINT).is_file():
+        raise ValueError(f"{out} already holds a checkpoint; choose another --out (or delete it)")
+    return out
+
+
+def _print_metrics(title, metrics):
+    print(title)
+    for key, value in metrics.items():
+        print(f"  {key:30s} {value:.6g}" if isinstance(value, float) else f"  {key:30s} {value}")
+
+
+def _train_vqvae(args):
+    from .train.vqvae import VQVAETrainConfig, VQVAETrainer, evaluate_vqvae
+
+    out = _fresh_run_dir(args.out)
+    overrides = {k: v for k, v in dict(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed).items()
+                 if v is not None}
+    model = _json_arg(args.model_kwargs, "--model-kwargs")
+    config = VQVAETrainConfig(**overrides, **({"model": {**VQVAETrainConfig().model, **model}} if model else {}))
+    trainer = VQVAETrainer(config, out)
+    trainer.train(progress=not args.no_progress)
+    _print_metrics(f"{out} (step {trainer.step}), held-out images:",
+                   evaluate_vqvae(trainer.model, trainer.variables(), config))
+
+
+def _train_dalle(args):
+    from .train.dalle import DalleTrainConfig, DalleTrainer, evaluate_dalle
+
+    out = _fresh_run_dir(args.out)
+    overrides = {k: v for k, v in dict(vqvae=args.vqvae, steps=args.steps, batch=args.batch, lr=args.lr,
+                                       cond_drop=args.cond_drop, seed=args.seed).items() if v is not None}
+    model = dict(DalleTrainConfig().model, **(_json_arg(args.model_kwargs, "--model-kwargs") or {}))
+    if args.attention:
+        model["attention"] = args.attention.split(",")
+    trainer = DalleTrainer(DalleTrainConfig(**overrides, model=model), out)
+    trainer.train(progress=not args.no_progress)
+    if not args.no_eval:
+        _print_metrics(f"{out} (step {trainer.step}), guidance {args.guidance}:",
+                       evaluate_dalle(trainer.generator(), guidance_scale=args.guidance))
+
+
+def _dalle(args):
+    from .images import save_png
+    from .train.dalle import load_dalle
+    from .train.diffusion import image_grid
+
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    generator = load_dalle(args.checkpoint)
+    images = generator.generate([args.prompt] * args.n, seed=args.seed, temperature=args.temperature,
+                                top_k=args.top_k, guidance_scale=args.guidance, use_cache=not args.no_cache)
+    meta = {"prompt": args.prompt, "seed": args.seed, "n": args.n, "temperature": args.temperature,
+            "top_k": args.top_k, "guidance_scale": args.guidance, "model": args.checkpoint}
+    pixels = images[0] if args.n == 1 else image_grid(images, min(args.n, 8))
+    print(f"wrote {save_png(args.output, pixels, meta)}")
+
+
+def _evaluate_dalle(args):
+    from .train.dalle import evaluate_dalle, load_dalle, sampling_speed
+
+    generator = load_dalle(args.checkpoint)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, guidance_scale=args.guidance)
+    metrics = evaluate_dalle(generator, args.samples_per_prompt, args.seed, **sampling)
+    metrics.update(sampling_speed(generator, **sampling))
+    _print_metrics(f"{args.checkpoint}, guidance {args.guidance}, temperature {args.temperature}, "
+                   f"top-k {args.top_k}:", metrics)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minidiff", description="Image generation from scratch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -148,6 +227,53 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     e.add_argument("--no-ema", action="store_true", help="use the raw parameters instead of their EMA")
     e.set_defaults(func=_evaluate)
+
+    v = sub.add_parser("train-vqvae", help="train a VQ-VAE on the shapes; print held-out PSNR and codebook use")
+    v.add_argument("--out", default="runs/vqvae", help="run folder (default: runs/vqvae)")
+    v.add_argument("--steps", type=int, help="training steps (default: 2000)")
+    v.add_argument("--batch", type=int, help="batch size (default: 32)")
+    v.add_argument("--lr", type=float, help="peak Adam learning rate (default: 2e-3)")
+    v.add_argument("--model-kwargs", help='JSON overrides of VQVAEConfig, e.g. \'{"num_codes": 256}\'')
+    v.add_argument("--seed", type=int)
+    v.add_argument("--no-progress", action="store_true")
+    v.set_defaults(func=_train_vqvae)
+
+    t = sub.add_parser("train-dalle", help="train the DALL-E-style transformer on captions + VQ-VAE codes")
+    t.add_argument("--vqvae", default="runs/vqvae", help="the VQ-VAE run folder (default: runs/vqvae)")
+    t.add_argument("--out", default="runs/dalle", help="run folder (default: runs/dalle)")
+    t.add_argument("--steps", type=int, help="training steps (default: 3000)")
+    t.add_argument("--batch", type=int, help="batch size (default: 64)")
+    t.add_argument("--lr", type=float, help="peak AdamW learning rate (default: 1e-3)")
+    t.add_argument("--cond-drop", type=float, help="probability of an empty caption (default: 0.1)")
+    t.add_argument("--attention", help="comma-separated per-layer masks, cycled: row, column, conv, causal "
+                                       "(default: row,column)")
+    t.add_argument("--model-kwargs", help='JSON overrides of DalleConfig, e.g. \'{"width": 192, "layers": 6}\'')
+    t.add_argument("--guidance", type=float, default=3.0, help="guidance scale of the final evaluation")
+    t.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_train_dalle)
+
+    g = sub.add_parser("dalle", help="draw a caption with a trained DALL-E-style model")
+    g.add_argument("prompt", help='a caption, e.g. "a blue square in the bottom right"')
+    g.add_argument("--checkpoint", default="runs/dalle", help="the train-dalle run folder (default: runs/dalle)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--n", type=int, default=1, help="number of pictures (a grid when > 1)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, help="sample among the k most likely codes only")
+    g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance on the logits (1: none)")
+    g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every token")
+    g.add_argument("-o", "--output", default="dalle.png")
+    g.set_defaults(func=_dalle)
+
+    g = sub.add_parser("evaluate-dalle", help="prompt following (shapes classifier) and sampling speed")
+    g.add_argument("--checkpoint", default="runs/dalle")
+    g.add_argument("--samples-per-prompt", type=int, default=2)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--guidance", type=float, default=3.0)
+    g.set_defaults(func=_evaluate_dalle)
     return p
 
 

@@ -25,6 +25,7 @@ from .images import to_uint8, to_unit_range
 __all__ = [
     "TOY_MIXTURE", "POINT_CLOUDS", "gaussian_mixture", "swiss_roll", "two_moons",
     "SHAPES", "COLORS", "SIZES", "POSITIONS", "ATTRIBUTES", "ShapeSpec", "ShapesDataset", "render", "coverage", "caption",
+    "CaptionTokenizer",
     "to_unit_range", "to_uint8",
 ]
 
@@ -334,3 +335,55 @@ class ShapesDataset:
 
 # Sanity: the value names of different attributes never collide, so ("circle", "red") is unambiguous.
 assert len(set(itertools.chain(*_REGISTRY.values()))) == sum(map(len, _REGISTRY.values()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Words -> token ids (the DALL-E model's text side; the CLIP BPE tokenizer can replace it)
+# ----------------------------------------------------------------------------------------------
+
+
+class CaptionTokenizer:
+    """A word-level tokenizer over the captions' vocabulary.
+
+    Id 0 is ``<pad>``: a caption shorter than ``length`` words is filled with it (DALL-E's figure:
+    the model gives every padded *position* its own pad embedding).  Every other id is one word of
+    the shapes captions, in a fixed order, so ids do not depend on which dataset was built.
+    An unknown word is an error naming the word, never a silent ``<unk>``.
+
+    >>> tok = CaptionTokenizer(length=10)
+    >>> tok.encode(["a small red circle in the top left"]).shape
+    (1, 10)
+    """
+
+    PAD = 0
+
+    def __init__(self, length: int = 10):
+        words = ["a", "in", "the"]
+        for name in [*SIZES, *COLORS, *SHAPES, *POSITIONS, *_POSITION_PHRASES.values()]:
+            words += [w for w in name.split() if w not in words]
+        self.words = ["<pad>", *words]
+        self.ids = {w: i for i, w in enumerate(self.words)}
+        self.length = length
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words)
+
+    def encode(self, captions) -> np.ndarray:
+        """list of n captions -> int32 (n, length), padded with 0."""
+        captions = [captions] if isinstance(captions, str) else list(captions)
+        out = np.full((len(captions), self.length), self.PAD, dtype=np.int32)
+        for i, text in enumerate(captions):
+            words = text.lower().split()
+            if len(words) > self.length:
+                raise ValueError(f"caption {text!r} has {len(words)} words; this tokenizer takes at most {self.length}")
+            unknown = [w for w in words if w not in self.ids]
+            if unknown:
+                raise ValueError(f"unknown word(s) {unknown} in caption {text!r}; the vocabulary is: "
+                                 f"{' '.join(self.words[1:])}")
+            out[i, :len(words)] = [self.ids[w] for w in words]
+        return out
+
+    def decode(self, ids) -> list[str]:
+        """int (n, length) -> captions (pads dropped)."""
+        return [" ".join(self.words[i] for i in row if i != self.PAD) for row in np.atleast_2d(ids)]

@@ -1,0 +1,103 @@
+"""The vector-quantization bottleneck of a VQ-VAE (van den Oord et al. 2017), in Flax linen.
+
+    z (..., D) ──nearest code (minidiff.vq.quantize)──► k (...,),  z_q = e_k
+    z_st = z + sg(z_q - z)        forward: z_st = z_q;   backward: dL/dz := dL/dz_st   (straight-through)
+
+The losses (eq. 3 of the paper; sg = stop_gradient, means over all N x D numbers):
+
+    codebook loss    mean (sg(z) - z_q)^2         pulls the codes towards the encoder outputs
+    commitment loss  beta mean (z - sg(z_q))^2    keeps the encoder outputs near their codes
+
+The decoder's reconstruction loss reaches the encoder through z_st and never reaches the codebook.
+The nearest code is found by the NumPy function ``minidiff.vq.quantize``, run on JAX arrays.
+
+Two ways to learn the codebook:
+
+- ``ema=False``: the codebook is the parameter ``params/codebook`` (K, D), trained by gradient
+  descent on the codebook loss;
+- ``ema=True``: the codebook lives in the variable collection ``"vq_ema"`` (``codebook``,
+  ``cluster_size``, ``embed_sum``), receives no gradient (the codebook loss is 0), and is moved by
+  ``minidiff.vq.ema_update`` when the module is called with ``update=True``::
+
+      vq = VectorQuantizer(num_codes=512, dim=32, ema=True)
+      variables = vq.init(key, z)
+      (z_st, indices, aux), new_state = vq.apply(variables, z, update=True, mutable=["vq_ema"])
+
+A decoder that starts from tokens gets their vectors with
+``vq.apply(variables, indices, method=VectorQuantizer.lookup)``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ..vq import ema_update, quantize
+
+sg = jax.lax.stop_gradient
+
+
+def uniform_codebook_init(key, shape, dtype=jnp.float32):
+    """e_k ~ U(-1/K, 1/K), as in the VQ-VAE reference code (shape (K, D))."""
+    K = shape[0]
+    return jax.random.uniform(key, shape, dtype, -1.0 / K, 1.0 / K)
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code quantization with a straight-through gradient.
+
+    ``__call__(z, update=False)`` with z (..., dim) returns ``(z_st, indices, aux)``: z_st (..., dim),
+    indices (...,) int32, aux a dict of scalars "codebook_loss", "commitment_loss" and "loss"
+    (their sum; add it to the reconstruction loss).
+
+    In EMA mode the statistics start as if every code had been seen once at its initial position:
+    cluster_size n_k = 1 and embed_sum m_k = e_k, so e_k = m_k / n_k' is (up to the eps smoothing)
+    the initial codebook and a code that the first batch does not use stays where it was.  (With
+    m_k = 0 every unused code would jump to 0 on the first update.)  ``update`` is ignored when
+    ``ema=False`` and during ``init``.
+    """
+
+    num_codes: int = 512  # K
+    dim: int = 32  # D
+    beta: float = 0.25  # commitment weight
+    ema: bool = False
+    decay: float = 0.99  # gamma of the EMA
+    eps: float = 1e-5  # Laplace smoothing of the cluster sizes
+
+    def setup(self):
+        K, D = self.num_codes, self.dim
+        if self.ema:
+            self.ema_codebook = self.variable(
+                "vq_ema", "codebook", lambda: uniform_codebook_init(self.make_rng("params"), (K, D)))
+            self.cluster_size = self.variable("vq_ema", "cluster_size", lambda: jnp.ones((K,), jnp.float32))
+            self.embed_sum = self.variable("vq_ema", "embed_sum", lambda: self.ema_codebook.value)
+        else:
+            self.codebook = self.param("codebook", uniform_codebook_init, (K, D))
+
+    def get_codebook(self):
+        """The codebook e (K, D); in EMA mode behind a stop_gradient (it is not learned by gradients)."""
+        return sg(self.ema_codebook.value) if self.ema else self.codebook
+
+    def lookup(self, indices):
+        """e_k for integer indices k (...,): returns (..., D).  Out-of-range indices are clamped by JAX."""
+        return self.get_codebook()[jnp.asarray(indices)]
+
+    def __call__(self, z, update: bool = False):
+        z = jnp.asarray(z)
+        indices, z_q = quantize(z, self.get_codebook())  # k = argmin_k ||z - e_k||^2,  z_q = e_k
+        if self.ema:
+            if update and not self.is_initializing():
+                if not self.is_mutable_collection("vq_ema"):
+                    raise ValueError("update=True writes the EMA codebook: call apply(..., mutable=['vq_ema'])")
+                n, m, e = ema_update(self.cluster_size.value, self.embed_sum.value, sg(z), indices,
+                                     self.decay, self.eps)
+                self.cluster_size.value, self.embed_sum.value, self.ema_codebook.value = n, m, e
+            codebook_loss = jnp.zeros((), z_q.dtype)
+        else:
+            codebook_loss = jnp.mean((sg(z) - z_q) ** 2)  # ||sg(z) - e||^2
+        commitment_loss = self.beta * jnp.mean((z - sg(z_q)) ** 2)  # beta ||z - sg(e)||^2
+        z_st = z + sg(z_q - z)  # straight-through estimator
+        aux = {"codebook_loss": codebook_loss, "commitment_loss": commitment_loss,
+               "loss": codebook_loss + commitment_loss}
+        return z_st, indices, aux

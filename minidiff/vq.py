@@ -1,0 +1,185 @@
+"""Vector quantization (VQ-VAE, van den Oord et al. 2017), in NumPy.
+
+An encoder maps an image to a grid of vectors z (..., D).  A *codebook* holds K vectors
+e_1 .. e_K (shape (K, D)); each z is replaced by its nearest code
+
+    k(z) = argmin_k ||z - e_k||^2,        z_q = e_{k(z)}
+
+so the image becomes a grid of integers k (the "image tokens" a transformer later models) and the
+decoder sees z_q.  The N x K distances are computed by expanding the square,
+
+    ||z - e_k||^2 = ||z||^2 - 2 z . e_k + ||e_k||^2,
+
+one (N, D) @ (D, K) matrix product plus two row norms, instead of forming the N x K x D array of
+differences (at 64 x 64 latents, K = 8192 and D = 256 that would be 2^33 numbers per image).
+
+Codebook collapse: a code that is nearest to no z gets no gradient (and no EMA statistics), so it
+never moves towards the data and stays dead; often only a handful of the K codes end up used.
+``perplexity`` measures the effective number of codes in use.  Remedies implemented here:
+
+- EMA updates (van den Oord et al. 2017, appendix A.1; Razavi et al. 2019): each code is set to
+  a running mean of the encoder outputs assigned to it, instead of being learned by gradient
+  descent on the codebook loss (``ema_update``);
+- random restarts (Dhariwal et al. 2020, Jukebox): codes used less than a threshold are moved onto
+  encoder outputs picked at random from the batch (``restart_dead_codes``).
+
+``squared_distances``, ``quantize`` and ``ema_update`` use only array methods and operators
+(``@``, ``.sum``, ``.argmin``, indexing, ``==``), so the same functions run on NumPy arrays and on
+traced JAX arrays inside ``jax.jit`` (``minidiff.nn.quantizer`` calls them).  The statistics
+(``codebook_usage``, ``fraction_used``, ``perplexity``) and ``restart_dead_codes`` are NumPy only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _as_array(a):
+    """Lists become NumPy arrays; NumPy and JAX arrays are passed through untouched."""
+    return a if hasattr(a, "shape") else np.asarray(a)
+
+
+def _check_codebook(z, codebook) -> None:
+    """Raise ``ValueError`` unless codebook is (K, D) and z is (..., D).  Uses ``.shape`` only
+    (static under ``jax.jit``)."""
+    if len(codebook.shape) != 2:
+        raise ValueError(f"the codebook must have shape (K, D), got shape {tuple(codebook.shape)}")
+    if len(z.shape) < 1 or z.shape[-1] != codebook.shape[1]:
+        raise ValueError(
+            f"z has shape {tuple(z.shape)}: its last dimension must equal the codebook's D = {codebook.shape[1]} "
+            f"(codebook shape {tuple(codebook.shape)})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Nearest code
+# ---------------------------------------------------------------------------------------------
+
+
+def squared_distances(z, codebook):
+    """||z_n - e_k||^2 for z (..., D) and codebook (K, D): returns (..., K).
+
+        ||z - e||^2 = ||z||^2 - 2 z . e + ||e||^2
+
+    Cancellation can make an entry slightly negative (about eps * ||z||^2); clip before a sqrt.
+    """
+    z, codebook = _as_array(z), _as_array(codebook)
+    _check_codebook(z, codebook)
+    z_sq = (z * z).sum(-1, keepdims=True)  # ||z||^2        (..., 1)
+    e_sq = (codebook * codebook).sum(-1)  # ||e_k||^2      (K,)
+    return z_sq - 2 * (z @ codebook.T) + e_sq
+
+
+def quantize(z, codebook):
+    """Nearest-code quantization: k = argmin_k ||z - e_k||^2, z_q = e_k.
+
+    z (..., D), codebook (K, D).  Returns ``(indices, z_q)``: indices (...,) integers, z_q (..., D).
+    Ties go to the smallest index.
+    """
+    z, codebook = _as_array(z), _as_array(codebook)
+    indices = squared_distances(z, codebook).argmin(-1)
+    return indices, codebook[indices]
+
+
+# ---------------------------------------------------------------------------------------------
+# Codebook statistics (NumPy)
+# ---------------------------------------------------------------------------------------------
+
+
+def codebook_usage(indices, num_codes: int) -> np.ndarray:
+    """count_k = #{n : k_n = k}: how often each of the K codes was chosen.  Returns (K,) int64."""
+    idx = np.asarray(indices).reshape(-1)
+    if idx.size and not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"indices must be integers, got dtype {idx.dtype}")
+    if idx.size and (idx.min() < 0 or idx.max() >= num_codes):
+        raise ValueError(f"indices must lie in [0, {num_codes}) (num_codes={num_codes}), "
+                         f"got values in [{idx.min()}, {idx.max()}]")
+    return np.bincount(idx.astype(np.int64), minlength=num_codes)
+
+
+def fraction_used(indices, num_codes: int) -> float:
+    """The fraction of the K codes chosen at least once."""
+    return float((codebook_usage(indices, num_codes) > 0).mean())
+
+
+def perplexity(indices, num_codes: int) -> float:
+    """exp(H(p)) = exp(-sum_k p_k log p_k), p_k = count_k / N: the effective number of codes in use
+    (K when all codes are used equally often, 1 when a single code is used; 0 log 0 = 0)."""
+    counts = codebook_usage(indices, num_codes)
+    if counts.sum() == 0:
+        raise ValueError("perplexity needs at least one index, got an empty array")
+    p = counts[counts > 0] / counts.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Keeping the codebook alive
+# ---------------------------------------------------------------------------------------------
+
+
+def ema_update(cluster_size, embed_sum, z, indices, decay: float = 0.99, eps: float = 1e-5):
+    """One EMA codebook step (van den Oord et al. 2017, appendix A.1; Razavi et al. 2019).
+
+    cluster_size n (K,), embed_sum m (K, D): the running statistics; z (..., D) the encoder outputs
+    and indices (...,) their codes.  With gamma = ``decay``:
+
+        n_k  <- gamma n_k + (1 - gamma) #{z : k(z) = k}
+        m_k  <- gamma m_k + (1 - gamma) sum_{z : k(z) = k} z
+        n_k' =  (n_k + eps) / (n + K eps) * n,        n = sum_k n_k     (Laplace smoothing: n_k' > 0)
+        e_k  =  m_k / n_k'
+
+    Returns ``(cluster_size, embed_sum, codebook)``, the new n, m and e.  The per-code counts and
+    sums come from a one-hot matrix (N, K), so this runs under ``jax.jit`` unchanged.
+    """
+    cluster_size, embed_sum, z, indices = map(_as_array, (cluster_size, embed_sum, z, indices))
+    _check_codebook(z, embed_sum)
+    K, D = embed_sum.shape
+    if tuple(cluster_size.shape) != (K,):
+        raise ValueError(f"cluster_size must have shape ({K},) to match embed_sum {tuple(embed_sum.shape)}, "
+                         f"got {tuple(cluster_size.shape)}")
+    if tuple(indices.shape) != tuple(z.shape[:-1]):
+        raise ValueError(f"indices must have shape z.shape[:-1] = {tuple(z.shape[:-1])}, got {tuple(indices.shape)}")
+    if isinstance(decay, (int, float)) and not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay must lie in [0, 1], got {decay}")
+    z_flat = z.reshape(-1, D)  # (N, D)
+    onehot = (indices.reshape(-1)[:, None] == np.arange(K)).astype(z.dtype)  # (N, K): 1 where k(z_n) = k
+    counts = onehot.sum(0)  # #{z : k(z) = k}            (K,)
+    sums = onehot.T @ z_flat  # sum_{z : k(z) = k} z       (K, D)
+    cluster_size = decay * cluster_size + (1 - decay) * counts
+    embed_sum = decay * embed_sum + (1 - decay) * sums
+    n = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (n + K * eps) * n  # n_k'
+    return cluster_size, embed_sum, embed_sum / smoothed[:, None]
+
+
+def restart_dead_codes(codebook, counts, z, rng: np.random.Generator, threshold: float = 1.0, noise: float = 0.0):
+    """Move the dead codes onto encoder outputs (random restarts, Dhariwal et al. 2020).
+
+    Every code k with counts[k] < ``threshold`` (counts: usage over recent batches, e.g.
+    ``codebook_usage``, or the EMA cluster sizes) is replaced by a row of z (..., D) chosen at
+    random, without replacement when z has enough rows, plus N(0, noise^2) jitter if ``noise`` > 0.
+    Live codes are unchanged and the input is not modified.
+
+    Returns ``(new_codebook, number_restarted)``.  NumPy only: call it between jitted steps.  With
+    EMA, also reset the statistics of the restarted codes (e.g. cluster_size[k] = 1,
+    embed_sum[k] = new_codebook[k]), or the next ``ema_update`` moves them back.
+    """
+    codebook = np.array(codebook, copy=True)  # a fresh, writable copy (also of a JAX array)
+    counts, z = np.asarray(counts), np.asarray(z)
+    _check_codebook(z, codebook)
+    K, D = codebook.shape
+    if counts.shape != (K,):
+        raise ValueError(f"counts must have shape ({K},), one per code of the codebook {codebook.shape}, "
+                         f"got {counts.shape}")
+    dead = np.flatnonzero(counts < threshold)
+    if dead.size == 0:
+        return codebook, 0
+    z_flat = z.reshape(-1, D)
+    if len(z_flat) == 0:
+        raise ValueError(f"{dead.size} dead codes to restart but z has no rows (shape {z.shape})")
+    pick = rng.choice(len(z_flat), size=dead.size, replace=len(z_flat) < dead.size)
+    new = z_flat[pick]
+    if noise > 0:
+        new = new + noise * rng.standard_normal(new.shape)
+    codebook[dead] = new
+    return codebook, int(dead.size)
