@@ -1,0 +1,220 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+# ---
+
+# %% [markdown]
+# # Lesson 5 — VQ-VAE: pictures as grids of codebook indices
+#
+# A VQ-VAE (van den Oord et al. 2017) squeezes an image through a *discrete* bottleneck.  An encoder
+# turns the 32x32 picture into an 8x8 grid of vectors $z \in \mathbb R^D$; each vector is replaced
+# by its nearest entry of a learned codebook $e_1, \dots, e_K$,
+#
+# $$k = \arg\min_j \|z - e_j\|^2, \qquad z_q = e_k,$$
+#
+# and a decoder paints the picture back from the $z_q$.  The picture *is* now 64 integers in
+# $\{0..K-1\}$: the vocabulary that lesson 6's transformer writes, like words.
+#
+# Three ideas make it train:
+#
+# 1. **Nearest code, cheaply**: $\|z - e\|^2 = \|z\|^2 - 2 z\cdot e + \|e\|^2$ — one matrix product,
+#    never an $N \times K \times D$ array (`minidiff.vq.squared_distances`).
+# 2. **Straight-through gradients**: argmin has no gradient, so the decoder's gradient with respect
+#    to $z_q$ is handed to $z$ unchanged: $z_{st} = z + \mathrm{sg}(z_q - z)$.
+# 3. **Moving the codes**: either by gradient on the codebook loss $\|\mathrm{sg}(z) - e\|^2$, or as
+#    an exponential moving average of the vectors assigned to each code (k-means, online), plus a
+#    commitment loss $\beta\|z - \mathrm{sg}(e)\|^2$ that keeps the encoder near its codes.  Codes
+#    nobody picks are *dead*; restarting them on live encoder outputs keeps the codebook in use.
+
+# %%
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _lesson import QUICK, plt, savefig
+
+from minidiff import vq
+from minidiff.data import ShapesDataset, to_uint8, to_unit_range
+from minidiff.nn.quantizer import VectorQuantizer
+from minidiff.nn.vqvae import VQVAE, psnr
+from minidiff.train.checkpoint import CHECKPOINT
+from minidiff.train.diffusion import image_grid
+from minidiff.train.vqvae import VQVAETrainConfig, VQVAETrainer, evaluate_vqvae, load_vqvae
+
+rng = np.random.default_rng(0)
+
+# %% [markdown]
+# ## 1. The codebook picture, in 2-D
+# Encoder outputs (dots) and a codebook of 12 codes (stars).  Every point of the plane belongs to
+# its nearest code: the coloured cells (a Voronoi diagram).  Quantization moves each dot to the star
+# of its cell (the grey lines).
+
+# %%
+z = np.concatenate([rng.normal(c, 0.35, (150, 2)) for c in ([-2, -1], [1.5, 1.5], [1, -1.5], [-1, 2])])
+codebook = rng.normal(0, 1.5, (12, 2))
+k, z_q = vq.quantize(z, codebook)
+
+g = np.linspace(-4, 4, 300)
+grid = np.stack(np.meshgrid(g, g), -1).reshape(-1, 2)
+cells = vq.quantize(grid, codebook)[0].reshape(300, 300)
+
+fig, ax = plt.subplots(figsize=(6, 6))
+ax.imshow(cells, extent=(-4, 4, -4, 4), origin="lower", cmap="tab20", alpha=0.35)
+ax.plot(np.stack([z[:, 0], z_q[:, 0]]), np.stack([z[:, 1], z_q[:, 1]]), color="grey", lw=0.4, alpha=0.5)
+ax.scatter(z[:, 0], z[:, 1], s=6, c=k, cmap="tab20")
+ax.scatter(codebook[:, 0], codebook[:, 1], marker="*", s=250, c=np.arange(12), cmap="tab20", edgecolors="k")
+ax.set_title(f"nearest-code quantization: {len(np.unique(k))} of 12 codes in use")
+savefig(fig, "05_codebook_2d.png")
+
+# %% [markdown]
+# The expansion gives exactly the brute-force distances, with a fraction of the memory:
+
+# %%
+zz, ee = rng.normal(size=(2000, 32)), rng.normal(size=(512, 32))
+start = time.perf_counter()
+brute = ((zz[:, None, :] - ee[None]) ** 2).sum(-1)  # a 2000 x 512 x 32 array on the way
+t_brute = time.perf_counter() - start
+start = time.perf_counter()
+fast = vq.squared_distances(zz, ee)
+t_fast = time.perf_counter() - start
+print(f"max difference {np.abs(brute - fast).max():.1e}; brute force {t_brute * 1e3:.0f} ms "
+      f"({zz.shape[0] * ee.shape[0] * 32 * 8 / 2**20:.0f} MiB temporary), expansion {t_fast * 1e3:.1f} ms")
+
+# %% [markdown]
+# ## 2. Straight-through
+# A "decoder" $L = \sum w \cdot z_{st}$.  The gradient reaching the encoder output $z$ is exactly
+# $w$ (as if quantization were the identity), the codebook gets nothing from $L$: only the
+# codebook loss moves it.
+
+# %%
+quantizer = VectorQuantizer(num_codes=12, dim=2)
+variables = {"params": {"codebook": jnp.asarray(codebook, jnp.float32)}}
+w = jnp.asarray(rng.normal(size=(5, 2)), jnp.float32)
+z5 = jnp.asarray(z[:5], jnp.float32)
+
+
+def decoder_loss(z, params):
+    z_st, _, aux = quantizer.apply({"params": params}, z)
+    return jnp.sum(w * z_st), aux
+
+
+(dz, dcode), aux = jax.grad(decoder_loss, argnums=(0, 1), has_aux=True)(z5, variables["params"])
+print("dL/dz == w:", bool(jnp.allclose(dz, w)), "  |dL/dcodebook| =", float(jnp.abs(dcode["codebook"]).max()))
+print("codebook loss", float(aux["codebook_loss"]), " commitment loss", float(aux["commitment_loss"]))
+
+# %% [markdown]
+# ## 3. Codebook collapse, and restarting dead codes
+# The codebook learned by gradient descent on the codebook loss (Adam), started in a bad place:
+# spread far beyond the data.  A code receives a gradient only from the vectors assigned to it, so
+# codes that never win a point never move — they are *dead*, and a few codes carry all the data.
+# With a restart every 20 steps (dead codes jump onto random encoder outputs,
+# `minidiff.vq.restart_dead_codes`) the whole codebook ends up in use.
+
+# %%
+import optax  # noqa: E402
+
+
+def train_codebook(restart: bool, steps: int = 200):
+    params = {"codebook": jnp.asarray(np.random.default_rng(5).uniform(-8, 8, (12, 2)), jnp.float32)}
+    opt = optax.adam(0.05)
+    state = opt.init(params)
+    grad = jax.jit(jax.grad(lambda p, x: quantizer.apply({"params": p}, x)[2]["codebook_loss"]))
+    used = np.zeros(12)
+    r = np.random.default_rng(1)
+    for step in range(1, steps + 1):
+        batch = z[r.integers(len(z), size=64)].astype(np.float32)
+        used += vq.codebook_usage(vq.quantize(batch, np.asarray(params["codebook"]))[0], 12)
+        updates, state = opt.update(grad(params, batch), state)
+        params = optax.apply_updates(params, updates)
+        if step % 20 == 0 and step < steps:
+            if restart:
+                book, _ = vq.restart_dead_codes(np.asarray(params["codebook"]), used, batch, r)
+                params = {"codebook": jnp.asarray(book)}
+            used[:] = 0
+    book = np.asarray(params["codebook"])
+    return book, vq.quantize(z, book)[0]
+
+
+fig, axes = plt.subplots(2, 2, figsize=(10, 8))
+for col, restart in enumerate((False, True)):
+    book, idx = train_codebook(restart)
+    ax = axes[0, col]
+    ax.scatter(z[:, 0], z[:, 1], s=5, c=idx, cmap="tab20", vmin=0, vmax=11)
+    ax.scatter(book[:, 0], book[:, 1], marker="*", s=250, c=np.arange(12), cmap="tab20", edgecolors="k")
+    ax.set(xlim=(-9, 9), ylim=(-9, 9))
+    ax.set_title(("with" if restart else "without") + f" dead-code restart: perplexity {vq.perplexity(idx, 12):.1f}")
+    axes[1, col].bar(np.arange(12), vq.codebook_usage(idx, 12))
+    axes[1, col].set(xlabel="code", ylabel="points assigned", title=f"{vq.fraction_used(idx, 12):.0%} of codes used")
+savefig(fig, "05_collapse_and_restart.png")
+
+# %% [markdown]
+# ## 4. A VQ-VAE on the shapes
+# `minidiff train-vqvae --out runs/vqvae` (about 10 minutes on two CPU cores) trains the encoder,
+# the 512-entry EMA codebook and the decoder; the lesson reuses that run if it exists.  Quick mode
+# trains a tiny model for a few steps, only to show the mechanics.
+
+# %%
+run = Path(__file__).resolve().parent.parent / "runs" / "vqvae"
+if QUICK:
+    cfg = VQVAETrainConfig(steps=20, batch=8, restart_every=10,
+                           model={"channels": [8, 16, 16], "groups": 4, "num_codes": 64, "latent_dim": 8})
+    trainer = VQVAETrainer(cfg)
+    trainer.train(progress=False)
+    model, variables = trainer.model, trainer.variables()
+elif (run / CHECKPOINT).is_file():
+    model, variables, cfg = load_vqvae(run)
+else:
+    cfg = VQVAETrainConfig()
+    trainer = VQVAETrainer(cfg, run)
+    trainer.train()
+    model, variables = trainer.model, trainer.variables()
+
+metrics = evaluate_vqvae(model, variables, cfg, n=100 if QUICK else 1000)
+print(metrics)
+
+images, _, captions = ShapesDataset(seed=123).sample(8, np.random.default_rng(123))
+x = to_unit_range(images)
+x_hat, indices, _ = model.apply(variables, x)
+fig, axes = plt.subplots(3, 8, figsize=(16, 6.5))
+for i in range(8):
+    axes[0, i].imshow(images[i])
+    axes[0, i].set_title(captions[i].replace("a ", "", 1), fontsize=7)
+    axes[1, i].imshow(np.asarray(indices[i]), cmap="tab20")
+    axes[2, i].imshow(to_uint8(np.asarray(x_hat[i])))
+    axes[2, i].set_title(f"{float(psnr(jnp.clip(x_hat[i], -1, 1), x[i])):.1f} dB", fontsize=8)
+for ax in axes.ravel():
+    ax.axis("off")
+axes[1, 0].set_title("code indices (8x8)", fontsize=8, loc="left")
+fig.suptitle(f"picture -> {indices.shape[1]}x{indices.shape[2]} codebook indices -> picture "
+             f"(held-out PSNR {metrics['psnr_mean']:.1f} dB, {metrics['fraction_used']:.0%} of "
+             f"{model.config.num_codes} codes used, perplexity {metrics['perplexity']:.0f})")
+savefig(fig, "05_reconstructions.png")
+
+# %% [markdown]
+# How evenly are the codes used over 1,000 held-out pictures?  (Most of every picture is black
+# background, so one code is very common; the rest share the edges and the colours.)
+
+# %%
+pool, _, _ = ShapesDataset(seed=7).sample(100 if QUICK else 1000, np.random.default_rng(7))
+_, idx = model.apply(variables, to_unit_range(pool), method=VQVAE.encode)
+counts = np.sort(vq.codebook_usage(np.asarray(idx), model.config.num_codes))[::-1]
+fig, ax = plt.subplots(figsize=(8, 3.5))
+ax.bar(np.arange(len(counts)), counts, width=1.0)
+ax.set(yscale="log", xlabel="code (sorted by use)", ylabel="uses",
+       title=f"codebook usage: {(counts > 0).mean():.0%} used, perplexity {vq.perplexity(np.asarray(idx), len(counts)):.0f}")
+savefig(fig, "05_usage.png")
+
+# %% [markdown]
+# The decoder also paints from indices alone — which is how lesson 6 turns a transformer's tokens
+# into a picture:
+
+# %%
+again = model.apply(variables, indices, method=VQVAE.decode_indices)
+print("decode(indices) == reconstruction:", bool(jnp.allclose(again, x_hat, atol=1e-5)))
+fig, ax = plt.subplots(figsize=(8, 2))
+ax.imshow(image_grid(to_uint8(np.asarray(again)), 8))
+ax.axis("off")
+savefig(fig, "05_decoded_from_indices.png")

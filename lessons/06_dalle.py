@@ -1,0 +1,188 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+# ---
+
+# %% [markdown]
+# # Lesson 6 — DALL-E: writing a picture as tokens, after the caption
+#
+# Lesson 5 turned every picture into an 8x8 grid of codebook indices.  A picture is now a
+# sentence of 64 "words" from a vocabulary of 512, and generating pictures becomes language
+# modelling (Ramesh et al. 2021): one transformer reads
+#
+#     caption tokens (padded to a fixed length)  ++  image tokens in raster order
+#
+# and predicts each token from the ones before it.  To draw "a blue square in the bottom right",
+# feed the caption and sample the 64 image tokens one at a time; the VQ-VAE decoder paints them.
+#
+# The details this lesson shows, each from `minidiff.nn.dalle`:
+#
+# 1. the two vocabularies and the padding: a short caption is filled with pad tokens, and every
+#    padded *slot* has its own learned pad embedding;
+# 2. positions: text tokens get a position embedding, image tokens a row plus a column embedding;
+# 3. sparse attention: every image token sees the whole caption, and among image tokens a layer
+#    sees either its row (the previous 8 tokens), its column, or a small neighbourhood;
+# 4. sampling with a key-value cache (one network step per token), temperature, top-k, and
+#    classifier-free guidance on the logits.
+
+# %%
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _lesson import QUICK, plt, savefig
+
+from minidiff.data import CaptionTokenizer
+from minidiff.nn import dalle
+from minidiff.nn.vqvae import VQVAE
+from minidiff.train.checkpoint import CHECKPOINT
+from minidiff.train.dalle import DalleTrainConfig, DalleTrainer, evaluate_dalle, load_dalle, sampling_speed
+from minidiff.train.diffusion import image_grid
+from minidiff.train.vqvae import VQVAETrainConfig, VQVAETrainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# %% [markdown]
+# ## 1. The sequence
+# The caption "a red circle on the left" has 6 words; the text part has 10 slots, so 4 pads.
+
+# %%
+tok = CaptionTokenizer(length=10)
+caption = "a red circle on the left"
+ids = tok.encode([caption])[0]
+print("vocabulary:", " ".join(tok.words))
+print("ids:", ids.tolist())
+
+config = dalle.DalleConfig(text_vocab=tok.vocab_size, text_len=10, num_codes=512, grid=8)
+fig, ax = plt.subplots(figsize=(15, 2.2))
+colors = ["tab:blue" if i else "lightgrey" for i in ids] + ["tab:orange"] * config.image_len
+ax.bar(np.arange(config.seq_len), 1, color=colors, width=0.9)
+for i, t in enumerate(ids):
+    ax.text(i, 0.5, tok.words[t] if t else f"pad{i}", rotation=90, ha="center", va="center", fontsize=8)
+for a in range(config.image_len):
+    ax.text(config.text_len + a, 0.5, f"{a // 8},{a % 8}", rotation=90, ha="center", va="center", fontsize=6)
+ax.set(yticks=[], xlabel="sequence position",
+       title="text slots (words, then one distinct pad per empty slot) | 64 image tokens (row, column)")
+savefig(fig, "06_sequence.png")
+
+# %% [markdown]
+# ## 2. The attention masks
+# White = may attend.  Rows are queries, columns keys, in sequence order; the image block's
+# patterns repeat every 8 positions (one image row).  Layers alternate row and column masks;
+# together they reach every earlier token, at a fraction of the full causal mask's cost.
+
+# %%
+fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
+for ax, pattern in zip(axes, dalle.PATTERNS):
+    m = dalle.attention_mask(pattern, config.text_len, config.grid)
+    ax.imshow(m, cmap="gray", interpolation="nearest")
+    ax.axhline(config.text_len - 0.5, color="tab:blue")
+    ax.axvline(config.text_len - 0.5, color="tab:blue")
+    ax.set_title(f"{pattern}: {m[config.text_len:].sum() / dalle.attention_mask('causal', 10, 8)[10:].sum():.0%}"
+                 " of causal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+savefig(fig, "06_masks.png")
+
+# %% [markdown]
+# What one image token — row 4, column 3 — sees in each pattern, drawn on the 8x8 grid
+# (it also sees every caption token):
+
+# %%
+a = 4 * 8 + 3
+fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
+for ax, pattern in zip(axes, dalle.PATTERNS):
+    m = dalle.attention_mask(pattern, config.text_len, config.grid)[config.text_len + a, config.text_len:]
+    picture = m.reshape(8, 8).astype(float)
+    picture[4, 3] = 0.5
+    ax.imshow(picture, cmap="gray", vmin=0, vmax=1)
+    ax.set_title(pattern)
+    ax.axis("off")
+savefig(fig, "06_what_one_token_sees.png")
+
+# %% [markdown]
+# ## 3. Training
+# `minidiff train-vqvae` then `minidiff train-dalle` (see the README for the times); the lesson
+# uses `runs/dalle` when it exists.  Quick mode trains a tiny pair for a few steps, only to show
+# the mechanics; its pictures are noise.
+
+# %%
+if QUICK:
+    import tempfile
+
+    vq_dir = Path(tempfile.mkdtemp()) / "vqvae"
+    VQVAETrainer(VQVAETrainConfig(steps=10, batch=8, model={"channels": [8, 16, 16], "groups": 4, "num_codes": 64,
+                                                            "latent_dim": 8}), vq_dir).train(progress=False)
+    trainer = DalleTrainer(DalleTrainConfig(vqvae=str(vq_dir), steps=10, batch=8,
+                                            model={"width": 32, "layers": 2, "heads": 2}))
+    trainer.train(progress=False, log_every=5)
+    generator, history = trainer.generator(), trainer.history
+elif (ROOT / "runs" / "dalle" / CHECKPOINT).is_file():
+    from minidiff.train.checkpoint import load_checkpoint
+
+    generator = load_dalle(ROOT / "runs" / "dalle")
+    history = load_checkpoint(ROOT / "runs" / "dalle")[2]["history"]
+else:
+    raise SystemExit("train the models first: minidiff train-vqvae && minidiff train-dalle (about 30 minutes)")
+
+fig, ax = plt.subplots(figsize=(6, 3.5))
+ax.plot(history["step"], history["image"], label="image tokens")
+ax.plot(history["step"], history["text"], label="text tokens")
+ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="training loss (7/8 image + 1/8 text)")
+ax.legend()
+savefig(fig, "06_loss.png")
+
+# %% [markdown]
+# ## 4. Sampling, token by token
+# The grid fills in raster order.  Tokens not yet drawn are shown as the background code (the
+# code of an all-black patch), so each frame is a decodable picture.
+
+# %%
+prompt = "a large yellow triangle in the top right"
+images, codes = generator.generate([prompt], seed=0, guidance_scale=3.0, return_codes=True)
+black = np.asarray(generator.vqvae.apply(generator.vq_variables, -jnp.ones((1, 32, 32, 3)), method=VQVAE.encode)[1])
+frames = [0, 8, 16, 24, 32, 40, 48, 56, 64]
+partial = []
+for n in frames:
+    grid = black.reshape(-1).copy()
+    grid[:n] = codes[0, :n]
+    partial.append(grid.reshape(1, 8, 8))
+decoded = generator.vqvae.apply(generator.vq_variables, jnp.asarray(np.concatenate(partial)),
+                                method=VQVAE.decode_indices)
+decoded = np.clip((np.asarray(decoded) + 1) * 127.5, 0, 255).astype(np.uint8)
+fig, axes = plt.subplots(1, len(frames), figsize=(2 * len(frames), 2.4))
+for ax, img, n in zip(axes, decoded, frames):
+    ax.imshow(img)
+    ax.set_title(f"{n} tokens", fontsize=9)
+    ax.axis("off")
+fig.suptitle(repr(prompt))
+savefig(fig, "06_token_by_token.png")
+
+# %% [markdown]
+# ## 5. Guidance, and what the classifier says
+# Classifier-free guidance on the logits, $\ell = \ell_u + s(\ell_c - \ell_u)$, where $\ell_u$ reads
+# an empty caption (all pads: 10% of the training captions were dropped so the model knows it).
+# Each row one prompt, each column another seed; left s = 1 (plain sampling), right s = 3.
+
+# %%
+prompts = ["a small red circle in the top left", "a large blue square at the bottom",
+           "a small green triangle in the center", "a large yellow circle on the right"]
+fig, axes = plt.subplots(1, 2, figsize=(12, 6.5))
+for ax, s in zip(axes, (1.0, 3.0)):
+    imgs = generator.generate([p for p in prompts for _ in range(6)], seed=1, guidance_scale=s)
+    ax.imshow(image_grid(imgs, 6))
+    ax.set_title(f"guidance {s}")
+    ax.axis("off")
+fig.suptitle("rows: " + " / ".join(prompts), fontsize=9)
+savefig(fig, "06_guidance.png")
+
+# %%
+start = time.perf_counter()
+metrics = {} if QUICK else evaluate_dalle(generator, samples_per_prompt=1, guidance_scale=3.0)  # (the judge trains ~1 min once)
+metrics.update(sampling_speed(generator, n=8 if QUICK else 32))
+for key, value in metrics.items():
+    print(f"  {key:24s} {value:.4g}" if isinstance(value, float) else f"  {key:24s} {value}")
+print(f"({time.perf_counter() - start:.0f} s)")
