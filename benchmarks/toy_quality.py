@@ -11,6 +11,7 @@ The same for MMD^2 (RBF kernel, median bandwidth).  Saves a scatter plot next to
 """
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 

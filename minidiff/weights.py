@@ -81,3 +81,59 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], template, what: str = "m
     if problems:
         raise ValueError(f"cannot load the {what} weights: " + " | ".join(problems))
     return unflatten_dict(out, sep="/")
+
+
+# --- CLIP text encoder -----------------------------------------------------------------------
+
+_LDM_CLIP_TEXT = "cond_stage_model.transformer."  # SD 1.x single-file (ldm) checkpoints
+
+
+def clip_text_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Normalise the keys of a CLIP text encoder state dict to the ``minidiff.nn.clip`` layout
+    (``embeddings.token_embedding.weight``, ``encoder.layers.0.self_attn.q_proj.weight``...), ready
+    for ``torch_to_flax``.  Accepts keys with the ``text_model.`` prefix (diffusers folders,
+    transformers < 5) or without it (transformers 5), and a whole SD 1.x single-file checkpoint
+    (only the ``cond_stage_model.transformer.`` tensors are kept).  Drops the ``position_ids``
+    buffer that older transformers saved.  (SD 2.x single files store OpenCLIP's own layout,
+    ``cond_stage_model.model.transformer.resblocks.N``, which this does not convert.)"""
+    if any(k.startswith(_LDM_CLIP_TEXT) for k in state_dict):
+        state_dict = {k[len(_LDM_CLIP_TEXT):]: v for k, v in state_dict.items() if k.startswith(_LDM_CLIP_TEXT)}
+    out = {}
+    for key, w in state_dict.items():
+        name = key.removeprefix("text_model.")
+        if name == "embeddings.position_ids":
+            continue
+        if name in out:
+            raise ValueError(f"the CLIP text weights hold {name!r} twice (with and without 'text_model.')")
+        out[name] = w
+    return out
+
+
+# --- Stable Diffusion's VAE (diffusers AutoencoderKL) ---------------------------------------------
+
+# diffusers < 0.14 (and checkpoints saved then) named the VAE mid-block attention like ldm's
+# AttnBlock: query/key/value/proj_attn.  Today's names are to_q/to_k/to_v/to_out.0.
+_OLD_VAE_ATTENTION = re.compile(r"(\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
+_NEW_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def vae_key_map(torch_key: str) -> str:
+    """A diffusers AutoencoderKL key in today's naming:
+    'encoder.mid_block.attentions.0.proj_attn.weight' -> 'encoder.mid_block.attentions.0.to_out.0.weight'.
+    Everything else is unchanged (then ``flax_path`` does the rest)."""
+    return _OLD_VAE_ATTENTION.sub(lambda m: f"{m[1]}{_NEW_VAE_ATTENTION[m[2]]}.{m[3]}", torch_key)
+
+
+def vae_from_torch(state_dict: Mapping[str, np.ndarray], template, dtype=np.float32):
+    """Parameters of ``minidiff.nn.autoencoder.AutoencoderKL`` from a diffusers AutoencoderKL state
+    dict (old or new attention names; the attention's q/k/v/out as linear (C, C) or 1x1 conv
+    (C, C, 1, 1) weights).  ``template``: the model's parameter shapes.  Raises ``ValueError``
+    naming missing, unexpected, mis-shaped or doubly given tensors."""
+    renamed, sources = {}, {}
+    for key, w in state_dict.items():
+        new = vae_key_map(key)
+        if new in renamed:
+            raise ValueError(f"cannot load the VAE weights: {sources[new]} and {key} are the same tensor ({new}) "
+                             "in old and new attention naming")
+        renamed[new], sources[new] = w, key
+    return torch_to_flax(renamed, template, "VAE", dtype)

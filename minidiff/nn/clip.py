@@ -1,0 +1,235 @@
+"""CLIP's text transformer: the prompt encoder of Stable Diffusion, in Flax linen.
+
+    ids (B, L) ─► token_embedding + position_embedding ─► N x EncoderLayer ─► final_layer_norm ─► (B, L, D)
+                                                          │  x = x + SelfAttn(LN1(x))   causal mask: token i
+                                                          │  x = x + MLP(LN2(x))        sees tokens 0..i only
+    MLP = fc1 ─► act ─► fc2,  act = quick_gelu  x sigmoid(1.702 x)  (OpenAI CLIP, SD 1.x)
+                               or   exact gelu  x Phi(x)            (OpenCLIP, SD 2.x)
+
+Module names mirror transformers' ``CLIPTextModel`` (``embeddings/token_embedding``,
+``encoder/layers_0/self_attn/q_proj``, ``mlp/fc1``, ``layer_norm1``, ``final_layer_norm``...), so a
+checkpoint converts by renaming plus transposing: ``minidiff.weights.clip_text_state_dict`` strips
+the prefixes checkpoints carry, then ``minidiff.weights.torch_to_flax`` does the rest.
+
+What Stable Diffusion feeds the UNet (the ``context`` of its cross-attention):
+
+* SD 1.x: ``last_hidden_state`` of OpenAI's ViT-L/14 text tower, i.e. final_layer_norm applied to
+  the output of the 12th (last) layer; (B, 77, 768).  ``clip_skip=k`` (an A1111/diffusers option,
+  not used by SD 1.x itself) runs only the first 12 - k layers and applies final_layer_norm to that,
+  as diffusers does with ``final_layer_norm(hidden_states[-(k + 1)])``.
+* SD 2.x: the *penultimate* layer of OpenCLIP's ViT-H/14 text tower, then its final LayerNorm
+  (ldm's ``FrozenOpenCLIPEmbedder(layer="penultimate")`` runs 23 of the 24 blocks and applies
+  ``ln_final``); (B, 77, 1024).  The diffusers ``text_encoder`` of SD 2.x stores only those 23
+  layers, so with diffusers weights (``CLIPTextConfig.sd2()``, 23 layers) SD 2.x uses plain
+  ``last_hidden_state``; with a full 24-layer tower (``CLIPTextConfig.sd2(num_hidden_layers=24)``)
+  use ``clip_skip=1``.  The two are the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    """The architecture of a CLIP text tower (field names as in transformers' CLIPTextConfig)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP) or "gelu" (exact, OpenCLIP)
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 49407  # <|endoftext|>; the pooled output is the state at its first occurrence
+
+    def __post_init__(self):
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"unknown hidden_act {self.hidden_act!r}; expected one of {sorted(_ACTIVATIONS)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} cannot be split into {self.num_attention_heads} heads")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def sd15(cls, **overrides) -> "CLIPTextConfig":
+        """SD 1.x: OpenAI CLIP ViT-L/14 text tower, 123,060,480 parameters."""
+        return replace(cls(), **overrides)
+
+    @classmethod
+    def sd2(cls, **overrides) -> "CLIPTextConfig":
+        """SD 2.x: OpenCLIP ViT-H/14 text tower as diffusers stores it: 23 of its 24 layers (SD 2.x
+        conditions on the penultimate layer), width 1024, 16 heads, exact gelu; 340,387,840 parameters."""
+        base = cls(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                   hidden_act="gelu")
+        return replace(base, **overrides)
+
+    @classmethod
+    def toy(cls, **overrides) -> "CLIPTextConfig":
+        """A small tower for tests and CPU training (SD's vocabulary and 77 positions, width 64)."""
+        base = cls(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+        return replace(base, **overrides)
+
+
+def quick_gelu(x):
+    """x sigmoid(1.702 x): OpenAI's fast approximation of GELU, used by the SD 1.x text encoder."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: nn.gelu(x, approximate=False)}
+
+
+class CLIPTextOutput(NamedTuple):
+    last_hidden_state: jax.Array  # (B, L, D), after final_layer_norm
+    pooler_output: jax.Array  # (B, D), last_hidden_state at the first end token
+    hidden_states: tuple | None  # embeddings, then the output of every layer run (before final_layer_norm)
+
+
+def masked_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d) + mask) v  for q, k, v (B, L, H, d); ``mask`` (B or 1, 1, Lq, Lk) is
+    True where a query may attend.  Masked scores get the dtype's most negative value (as in
+    transformers), so a fully masked row gives uniform weights, not NaN."""
+    d = q.shape[-1]
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * d**-0.5
+    s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
+
+
+class CLIPAttention(nn.Module):
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask):
+        B, L, D = x.shape
+        proj = lambda name: nn.Dense(D, dtype=self.dtype, name=name)  # noqa: E731
+        split = lambda a: a.reshape(B, L, self.heads, D // self.heads)  # noqa: E731
+        q, k, v = (split(proj(n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
+        out = masked_attention(q, k, v, mask).reshape(B, L, D)
+        return proj("out_proj")(out)
+
+
+class CLIPMLP(nn.Module):
+    intermediate_size: int
+    hidden_act: str
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x)
+        return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(_ACTIVATIONS[self.hidden_act](h))
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer block:  x += SelfAttn(LN1(x), causal);  x += MLP(LN2(x))."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask):
+        cfg = self.config
+        ln = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
+        x = x + CLIPAttention(cfg.num_attention_heads, self.dtype, name="self_attn")(ln("layer_norm1")(x), mask)
+        return x + CLIPMLP(cfg.intermediate_size, cfg.hidden_act, self.dtype, name="mlp")(ln("layer_norm2")(x))
+
+
+class CLIPTextEmbeddings(nn.Module):
+    """token_embedding[ids] + position_embedding[0..L-1]  (both learned)."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids):
+        cfg = self.config
+        tok = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="token_embedding")
+        pos = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype, name="position_embedding")
+        return tok(input_ids) + pos(jnp.arange(input_ids.shape[1]))[None]
+
+
+class CLIPEncoder(nn.Module):
+    """The first ``num_layers`` blocks; returns the final state and every intermediate one."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, num_layers: int):
+        states = [x]
+        for i in range(num_layers):
+            x = CLIPEncoderLayer(self.config, self.dtype, name=f"layers_{i}")(x, mask)
+            states.append(x)
+        return x, tuple(states)
+
+
+def _check_ids(input_ids, cfg: CLIPTextConfig):
+    """Shape and range checks, done in Python when the ids are concrete (skipped under jit)."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, length) token ids, got shape {tuple(input_ids.shape)}")
+    if input_ids.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(f"{input_ids.shape[1]} tokens exceed the {cfg.max_position_embeddings} positions of the "
+                         "text encoder; truncate the prompt (the tokenizer does, with a warning)")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integers, got {input_ids.dtype}")
+    try:
+        ids = np.asarray(input_ids)
+    except jax.errors.TracerArrayConversionError:
+        return
+    if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got {ids.min()} .. {ids.max()}")
+
+
+class CLIPTextModel(nn.Module):
+    """CLIP text transformer.  ``model.apply({"params": p}, ids)`` -> ``CLIPTextOutput``.
+
+    input_ids: (B, L) ints, L <= 77.  attention_mask: optional (B, L), 1 for tokens to attend to,
+    0 for padding, combined with the causal mask (SD's pipelines pass none: SD 1.x pads with the end
+    token and lets the padding attend).  clip_skip: run only the first N - clip_skip layers and apply
+    final_layer_norm to their output (0 = all layers; see the module docstring for what SD 1.x and
+    SD 2.x use).  output_hidden_states: also return (embeddings, layer 1, ..., layer N - clip_skip),
+    as transformers' ``hidden_states`` (without final_layer_norm).
+    """
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, clip_skip: int = 0, output_hidden_states: bool = False):
+        cfg = self.config
+        input_ids = jnp.asarray(input_ids)
+        _check_ids(input_ids, cfg)
+        if not 0 <= clip_skip < cfg.num_hidden_layers:
+            raise ValueError(f"clip_skip must lie in [0, {cfg.num_hidden_layers}), got {clip_skip}")
+        B, L = input_ids.shape
+
+        mask = jnp.tril(jnp.ones((L, L), bool))[None, None]  # (1, 1, Lq, Lk): key j <= query i
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, L):
+                raise ValueError(f"attention_mask must have the shape of input_ids {(B, L)}, "
+                                 f"got {tuple(attention_mask.shape)}")
+            mask = mask & (jnp.asarray(attention_mask) > 0)[:, None, None, :]
+
+        x = CLIPTextEmbeddings(cfg, self.dtype, name="embeddings")(input_ids)
+        # init always builds every layer, so the parameter tree does not depend on clip_skip
+        layers = cfg.num_hidden_layers if self.is_initializing() else cfg.num_hidden_layers - clip_skip
+        x, states = CLIPEncoder(cfg, self.dtype, name="encoder")(x, mask, layers)
+        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
+
+        # pooled: the state at the first end token (for tokenizer output, where the end token is the
+        # largest id, this equals the argmax(ids) rule of the original CLIP and of SD's configs)
+        eos = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)
+        pooled = x[jnp.arange(B), eos]
+        return CLIPTextOutput(x, pooled, states if output_hidden_states else None)
