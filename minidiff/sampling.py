@@ -16,6 +16,10 @@ Classifier-free guidance: given the unconditional input ``uncond`` as well as ``
 runs on both halves of a doubled batch and the outputs are mixed,
 
     eps = eps(x_t, uncond) + s * (eps(x_t, cond) - eps(x_t, uncond)),      s = guidance_scale.
+
+The scan (:func:`reverse_chain`) and the guided output (:func:`guided_output`) are plain functions
+as well, which the Stable Diffusion pipeline (``minidiff.pipeline``) calls with the step tables passed
+in as traced arguments, so there is one copy of the loop and of the guidance formula.
 """
 
 from __future__ import annotations
@@ -85,12 +89,7 @@ class Sampler:
 
     def predict(self, params, x, t, cond, uncond, guidance_scale):
         """The model output at one step, guided when ``uncond`` is given."""
-        t = jnp.full((x.shape[0],), t, jnp.int32)
-        if uncond is None:
-            return self.model_fn(params, x, t, cond)
-        both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)
-        out_c, out_u = jnp.split(self.model_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both), 2)
-        return out_u + guidance_scale * (out_c - out_u)  # eps_u + s (eps_c - eps_u)
+        return guided_output(self.model_fn, params, x, t, cond, uncond, guidance_scale)
 
     def _run(self, params, key, x_T, cond, uncond, guidance_scale, shape, return_trajectory):
         isc = self.schedule
@@ -98,19 +97,49 @@ class Sampler:
         x = jax.random.normal(k_T, shape, jnp.float32) if x_T is None else jnp.asarray(x_T, jnp.float32)
         steps = (jnp.asarray(isc.timesteps, jnp.int32), jnp.asarray(isc.alpha_bar_t, jnp.float32),
                  jnp.asarray(isc.alpha_bar_prev, jnp.float32), step_keys)
-        noisy = self.sampler == "ddpm" or self.eta != 0
+        return reverse_chain(lambda x, t: self.predict(params, x, t, cond, uncond, guidance_scale), x, steps,
+                             self.sampler, self.eta, self.prediction_type, self.variance, self.clip_x0,
+                             return_trajectory=return_trajectory)
 
-        def body(x, step):
-            t, ab_t, ab_prev, k = step
-            out = self.predict(params, x, t, cond, uncond, guidance_scale)
-            z = jax.random.normal(k, x.shape, x.dtype) if noisy else None
-            if self.sampler == "ddpm":
-                x, _ = ddpm_step(x, out, ab_t, ab_prev, z, self.variance, self.prediction_type, self.clip_x0)
-            else:
-                x, _ = ddim_step(x, out, ab_t, ab_prev, self.eta, z, self.prediction_type, self.clip_x0)
-            return x, (x if return_trajectory else None)
 
-        x0, xs = jax.lax.scan(body, x, steps)
-        if return_trajectory:
-            return x0, jnp.concatenate([x[None], xs])
-        return x0
+def guided_output(model_fn: ModelFn, params, x, t, cond, uncond=None, guidance_scale=1.0):
+    """The model output for the batch x at the (scalar) timestep t; with ``uncond`` given, classifier-free
+    guidance: both branches in one doubled batch, mixed as eps_u + s (eps_c - eps_u)."""
+    t = jnp.full((x.shape[0],), t, jnp.int32)
+    if uncond is None:
+        return model_fn(params, x, t, cond)
+    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)
+    out_c, out_u = jnp.split(model_fn(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), both), 2)
+    return out_u + guidance_scale * (out_c - out_u)  # eps_u + s (eps_c - eps_u)
+
+
+def reverse_chain(predict, x, steps, sampler: str = "ddim", eta: float = 0.0, prediction_type: str = "epsilon",
+                  variance: str = "beta_tilde", clip_x0: float | None = None, on_step=None,
+                  return_trajectory: bool = False):
+    """The reverse chain as one ``jax.lax.scan``: x_T -> x0 (traceable; call it inside ``jax.jit``).
+
+    ``predict(x, t)`` is the (guided) model output at the scalar timestep t; ``steps`` the tuple of
+    per-step arrays (timesteps int32, alpha_bar_t, alpha_bar_prev, noise keys), each of length N, as
+    traced values, so new tables of the same length reuse the compiled program.  ``on_step(i)``, if
+    given, is called on the host after step i (0-based) through ``jax.debug.callback`` (a progress
+    bar); calls are unordered, so a caller should take the largest i seen.
+    Returns x0, or (x0, the stacked (N + 1, *shape) states x_T, ..., x0) with ``return_trajectory``.
+    """
+    noisy = sampler == "ddpm" or eta != 0
+
+    def body(x, step):
+        i, t, ab_t, ab_prev, k = step
+        out = predict(x, t)
+        z = jax.random.normal(k, x.shape, x.dtype) if noisy else None
+        if sampler == "ddpm":
+            x, _ = ddpm_step(x, out, ab_t, ab_prev, z, variance, prediction_type, clip_x0)
+        else:
+            x, _ = ddim_step(x, out, ab_t, ab_prev, eta, z, prediction_type, clip_x0)
+        if on_step is not None:
+            jax.debug.callback(on_step, i)
+        return x, (x if return_trajectory else None)
+
+    x0, xs = jax.lax.scan(body, x, (jnp.arange(len(steps[0]), dtype=jnp.int32), *steps))
+    if return_trajectory:
+        return x0, jnp.concatenate([x[None], xs])
+    return x0

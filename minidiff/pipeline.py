@@ -1,0 +1,532 @@
+"""Stable Diffusion: prompt -> image, with the whole denoising loop compiled once.
+
+    prompts            ──tokenizer──► ids (P, 77) ──CLIP──► context   (P, 77, D), repeated m times -> (n, 77, D)
+    negative prompts   ──tokenizer──► ids (P, 77) ──CLIP──► uncontext (n, 77, D)       ("" by default)
+    seed ──jax.random──► x_T (n, H/f, W/f, 4)             f = 8 for SD's VAE; n = P prompts x m images each
+    for each of the N timesteps t_0 > ... > t_{N-1}:      ONE jax.lax.scan inside ONE jax.jit
+        eps = eps_u + s (eps_c - eps_u)                   both branches in one doubled UNet batch
+        x   = ddim_step / ddpm_step(x, eps, alpha_bar_t, alpha_bar_prev, z)
+    images = VAE.images_from_latents(x_0)  ──► uint8 (n, H, W, 3)
+
+Nothing here re-derives a formula: the guided output is :func:`minidiff.sampling.guided_output`,
+the loop :func:`minidiff.sampling.reverse_chain` (which calls the NumPy-written
+``minidiff.diffusion.ddim_step`` / ``ddpm_step`` on traced arrays), the noising of img2img
+``minidiff.diffusion.q_sample``, and the latent scaling lives in the VAE's ``latents_from_images`` /
+``images_from_latents``.
+
+Compiled once.  The coefficient tables (timesteps, alpha_bar_t, alpha_bar_prev) and the per-step
+noise keys come from the NumPy :class:`~minidiff.diffusion.InferenceSchedule` and enter the compiled
+loop as *arguments*, as do the text embeddings, the seed's key and the guidance scale.  A new
+prompt, seed, negative prompt or guidance scale therefore reuses the compiled program; only a new
+shape (batch size, image size, number of steps run) or a new static choice (sampler, eta, dtype,
+number of devices) compiles again.  ``pipe.traces`` counts how often each part was traced.
+
+Randomness.  ``key = jax.random.key(seed)``; ``k_T, z_keys = noise_keys(key, steps)`` as in
+:class:`minidiff.sampling.Sampler`: x_T ~ N(0, I) from k_T (img2img: the noise added to the image's
+latents), z_i from z_keys[i] (DDPM, and DDIM with eta > 0).  With the same arguments a pipeline
+returns bit-identical images on the same machine; txt2img latents equal those of
+``Sampler(...)(params, key, shape, cond=..., uncond=...)`` for the same key.
+
+img2img (SDEdit, Meng et al. 2022).  The init image is encoded (the posterior mean of the VAE,
+times the scaling factor), noised to the timestep of step N - k with q(x_t | x_0), where
+k = round(strength * N), and only the last k steps run.  strength = 1 starts from (almost) pure
+noise at t_0; a strength so small that k = 0 returns the VAE's reconstruction of the image.
+(diffusers uses int(strength * N), which for 0.6 * 30 = 17.999... runs 17 steps; here 18.)
+
+Several devices.  With D > 1 JAX devices (GPUs, TPU cores, or CPU devices forced with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``) the batch of n images is sharded across
+the largest d <= D that divides n: ``NamedSharding`` over a 1-D mesh ("batch"), parameters
+replicated; jit partitions the same program (GSPMD), so the images are those of one device.
+
+Precision.  ``dtype="bfloat16"`` casts the network parameters to bfloat16 and runs the UNet, the
+text encoder and the VAE in bfloat16 (normalisation statistics in float32, as Flax does); every
+network returns float32, and the sampler arithmetic (the step coefficients, x_t) stays float32.
+
+The progress bar.  ``progress=True`` shows a tqdm bar over the steps while the compiled loop runs:
+the scan body calls ``jax.debug.callback`` with the step index after each step (a host callback; on
+an accelerator this costs a tiny device-to-host transfer per step).  The callback is one fixed
+method of the pipeline, compiled in always, that advances the bar if one is open; callbacks are
+unordered, so it moves the bar to the largest index seen.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .diffusion import InferenceSchedule, NoiseSchedule, q_sample
+from .diffusion.samplers import PREDICTION_TYPES, SPACINGS
+from .images import to_uint8
+from .nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from .nn.clip import CLIPTextConfig, CLIPTextModel
+from .nn.unet import UNet2DCondition, UNetConfig
+from .sampling import guided_output, noise_keys, reverse_chain
+from .tokenizer import CONTEXT_LENGTH, CLIPTokenizer
+
+SAMPLERS = ("ddim", "ddpm")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# The built-in mini model (`minidiff train-mini-sd` writes it): weights + config side by side.
+MINI_MODEL = Path(__file__).parent / "assets" / "mini_sd.safetensors"
+
+
+def dtype_name(dtype) -> str:
+    """'float32' / 'bfloat16' from a name, a NumPy / JAX dtype or a scalar type."""
+    if isinstance(dtype, str):
+        name = {"fp32": "float32", "bf16": "bfloat16", "f32": "float32"}.get(dtype, dtype)
+    else:
+        try:
+            name = jnp.dtype(dtype).name
+        except TypeError:
+            name = repr(dtype)
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose float32 or bfloat16")
+    return name
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How the sampler walks the training noise schedule (SD 1.x/2.x: these defaults; SD 2.x 768-v:
+    prediction_type="v_prediction")."""
+
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+    prediction_type: str = "epsilon"
+    spacing: str = "leading"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+
+    def __post_init__(self):
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {self.prediction_type!r}; "
+                             f"choose one of {', '.join(PREDICTION_TYPES)}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {self.spacing!r}; choose one of {', '.join(SPACINGS)}")
+
+    def noise_schedule(self) -> NoiseSchedule:
+        betas = {} if self.beta_schedule == "cosine" else dict(beta_start=self.beta_start, beta_end=self.beta_end)
+        return NoiseSchedule.from_name(self.beta_schedule, self.num_train_timesteps, **betas)
+
+    def inference_schedule(self, steps: int) -> InferenceSchedule:
+        return InferenceSchedule.create(self.noise_schedule(), steps, self.spacing, self.steps_offset,
+                                        self.set_alpha_to_one)
+
+
+def _dataclass_from(cls, value, what: str):
+    """A config dataclass from an instance or a dict of its fields (lists become tuples)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in fields(value)}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"the {what} config must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"the {what} config has unknown fields {unknown}; {cls.__name__} takes {sorted(known)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
+
+
+# --- the compiled parts ---------------------------------------------------------------------------
+#
+# Module-level functions with the (frozen, hashable) configs as static arguments: jax.jit caches one
+# program per (config, dtype, shapes), shared by every pipeline with that architecture; the
+# parameters, embeddings, latents, guidance scale and step tables are traced arguments.
+
+TRACES: Counter = Counter()  # incremented only while JAX traces (i.e. compiles) a function
+_PROGRESS: list = [None]  # the open tqdm bar, if any, advanced by the loop's host callback
+
+
+def _encode_text(params, ids, *, config: CLIPTextConfig, clip_skip: int, dtype: str):
+    TRACES["text"] += 1
+    out = CLIPTextModel(config, DTYPES[dtype]).apply({"params": params}, ids, clip_skip=clip_skip)
+    return out.last_hidden_state.astype(jnp.float32)
+
+
+def _encode_image(params, images, *, config: AutoencoderKLConfig, dtype: str):
+    TRACES["image"] += 1
+    vae = AutoencoderKL(config, DTYPES[dtype])
+    return vae.apply({"params": params}, images, method=AutoencoderKL.latents_from_images)  # the posterior mean
+
+
+def _decode(params, latents, *, config: AutoencoderKLConfig, dtype: str):
+    TRACES["decode"] += 1
+    vae = AutoencoderKL(config, DTYPES[dtype])
+    return vae.apply({"params": params}, latents, method=AutoencoderKL.images_from_latents)
+
+
+def _on_step(i):
+    """Host side of the progress bar: jax.debug.callback after each step (unordered: keep the largest)."""
+    bar = _PROGRESS[0]
+    if bar is not None and int(i) + 1 > bar.n:
+        bar.update(int(i) + 1 - bar.n)
+
+
+def _denoise(params, x_T, context, uncontext, guidance_scale, steps, *, config: UNetConfig, prediction_type: str,
+             sampler: str, eta: float, dtype: str, batch_sharding):
+    """x_T -> x_0 through ``steps`` = (timesteps, alpha_bar_t, alpha_bar_prev, noise keys), guided."""
+    TRACES["denoise"] += 1
+    unet = UNet2DCondition(config, DTYPES[dtype])
+
+    def model_fn(p, x, t, ctx):  # float32 in and out; the UNet computes in its dtype
+        return unet.apply({"params": p}, x, t, ctx)
+
+    if batch_sharding is not None:
+        x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
+    predict = lambda x, t: guided_output(model_fn, params, x, t, context, uncontext, guidance_scale)  # noqa: E731
+    return reverse_chain(predict, x_T, steps, sampler, eta, prediction_type, on_step=_on_step)
+
+
+_text_fn = jax.jit(_encode_text, static_argnames=("config", "clip_skip", "dtype"))
+_image_fn = jax.jit(_encode_image, static_argnames=("config", "dtype"))
+_decode_fn = jax.jit(_decode, static_argnames=("config", "dtype"))
+_denoise_fn = jax.jit(_denoise, static_argnames=("config", "prediction_type", "sampler", "eta", "dtype",
+                                                 "batch_sharding"))
+
+
+class StableDiffusion:
+    """Text-to-image (and image-to-image) with a UNet, a VAE and a CLIP text encoder.
+
+    ``params``: {"unet": ..., "vae": ..., "text_encoder": ...} Flax parameter trees (float32).
+
+        pipe = StableDiffusion(UNetConfig.sd15(), AutoencoderKLConfig.sd(), CLIPTextConfig.sd15(), params)
+        images = pipe(["a red circle above a blue square"], steps=30, guidance_scale=7.5, seed=0)  # uint8 (1, 512, 512, 3)
+
+    or ``load_pipeline(path)`` for a converted minidiff file, a diffusers folder or a single-file checkpoint.
+    """
+
+    def __init__(self, unet_config: UNetConfig, vae_config: AutoencoderKLConfig, text_config: CLIPTextConfig,
+                 params: Mapping[str, Any], tokenizer: CLIPTokenizer | None = None,
+                 scheduler: SchedulerConfig | None = None, clip_skip: int = 0, pad_token: int | None = None,
+                 name: str = "", devices: Sequence | None = None):
+        missing = sorted({"unet", "vae", "text_encoder"} - set(params))
+        if missing:
+            raise ValueError(f"params must hold 'unet', 'vae' and 'text_encoder' trees; missing {missing}")
+        if unet_config.cross_attention_dim != text_config.hidden_size:
+            raise ValueError(f"the UNet's cross_attention_dim ({unet_config.cross_attention_dim}) must equal the "
+                             f"text encoder's hidden_size ({text_config.hidden_size})")
+        if unet_config.in_channels != vae_config.latent_channels or unet_config.out_channels != vae_config.latent_channels:
+            raise ValueError(f"the UNet works on {unet_config.in_channels} -> {unet_config.out_channels} channels but "
+                             f"the VAE's latents have {vae_config.latent_channels}")
+        self.unet_config, self.vae_config, self.text_config = unet_config, vae_config, text_config
+        self.params = {k: params[k] for k in ("unet", "vae", "text_encoder")}
+        self.tokenizer = tokenizer or CLIPTokenizer.from_bpe_gz()
+        self.scheduler = scheduler or SchedulerConfig()
+        self.clip_skip, self.pad_token, self.name = clip_skip, pad_token, name
+        self.devices = list(devices) if devices is not None else None  # None: all of jax.devices()
+        self._placed = {}
+        self.last_timesteps = None  # the timesteps the last call ran (img2img: the last k of the N)
+
+    traces = TRACES  # how often each compiled part was traced, all pipelines together (tests count recompiles)
+
+    @classmethod
+    def from_config(cls, params, config, **kwargs) -> "StableDiffusion":
+        """From what ``minidiff.weights.load_converted`` / ``read_checkpoint`` return: the params and a
+        ``StableDiffusionConfig`` (or a dict with its fields: "unet", "vae", "text_encoder" configs or
+        dicts of their fields; optional "prediction_type", "scheduler" (diffusers-style dict),
+        "pad_token_id", "clip_skip")."""
+        if is_dataclass(config):
+            config = {f.name: getattr(config, f.name) for f in fields(config)}
+        if not isinstance(config, Mapping):
+            raise ValueError(f"a model config must be a dict or StableDiffusionConfig, got {type(config).__name__}")
+        missing = sorted({"unet", "vae", "text_encoder"} - set(config))
+        if missing:
+            raise ValueError(f"the model config lacks {missing}")
+        sched = dict(config.get("scheduler") or {})
+        if "timestep_spacing" in sched:  # the diffusers name
+            sched["spacing"] = sched.pop("timestep_spacing")
+        known = {f.name for f in fields(SchedulerConfig)}
+        sched = {k: v for k, v in sched.items() if k in known}  # (clip_sample etc.: not used by SD)
+        if config.get("prediction_type"):
+            sched["prediction_type"] = config["prediction_type"]
+        kwargs.setdefault("clip_skip", int(config.get("clip_skip") or 0))
+        kwargs.setdefault("pad_token", config.get("pad_token_id", config.get("pad_token")))
+        return cls(_dataclass_from(UNetConfig, config["unet"], "UNet"),
+                   _dataclass_from(AutoencoderKLConfig, config["vae"], "VAE"),
+                   _dataclass_from(CLIPTextConfig, config["text_encoder"], "text encoder"),
+                   params, scheduler=SchedulerConfig(**sched), **kwargs)
+
+    # --- sizes ------------------------------------------------------------------------------------
+
+    @property
+    def vae_factor(self) -> int:
+        return self.vae_config.downsample_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this: the VAE's factor times the UNet's (64 for SD)."""
+        return self.vae_factor * 2 ** (len(self.unet_config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        """The VAE's native image size (512 for SD)."""
+        return self.vae_config.sample_size
+
+    # --- devices ----------------------------------------------------------------------------------
+
+    def _sharding(self, n: int):
+        """(batch sharding, replicated sharding) over the largest number of devices dividing n, or None."""
+        devices = self.devices or jax.devices()
+        d = max(k for k in range(1, len(devices) + 1) if n % k == 0)
+        if d == 1:
+            return None
+        mesh = jax.sharding.Mesh(np.array(devices[:d]), ("batch",))
+        P = jax.sharding.PartitionSpec
+        return jax.sharding.NamedSharding(mesh, P("batch")), jax.sharding.NamedSharding(mesh, P())
+
+    def _place(self, dtype: str, shardings=None):
+        """The parameters on the device(s) in the compute dtype: cast on the host, then put on the
+        default device, or replicated on every device of the mesh.  One placement is kept at a time
+        (a new dtype or device set replaces it), so the device holds a single copy of the weights."""
+        key = (dtype, None if shardings is None else shardings[1])
+        if key not in self._placed:
+            def cast(a):
+                a = np.asarray(a)
+                return a.astype(DTYPES[dtype]) if np.issubdtype(a.dtype, np.floating) or a.dtype == jnp.bfloat16 else a
+
+            self._placed.clear()
+            host = jax.tree.map(cast, self.params)
+            self._placed[key] = jax.device_put(host, None if shardings is None else shardings[1])
+        return self._placed[key]
+
+    # --- the public steps -------------------------------------------------------------------------
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        return self.tokenizer(list(prompts), CONTEXT_LENGTH, self.pad_token)
+
+    def encode_prompts(self, prompts: Sequence[str], dtype="float32") -> jax.Array:
+        """Text embeddings (P, 77, D), float32: the UNet's cross-attention context."""
+        dtype = dtype_name(dtype)
+        shardings = self._sharding(len(prompts))
+        return _text_fn(self._place(dtype, shardings)["text_encoder"], _put(jnp.asarray(self.tokenize(prompts)),
+                        shardings), config=self.text_config, clip_skip=self.clip_skip, dtype=dtype)
+
+    def decode(self, latents, dtype="float32") -> np.ndarray:
+        """Latents (n, h, w, c) -> uint8 images (n, f h, f w, 3) through ``images_from_latents``."""
+        dtype = dtype_name(dtype)
+        latents = jnp.asarray(latents, jnp.float32)
+        shardings = self._sharding(latents.shape[0])
+        params = self._place(dtype, shardings)["vae"]
+        if shardings is not None:
+            latents = jax.device_put(latents, shardings[0])
+        return to_uint8(_decode_fn(params, latents, config=self.vae_config, dtype=dtype))
+
+    def sample_latents(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float = 7.5,
+                       seed: int = 0, sampler: str = "ddim", eta: float = 0.0, height: int | None = None,
+                       width: int | None = None, num_images_per_prompt: int = 1, init_image=None,
+                       strength: float = 0.6, dtype="float32", latents=None, progress: bool = False) -> np.ndarray:
+        """The denoised latents x_0 (n, H/f, W/f, c), float32, n = len(prompts) * num_images_per_prompt.
+        Arguments as for ``__call__``; ``latents`` (n, H/f, W/f, c) replaces the x_T drawn from the seed."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a string or a non-empty list of strings")
+        negatives = _negatives(negative_prompt, len(prompts))
+        dtype = dtype_name(dtype)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= 1000:
+            raise ValueError(f"steps must be an integer from 1 to 1000, got {steps!r}")
+        if not _finite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if not (_finite(eta) and eta >= 0):
+            raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+        if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if init_image is not None and latents is not None:
+            raise ValueError("give init_image (img2img) or latents (the starting noise), not both")
+
+        m = int(num_images_per_prompt)
+        n = len(prompts) * m
+        pixels = None
+        if init_image is not None:
+            if not (isinstance(strength, (int, float)) and 0 < strength <= 1):
+                raise ValueError(f"strength must lie in (0, 1], got {strength!r}")
+            pixels = _init_pixels(init_image, len(prompts), m)
+            height = height or pixels.shape[1]
+            width = width or pixels.shape[2]
+            if pixels.shape[1:3] != (height, width):
+                raise ValueError(f"the init image is {pixels.shape[2]}x{pixels.shape[1]} (width x height) but "
+                                 f"width x height = {width}x{height} was asked; resize it or leave them out")
+        height, width = height or self.default_size, width or self.default_size
+        for what, v in (("height", height), ("width", width)):
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % self.size_multiple:
+                raise ValueError(f"{what} must be a positive multiple of {self.size_multiple} for this model "
+                                 f"(the VAE downsamples by {self.vae_factor}, the UNet by "
+                                 f"{self.size_multiple // self.vae_factor} more), got {v!r}")
+        f = self.vae_factor
+        shape = (n, height // f, width // f, self.vae_config.latent_channels)
+        if latents is not None:
+            latents = jnp.asarray(latents, jnp.float32)
+            if latents.shape != shape:
+                raise ValueError(f"latents must have the shape {shape} (n, H/{f}, W/{f}, channels), got {latents.shape}")
+
+        # text: both branches in one call, then each prompt's rows repeated m times
+        shardings = self._sharding(n)
+        params = self._place(dtype, shardings)
+        ctx = _text_fn(params["text_encoder"], jnp.asarray(self.tokenize(prompts + negatives)),
+                       config=self.text_config, clip_skip=self.clip_skip, dtype=dtype)
+        context, uncontext = jnp.repeat(ctx[:len(prompts)], m, axis=0), jnp.repeat(ctx[len(prompts):], m, axis=0)
+
+        # the schedule (all N steps, or the last k for img2img) and the starting point x_T
+        isc = self.scheduler.inference_schedule(int(steps))
+        key_T, z_keys = noise_keys(jax.random.key(int(seed)), len(isc))
+        first = 0
+        if latents is not None:
+            x_T = latents
+        elif pixels is None:
+            x_T = jax.random.normal(key_T, shape, jnp.float32)
+        else:
+            x0 = _image_fn(params["vae"], _put(jnp.asarray(pixels), shardings), config=self.vae_config, dtype=dtype)
+            run = math.floor(strength * len(isc) + 0.5)  # k = round(strength * N), halves up
+            first = len(isc) - run
+            self.last_timesteps = isc.timesteps[first:]
+            if run == 0:  # nothing to denoise: the VAE's own latents of the image
+                warnings.warn(f"strength {strength} x {steps} steps rounds to 0 steps: the result is the VAE's "
+                              "reconstruction of the init image", stacklevel=3)
+                return np.asarray(x0)
+            # x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps at the first timestep run
+            x_T = q_sample(x0, float(isc.alpha_bar_t[first]), jax.random.normal(key_T, shape, jnp.float32))
+        self.last_timesteps = isc.timesteps[first:]
+        tables = (jnp.asarray(isc.timesteps[first:], jnp.int32), jnp.asarray(isc.alpha_bar_t[first:], jnp.float32),
+                  jnp.asarray(isc.alpha_bar_prev[first:], jnp.float32), z_keys[first:])
+
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(isc) - first, unit="step",
+                       desc=f"{sampler} {'img2img' if pixels is not None else 'txt2img'}")
+        _PROGRESS[0] = bar
+        try:
+            x0 = _denoise_fn(params["unet"], _put(x_T, shardings), _put(context, shardings),
+                             _put(uncontext, shardings), jnp.float32(guidance_scale), tables,
+                             config=self.unet_config, prediction_type=self.scheduler.prediction_type,
+                             sampler=sampler, eta=float(eta), dtype=dtype,
+                             batch_sharding=None if shardings is None else shardings[0])
+            x0 = np.asarray(x0)  # waits for the loop
+            jax.effects_barrier()  # and for the last progress callbacks
+        finally:
+            _PROGRESS[0] = None
+            if bar is not None:
+                bar.close()
+        return x0
+
+    def __call__(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float = 7.5, seed: int = 0,
+                 sampler: str = "ddim", eta: float = 0.0, height: int | None = None, width: int | None = None,
+                 num_images_per_prompt: int = 1, init_image=None, strength: float = 0.6, dtype="float32",
+                 latents=None, progress: bool = False) -> np.ndarray:
+        """uint8 images (n, H, W, 3), n = len(prompts) * num_images_per_prompt, prompt-major.
+
+        prompts: a string or a list of strings.  negative_prompt: the unconditional branch of
+        classifier-free guidance ("" by default): one string for all prompts or one per prompt.
+        steps: inference steps N.  guidance_scale: s in eps_u + s (eps_c - eps_u) (1: conditional
+        only).  seed: all randomness (x_T, the DDPM / eta noise, the img2img noise).  sampler: "ddim"
+        or "ddpm"; eta: DDIM's eta.  height, width: multiples of ``size_multiple`` (default: the
+        VAE's sample_size, or the init image's size).  init_image: uint8 (H, W, 3), or one per prompt
+        (P, H, W, 3), for img2img with ``strength`` in (0, 1].  dtype: "float32" or "bfloat16".
+        latents: optional x_T (n, H/f, W/f, c) instead of the seed's.  progress: a tqdm bar.
+        """
+        x0 = self.sample_latents(prompts, negative_prompt, steps, guidance_scale, seed, sampler, eta, height, width,
+                                 num_images_per_prompt, init_image, strength, dtype, latents, progress)
+        return self.decode(x0, dtype)
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def _put(x, shardings):
+    if x is None or shardings is None:
+        return x
+    return jax.device_put(x, shardings[0])
+
+
+def _negatives(negative_prompt, n_prompts: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * n_prompts
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * n_prompts
+    negatives = list(negative_prompt)
+    if len(negatives) != n_prompts or not all(isinstance(p, str) for p in negatives):
+        raise ValueError(f"negative_prompt must be a string or a list of {n_prompts} strings (one per prompt)")
+    return negatives
+
+
+def _init_pixels(init_image, n_prompts: int, m: int) -> np.ndarray:
+    """The init image(s) as float32 (n, H, W, 3) in [-1, 1]: uint8 in [0, 255] or float in [-1, 1];
+    one image for all prompts, or one per prompt."""
+    a = np.asarray(init_image)
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(f"init_image must be (H, W, 3) or (prompts, H, W, 3) RGB, got shape {a.shape}")
+    if a.shape[0] not in (1, n_prompts):
+        raise ValueError(f"init_image holds {a.shape[0]} images for {n_prompts} prompts; give one, or one per prompt")
+    if a.dtype == np.uint8:
+        a = a.astype(np.float32) / 127.5 - 1.0
+    elif not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"init_image must be uint8 [0, 255] or float [-1, 1], got {a.dtype}")
+    a = np.repeat(a.astype(np.float32), n_prompts * m // a.shape[0] if a.shape[0] == 1 else m, axis=0)
+    return a
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def is_converted(path) -> bool:
+    """Whether ``path`` is a minidiff converted model (``minidiff.weights.convert`` output: a
+    .safetensors file marked in its metadata, or the .json config next to one)."""
+    from . import weights
+
+    path = Path(path)
+    if path.suffix == ".json":
+        return True
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "np") as f:
+            return (f.metadata() or {}).get("format") == getattr(weights, "FORMAT", "minidiff-sd-v1")
+    except Exception:  # not readable as safetensors: let the checkpoint reader say why
+        return False
+
+
+def load_pipeline(path=None, **kwargs) -> StableDiffusion:
+    """A pipeline from a converted minidiff file (``minidiff.weights.load_converted``), or from a
+    diffusers folder or a single-file checkpoint (``.safetensors`` / ``.ckpt``), converted in memory
+    on the fly (``minidiff.weights.read_checkpoint``).  ``path=None``: the built-in mini model
+    (``minidiff/assets/mini_sd.safetensors`` + ``.json``).  Keyword arguments go to StableDiffusion."""
+    from . import weights
+
+    if path is None:
+        if not MINI_MODEL.is_file():
+            raise ValueError(f"no model given and the built-in mini model {MINI_MODEL} is not there: "
+                             "run `minidiff train-mini-sd` to make it, or pass --model PATH")
+        path = MINI_MODEL
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"model not found: {path}")
+    converted = is_converted(path)
+    loader = getattr(weights, "load_converted" if converted else "read_checkpoint", None)
+    if loader is None:  # the converter is not in this version of minidiff.weights
+        raise ValueError(f"cannot load {path}: minidiff.weights has no "
+                         f"{'load_converted' if converted else 'read_checkpoint'} in this version")
+    params, config = loader(path)
+    kwargs.setdefault("name", str(path))
+    return StableDiffusion.from_config(params, config, **kwargs)
