@@ -166,6 +166,99 @@ def _evaluate_dalle(args):
                    f"top-k {args.top_k}:", metrics)
 
 
+def add_convert_arguments(c: argparse.ArgumentParser):
+    """The arguments of ``minidiff convert`` and of the top-level ``weights_convert.py``."""
+    c.add_argument("src", help="a diffusers folder (unet/ vae/ text_encoder/ ...) or a single .safetensors / .ckpt "
+                               "file in the original (ldm) layout")
+    c.add_argument("dst", help="the converted weights, a .safetensors path (the config goes next to it, as .json)")
+    c.add_argument("--config", choices=("sd1", "sd2"), help="the model family (default: detected from the weights)")
+    c.add_argument("--prediction", choices=("epsilon", "eps", "v_prediction", "v"),
+                   help="what the UNet predicts (default: the folder's scheduler config; else epsilon for SD 1.x, "
+                        "v for SD 2.x with a note: SD 2.x 512-px base models predict epsilon)")
+    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="dtype of the converted weights (default: float32)")
+    c.add_argument("--no-ema", action="store_true", help="convert the raw UNet weights even if the file holds an EMA copy")
+    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def _convert(args):
+    from .weights import convert
+
+    report = convert(args.src, args.dst, config=args.config, prediction=args.prediction, dtype=args.dtype,
+                     ema=False if args.no_ema else None, overwrite=args.overwrite)
+    print(report)
+
+
+def _txt2img(args):
+    from .images import load_image, save_png
+    from .pipeline import dtype_name, load_pipeline
+    from .train.diffusion import image_grid
+
+    # everything that can be checked before the (slow) model load
+    if args.steps <= 0:
+        raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
+    for flag, v in (("--height", args.height), ("--width", args.width)):
+        if v is not None and (v <= 0 or v % 8):
+            raise ValueError(f"{flag} must be a positive multiple of 8, got {v}")
+    if args.strength is not None and args.init_image is None:
+        raise ValueError("--strength applies to img2img: give an --init-image too")
+    strength = 0.6 if args.strength is None else args.strength
+    if not 0 < strength <= 1:
+        raise ValueError(f"--strength must lie in (0, 1], got {strength}")
+    dtype = dtype_name(args.dtype)
+    init = None
+    if args.init_image is not None:
+        init = load_image(args.init_image)  # ValueError when missing or unreadable
+        if args.height or args.width:  # resize to the asked size (the other side keeps the image's)
+            import numpy as np
+            from PIL import Image
+
+            size = (args.width or init.shape[1], args.height or init.shape[0])
+            init = np.asarray(Image.fromarray(init).resize(size, Image.Resampling.LANCZOS))
+
+    pipe = load_pipeline(args.model)
+    images = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
+                  seed=args.seed, sampler=args.sampler, eta=args.eta, height=args.height, width=args.width,
+                  num_images_per_prompt=args.n, init_image=init, strength=strength, dtype=dtype,
+                  progress=not args.no_progress)
+    meta = {"prompt": args.prompt, "negative_prompt": args.negative or "", "seed": args.seed, "steps": args.steps,
+            "guidance_scale": args.guidance, "sampler": args.sampler, "eta": args.eta,
+            "height": images.shape[1], "width": images.shape[2], "n": args.n, "dtype": dtype,
+            "model": pipe.name}
+    if init is not None:
+        meta.update(init_image=args.init_image, strength=strength)
+    pixels = images[0] if args.n == 1 else image_grid(images, min(args.n, 4))
+    print(f"wrote {save_png(args.output, pixels, meta)}")
+
+
+def _add_txt2img(sub):
+    g = sub.add_parser("txt2img", help="Stable Diffusion: draw a prompt (or redraw --init-image) with a latent "
+                                       "diffusion model")
+    g.add_argument("prompt", help='what to draw, e.g. "a red circle above a blue square"')
+    g.add_argument("--model", help="a converted minidiff model (.safetensors + .json), a diffusers folder or a "
+                                   "single-file checkpoint (.safetensors / .ckpt; converted on the fly). "
+                                   "Default: the built-in mini model")
+    g.add_argument("--negative", help="negative prompt: the unconditional branch of the guidance (default: empty)")
+    g.add_argument("--steps", type=int, default=30, help="sampling steps (default: 30)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
+    g.add_argument("--height", type=int, help="image height, a multiple of 8 and of the model's factor "
+                                              "(default: the model's size, or the init image's)")
+    g.add_argument("--width", type=int, help="image width (as --height)")
+    g.add_argument("--n", type=int, default=1, help="number of images (a grid when > 1)")
+    g.add_argument("--init-image", help="img2img (SDEdit): start from this picture, noised to --strength")
+    g.add_argument("--strength", type=float, help="img2img: how much of the chain to run, in (0, 1] (default: 0.6)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype of the networks (bfloat16: GPU/TPU)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("-o", "--output", default="txt2img.png", help="PNG to write (default: txt2img.png)")
+    g.set_defaults(func=_txt2img)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minidiff", description="Image generation from scratch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -274,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int)
     g.add_argument("--guidance", type=float, default=3.0)
     g.set_defaults(func=_evaluate_dalle)
+    _add_txt2img(sub)
+
+    c = sub.add_parser("convert", help="convert a Stable Diffusion 1.x / 2.x checkpoint (diffusers folder, "
+                                       ".safetensors or .ckpt) into minidiff's format")
+    add_convert_arguments(c)
+    c.set_defaults(func=_convert)
     return p
 
 

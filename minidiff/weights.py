@@ -1,4 +1,4 @@
-"""PyTorch state dicts -> Flax parameter trees.
+"""PyTorch state dicts -> Flax parameter trees: the names and shapes of SD checkpoints.
 
 minidiff's module names mirror the diffusers layout, so converting a diffusers state dict is:
 
@@ -9,6 +9,16 @@ minidiff's module names mirror the diffusers layout, so converting a diffusers s
 
 The Flax tree of the target model (its shapes, e.g. from ``jax.eval_shape(model.init, ...)``)
 is the template: every template leaf must be filled, and every tensor must land somewhere.
+
+This module holds the pure name and shape logic:
+
+* ``torch_to_flax``, with the key normalisation of the CLIP text encoder and the VAE;
+* the original single-file (ldm) layout -> diffusers names: ``ldm_unet_key``, ``ldm_vae_key``,
+  ``openclip_text_state_dict`` (SD 2.x's fused q/k/v);
+* model configs from diffusers' ``config.json`` files or from the shapes of an ldm checkpoint.
+
+Reading files, detecting SD 1.x / 2.x, EMA, the schedule check and the converted format live in
+``minidiff.convert`` (``convert``, ``read_checkpoint``, ``load_converted``; also reachable here).
 """
 
 from __future__ import annotations
@@ -44,17 +54,32 @@ def _to_flax_layout(name: str, w: np.ndarray, target_shape: tuple) -> np.ndarray
     return w
 
 
-def torch_to_flax(state_dict: Mapping[str, np.ndarray], template, what: str = "model", dtype=np.float32):
+def _fits(leaf: str, shape: tuple, target: tuple) -> bool:
+    """Whether a PyTorch tensor of ``shape`` fills a Flax leaf of shape ``target`` (after the transposes)."""
+    if leaf == "kernel" and len(shape) == 4:
+        shape = (shape[2], shape[3], shape[1], shape[0])
+    elif leaf == "kernel" and len(shape) == 2:
+        shape = shape[::-1]
+    if leaf == "kernel" and {len(shape), len(target)} == {2, 4}:
+        return int(np.prod(shape)) == int(np.prod(target)) and shape[-1] == target[-1]
+    return shape == target
+
+
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], template, what: str = "model", dtype=np.float32,
+                  names: Mapping[str, str] | None = None):
     """Fill the Flax tree ``template`` (a nested dict of arrays or ShapeDtypeStructs) from a
-    PyTorch-style ``state_dict`` (name -> NumPy array).  Raises ``ValueError`` naming the missing,
-    unexpected or mis-shaped tensors."""
+    PyTorch-style ``state_dict`` (name -> NumPy array, or anything with ``.shape`` that ``np.asarray``
+    reads, such as a ``minidiff.convert.LazyTensor``).  Every leaf comes out C-contiguous in ``dtype``.
+    Raises ``ValueError`` naming the missing, unexpected or mis-shaped tensors; ``names`` (optional)
+    gives the name a renamed tensor had in its file, for those messages."""
+    names = names or {}
     flat_template = flatten_dict(template, sep="/")
     modules = {}  # module path -> {leaf name: shape}
     for path, leaf in flat_template.items():
         module, leaf_name = path.rsplit("/", 1)
         modules.setdefault(module, {})[leaf_name] = tuple(leaf.shape)
 
-    out, unexpected, bad_shapes = {}, [], []
+    out, unexpected, bad_shapes, misfits = {}, [], [], set()
     for key, w in state_dict.items():
         *module, leaf = flax_path(key)
         module = "/".join(module)
@@ -62,15 +87,16 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], template, what: str = "m
         if leaf == "weight":
             leaf = next((n for n in ("kernel", "scale", "embedding") if n in leaves), None)
         if leaf not in leaves:
-            unexpected.append(key)
+            unexpected.append(names.get(key, key))
+            continue
+        if not _fits(leaf, tuple(w.shape), leaves[leaf]):  # checked on the shape alone: nothing is read
+            bad_shapes.append(f"{names.get(key, key)} {tuple(w.shape)} -> {module}/{leaf} expects {leaves[leaf]}")
+            misfits.add(f"{module}/{leaf}")
             continue
         w = _to_flax_layout(leaf, np.asarray(w), leaves[leaf])
-        if w.shape != leaves[leaf]:
-            bad_shapes.append(f"{key} {tuple(np.shape(state_dict[key]))} -> {module}/{leaf} expects {leaves[leaf]}")
-            continue
-        out[f"{module}/{leaf}"] = w.astype(dtype)
+        out[f"{module}/{leaf}"] = np.ascontiguousarray(w, dtype=dtype)
 
-    missing = sorted(set(flat_template) - set(out))
+    missing = sorted(set(flat_template) - set(out) - misfits)
     problems = []
     if bad_shapes:
         problems.append(f"{len(bad_shapes)} tensors have the wrong shape: " + "; ".join(bad_shapes[:5]))
@@ -137,3 +163,352 @@ def vae_from_torch(state_dict: Mapping[str, np.ndarray], template, dtype=np.floa
                              "in old and new attention naming")
         renamed[new], sources[new] = w, key
     return torch_to_flax(renamed, template, "VAE", dtype)
+
+
+# --- the original single-file (ldm) layout -> diffusers names --------------------------------------
+#
+# CompVis' latent-diffusion code (ldm) saved the whole LatentDiffusion module in one state dict:
+#
+#   model.diffusion_model.   the UNet (openaimodel.UNetModel)     input_blocks.K.S / middle_block.S / output_blocks.K.S
+#   model_ema.               EMA copies of the UNet, names without dots: model_ema.diffusion_modelinput_blocks00weight
+#   first_stage_model.       the VAE (encoder.down.I.block.J, mid.attn_1 with 1x1-conv q, k, v, proj_out)
+#   cond_stage_model.transformer.   SD 1.x: transformers' CLIPTextModel (with or without "text_model.")
+#   cond_stage_model.model.         SD 2.x: OpenCLIP's text tower (resblocks.N with a fused attn.in_proj)
+#   betas, alphas_cumprod, ...      the training noise schedule, as buffers
+#
+# The functions below rename one ldm name to its diffusers name, which ``flax_path`` then maps on.
+
+LDM_UNET, LDM_EMA, LDM_VAE = "model.diffusion_model.", "model_ema.", "first_stage_model."
+LDM_CLIP, LDM_OPENCLIP = "cond_stage_model.transformer.", "cond_stage_model.model."
+
+# ldm ResBlock -> diffusers ResnetBlock2D
+_LDM_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_LDM_UNET_FIXED = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+                   "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
+                   "label_emb": "class_embedding"}
+
+
+def _ldm_resnet(prefix: str, rest: str) -> str:
+    module, _, leaf = rest.rpartition(".")
+    return f"{prefix}.{_LDM_RESNET.get(module, module)}.{leaf}"
+
+
+def ldm_unet_key(key: str, layers_per_block: int) -> str:
+    """An ldm UNet name (without ``model.diffusion_model.``) -> its diffusers name.
+
+    With L = layers_per_block, ldm numbers the UNet's children in one sequence per side:
+
+        input_blocks.0.0                      conv_in
+        input_blocks.K.0 / .1, K = 1 + i(L+1) + j   down block i, layer j: ResBlock / SpatialTransformer
+        input_blocks.K.0.op, K = (i+1)(L+1)   down block i's stride-2 conv
+        middle_block.0 / .1 / .2              mid block: ResBlock, SpatialTransformer, ResBlock
+        output_blocks.K.0 / .1, K = i(L+1) + j      up block i, layer j (j = 0..L)
+        output_blocks.K.1.conv or .2.conv     up block i's upsampler, after its last layer
+
+    Names that fit nowhere come back unchanged (the caller reports them)."""
+    module, _, leaf = key.rpartition(".")
+    if module in _LDM_UNET_FIXED:
+        return f"{_LDM_UNET_FIXED[module]}.{leaf}"
+    L1 = layers_per_block + 1
+    if m := re.fullmatch(r"input_blocks\.(\d+)\.(\d+)\.(.+)", key):
+        k, s, rest = int(m[1]), int(m[2]), m[3]
+        i, j = divmod(k - 1, L1)
+        if k > 0 and s == 0 and j == L1 - 1 and rest.startswith("op."):
+            return f"down_blocks.{i}.downsamplers.0.conv.{rest[3:]}"
+        if k > 0 and j < L1 - 1 and s in (0, 1):
+            return _ldm_resnet(f"down_blocks.{i}.resnets.{j}", rest) if s == 0 else f"down_blocks.{i}.attentions.{j}.{rest}"
+    elif m := re.fullmatch(r"middle_block\.(\d+)\.(.+)", key):
+        s, rest = int(m[1]), m[2]
+        is_resnet = rest.rpartition(".")[0] in _LDM_RESNET
+        if s == 0 or (s in (1, 2) and is_resnet):
+            return _ldm_resnet(f"mid_block.resnets.{min(s, 1)}", rest)
+        if s == 1:
+            return f"mid_block.attentions.0.{rest}"
+    elif m := re.fullmatch(r"output_blocks\.(\d+)\.(\d+)\.(.+)", key):
+        k, s, rest = int(m[1]), int(m[2]), m[3]
+        i, j = divmod(k, L1)
+        if s in (1, 2) and rest.startswith("conv."):
+            return f"up_blocks.{i}.upsamplers.0.conv.{rest[5:]}"
+        if s in (0, 1):
+            return _ldm_resnet(f"up_blocks.{i}.resnets.{j}", rest) if s == 0 else f"up_blocks.{i}.attentions.{j}.{rest}"
+    return key
+
+
+_LDM_VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def ldm_vae_key(key: str, num_blocks: int) -> str:
+    """An ldm VAE name (without ``first_stage_model.``) -> its diffusers name:
+
+        encoder.down.I.block.J / .downsample.conv   encoder.down_blocks.I.resnets.J / .downsamplers.0.conv
+        decoder.up.I.block.J / .upsample.conv       decoder.up_blocks.(n-1-I)...   (ldm counts up blocks
+                                                    from the lowest resolution's index, diffusers in run order)
+        mid.block_1, mid.attn_1, mid.block_2        mid_block.resnets.0, mid_block.attentions.0, mid_block.resnets.1
+        mid.attn_1.norm / q / k / v / proj_out      group_norm / to_q / to_k / to_v / to_out.0 (1x1 convs there)
+        norm_out, nin_shortcut                      conv_norm_out, conv_shortcut
+
+    Names that fit nowhere come back unchanged."""
+    key = key.replace(".nin_shortcut.", ".conv_shortcut.").replace(".norm_out.", ".conv_norm_out.")
+    if m := re.fullmatch(r"encoder\.down\.(\d+)\.(block\.(\d+)|downsample)\.(.+)", key):
+        i, rest = m[1], m[4]
+        inner = f"resnets.{m[3]}" if m[3] is not None else "downsamplers.0"
+        return f"encoder.down_blocks.{i}.{inner}.{rest}"
+    if m := re.fullmatch(r"decoder\.up\.(\d+)\.(block\.(\d+)|upsample)\.(.+)", key):
+        i, rest = num_blocks - 1 - int(m[1]), m[4]
+        inner = f"resnets.{m[3]}" if m[3] is not None else "upsamplers.0"
+        return f"decoder.up_blocks.{i}.{inner}.{rest}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid\.block_([12])\.(.+)", key):
+        return f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{m[3]}"
+    if m := re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(\w+)\.(weight|bias)", key):
+        return f"{m[1]}.mid_block.attentions.0.{_LDM_VAE_ATTENTION.get(m[2], m[2])}.{m[3]}"
+    return key
+
+
+def openclip_text_state_dict(state_dict: Mapping[str, np.ndarray], keep_layers: int) -> dict:
+    """OpenCLIP's text tower (SD 2.x single files, names without ``cond_stage_model.model.``) in the
+    ``minidiff.nn.clip`` layout:
+
+        token_embedding.weight, positional_embedding   embeddings.token_embedding / position_embedding
+        transformer.resblocks.N.ln_1 / ln_2            encoder.layers.N.layer_norm1 / layer_norm2
+        transformer.resblocks.N.attn.in_proj_weight    q_proj, k_proj, v_proj: the three row blocks of
+                                                       the fused (3D, D) matrix, in that order (same for the bias)
+        transformer.resblocks.N.attn.out_proj          self_attn.out_proj
+        transformer.resblocks.N.mlp.c_fc / c_proj      mlp.fc1 / mlp.fc2
+        ln_final                                       final_layer_norm
+
+    Blocks N >= ``keep_layers`` are left out (SD 2.x conditions on the penultimate layer: diffusers,
+    and ``CLIPTextConfig.sd2()``, keep 23 of the 24), as are ``text_projection`` and ``logit_scale``
+    (CLIP's contrastive head, unused by SD).  Returns (state dict, the names left out).  A fused
+    tensor may be a ``minidiff.convert.LazyTensor``: its thirds are then read when converted.
+
+    Returns (state dict, {new name: OpenCLIP name}, the names left out)."""
+    out, origin, left_out = {}, {}, []
+    fixed = {"token_embedding.weight": "embeddings.token_embedding.weight",
+             "positional_embedding": "embeddings.position_embedding.weight",
+             "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
+    inner = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    for key, w in state_dict.items():
+        if key in fixed:
+            out[fixed[key]], origin[fixed[key]] = w, key
+        elif key in ("text_projection", "logit_scale", "attn_mask"):
+            left_out.append(key)
+        elif m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(\w+)", key):
+            n, module, leaf = int(m[1]), m[2], m[3]
+            if n >= keep_layers:
+                left_out.append(key)
+            elif module == "attn" and leaf in ("in_proj_weight", "in_proj_bias"):
+                d = w.shape[0] // 3
+                for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                    new = f"encoder.layers.{n}.self_attn.{name}.{leaf[8:]}"
+                    out[new], origin[new] = _rows(w, i * d, (i + 1) * d), f"{key}[{name[0]}]"
+            else:
+                new = f"encoder.layers.{n}.{inner.get(module, module)}.{leaf}"
+                out[new], origin[new] = w, key
+        else:
+            out[key], origin[key] = w, key  # reported as unexpected by torch_to_flax
+    return out, origin, left_out
+
+
+def _rows(w, start: int, stop: int):
+    return w.rows(start, stop) if hasattr(w, "rows") else w[start:stop]  # a LazyTensor stays lazy
+
+
+# --- model configs: from diffusers' config.json files, or from the shapes of an ldm checkpoint -----
+
+
+def _check_fields(config: Mapping, where: str, expected: Mapping, what: str):
+    """Raise if ``config`` sets a field to something other than the value minidiff's model implements."""
+    for field, want in expected.items():
+        got = config.get(field, want)
+        if isinstance(got, (list, tuple)) and not isinstance(want, (list, tuple)) and len(set(map(str, got))) == 1:
+            got = got[0]  # a per-block list with one value everywhere
+        if got != want:
+            raise ValueError(f"{where}: {field}={got!r} is not supported: minidiff's {what} implements {want!r}")
+
+
+def _one_value(config: Mapping, field: str, where: str, default):
+    v = config.get(field, default)
+    if isinstance(v, (list, tuple)):
+        if len(set(v)) != 1:
+            raise ValueError(f"{where}: per-block {field}={v!r} is not supported (one value for every block)")
+        v = v[0]
+    return v
+
+
+def unet_config_from_diffusers(config: Mapping, where: str = "unet/config.json"):
+    """``UNetConfig`` from a diffusers ``UNet2DConditionModel`` config; ``ValueError`` naming the
+    field when the config describes something minidiff's UNet is not (SDXL's added embeddings, ...)."""
+    from .nn.unet import UNetConfig
+
+    _check_fields(config, where, {
+        "act_fn": "silu", "center_input_sample": False, "time_embedding_type": "positional",
+        "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
+        "only_cross_attention": False, "dual_cross_attention": False, "resnet_time_scale_shift": "default",
+        "conv_in_kernel": 3, "conv_out_kernel": 3, "timestep_post_act": None, "cross_attention_norm": None,
+        "attention_type": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+        "mid_block_type": "UNetMidBlock2DCrossAttn", "class_embeddings_concat": False,
+        "mid_block_only_cross_attention": None, "reverse_transformer_layers_per_block": None,
+    }, "UNet")
+    down = list(config.get("down_block_types", ()))
+    if not down or any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down):
+        raise ValueError(f"{where}: down_block_types={down!r} is not supported: minidiff's UNet has "
+                         "CrossAttnDownBlock2D and DownBlock2D blocks")
+    attention = tuple(t == "CrossAttnDownBlock2D" for t in down)
+    want_up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
+    if list(config.get("up_block_types", ())) != want_up:
+        raise ValueError(f"{where}: up_block_types={config.get('up_block_types')!r} do not mirror the down blocks "
+                         f"(minidiff's UNet expects {want_up})")
+    if isinstance(config.get("cross_attention_dim"), (list, tuple)):
+        raise ValueError(f"{where}: a per-block cross_attention_dim is not supported")
+    # diffusers' historical naming: SD's configs put the number of heads in "attention_head_dim"
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+    return UNetConfig(
+        sample_size=config.get("sample_size", 64), in_channels=config.get("in_channels", 4),
+        out_channels=config.get("out_channels", 4), block_out_channels=tuple(config["block_out_channels"]),
+        layers_per_block=_one_value(config, "layers_per_block", where, 2), attention=attention,
+        num_attention_heads=tuple(heads) if isinstance(heads, (list, tuple)) else heads,
+        transformer_layers_per_block=_one_value(config, "transformer_layers_per_block", where, 1),
+        cross_attention_dim=config.get("cross_attention_dim", 1280),
+        use_linear_projection=config.get("use_linear_projection", False),
+        num_class_embeds=config.get("num_class_embeds"), norm_num_groups=config.get("norm_num_groups", 32),
+        norm_eps=config.get("norm_eps", 1e-5), flip_sin_to_cos=config.get("flip_sin_to_cos", True),
+        freq_shift=config.get("freq_shift", 0))
+
+
+def vae_config_from_diffusers(config: Mapping, where: str = "vae/config.json"):
+    """``AutoencoderKLConfig`` from a diffusers ``AutoencoderKL`` config (``ValueError`` for other designs)."""
+    from .nn.autoencoder import AutoencoderKLConfig
+
+    n = len(config.get("block_out_channels", ()))
+    _check_fields(config, where, {
+        "act_fn": "silu", "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+        "mid_block_add_attention": True, "latents_mean": None, "latents_std": None, "shift_factor": None,
+    }, "VAE")
+    return AutoencoderKLConfig(
+        in_channels=config.get("in_channels", 3), out_channels=config.get("out_channels", 3),
+        block_out_channels=tuple(config["block_out_channels"]), layers_per_block=config.get("layers_per_block", 2),
+        latent_channels=config.get("latent_channels", 4), norm_num_groups=config.get("norm_num_groups", 32),
+        sample_size=config.get("sample_size", 512), scaling_factor=config.get("scaling_factor", 0.18215),
+        use_quant_conv=config.get("use_quant_conv", True), use_post_quant_conv=config.get("use_post_quant_conv", True))
+
+
+def clip_text_config_from_transformers(config: Mapping, where: str = "text_encoder/config.json"):
+    """``CLIPTextConfig`` from a transformers ``CLIPTextConfig`` (``text_encoder/config.json``)."""
+    from .nn.clip import CLIPTextConfig
+
+    archs = config.get("architectures") or ["CLIPTextModel"]
+    if archs != ["CLIPTextModel"]:
+        raise ValueError(f"{where}: architectures={archs!r} is not supported: SD 1.x / 2.x use a CLIPTextModel")
+    act = config.get("hidden_act", "quick_gelu")
+    if act not in ("quick_gelu", "gelu"):
+        raise ValueError(f"{where}: hidden_act={act!r} is not supported (quick_gelu for SD 1.x, gelu for SD 2.x)")
+    return CLIPTextConfig(
+        vocab_size=config.get("vocab_size", 49408), hidden_size=config.get("hidden_size", 768),
+        intermediate_size=config.get("intermediate_size", 3072),
+        num_hidden_layers=config.get("num_hidden_layers", 12), num_attention_heads=config.get("num_attention_heads", 12),
+        max_position_embeddings=config.get("max_position_embeddings", 77), hidden_act=act,
+        layer_norm_eps=config.get("layer_norm_eps", 1e-5))
+
+
+class _Shapes:
+    """Shapes of a group of tensors (names without their prefix), with errors naming the file's keys."""
+
+    def __init__(self, tensors: Mapping, prefix: str, what: str):
+        self.tensors, self.prefix, self.what = tensors, prefix, what
+
+    def __call__(self, key: str) -> tuple:
+        if key not in self.tensors:
+            raise ValueError(f"{self.prefix}{key} is missing: cannot work out the {self.what}'s architecture")
+        return tuple(self.tensors[key].shape)
+
+    def indices(self, pattern: str) -> list[int]:
+        """Sorted distinct values of the (\\d+) group in the names that match ``pattern``."""
+        found = {int(m[1]) for k in self.tensors if (m := re.match(pattern, k))}
+        return sorted(found)
+
+    def has(self, start: str) -> bool:
+        return any(k.startswith(start) for k in self.tensors)
+
+
+def unet_config_from_ldm(tensors: Mapping, heads_per_channel: int | None, prefix: str = LDM_UNET):
+    """``UNetConfig`` from the shapes of an ldm UNet (names without ``model.diffusion_model.``).
+
+    Widths, depth, attention placement, context width (``attn2.to_k``'s input features), linear or
+    1x1-conv ``proj_in`` and class embeddings are read off the tensors.  The number of heads is not
+    in the weights: ``heads_per_channel=None`` gives SD 1.x's 8 heads per block, an int gives
+    channels / heads_per_channel heads (SD 2.x: head width 64).  GroupNorm groups, eps and the time
+    embedding are SD's (32, 1e-5, flip_sin_to_cos)."""
+    from .nn.unet import UNetConfig
+
+    shape = _Shapes(tensors, prefix, "UNet")
+    ch0, in_channels = shape("input_blocks.0.0.weight")[:2]
+    ops = shape.indices(r"input_blocks\.(\d+)\.0\.op\.weight$")
+    n_inputs = max(shape.indices(r"input_blocks\.(\d+)\."), default=0) + 1
+    L1 = ops[0] if ops else n_inputs  # K of the first downsampler = layers_per_block + 1
+    n = n_inputs // L1
+    if L1 < 2 or n_inputs % L1:
+        raise ValueError(f"{prefix}input_blocks: {n_inputs} input blocks with the first downsampler at "
+                         f"{L1}: not the layout of an SD UNet")
+    first = [1 + i * L1 for i in range(n)]  # the first layer of each down block
+    channels = tuple(shape(f"input_blocks.{k}.0.out_layers.3.weight")[0] for k in first)
+    attention = tuple(shape.has(f"input_blocks.{k}.1.") for k in first)
+    attn = next((f"input_blocks.{k}.1." for k, a in zip(first, attention) if a), "middle_block.1.")
+    context = shape(f"{attn}transformer_blocks.0.attn2.to_k.weight")[1]
+    depth = len(shape.indices(re.escape(attn) + r"transformer_blocks\.(\d+)\."))
+    if heads_per_channel is None:
+        heads = 8
+    else:
+        if any(c % heads_per_channel for c in channels):
+            raise ValueError(f"UNet widths {channels} are not multiples of the head width {heads_per_channel}")
+        heads = tuple(c // heads_per_channel for c in channels)
+    return UNetConfig(
+        in_channels=in_channels, out_channels=shape("out.2.weight")[0], block_out_channels=channels,
+        layers_per_block=L1 - 1, attention=attention, mid_block_attention=shape.has("middle_block.1.transformer_blocks."),
+        num_attention_heads=heads, transformer_layers_per_block=depth, cross_attention_dim=context,
+        use_linear_projection=len(shape(f"{attn}proj_in.weight")) == 2,
+        num_class_embeds=shape("label_emb.weight")[0] if "label_emb.weight" in tensors else None)
+
+
+def vae_config_from_ldm(tensors: Mapping, prefix: str = LDM_VAE):
+    """``AutoencoderKLConfig`` from the shapes of an ldm VAE (names without ``first_stage_model.``);
+    GroupNorm groups (32) and the scaling factor (0.18215) are SD's."""
+    from .nn.autoencoder import AutoencoderKLConfig
+
+    shape = _Shapes(tensors, prefix, "VAE")
+    blocks = shape.indices(r"encoder\.down\.(\d+)\.")
+    if not blocks:
+        raise ValueError(f"no {prefix}encoder.down.* tensors: cannot work out the VAE's architecture")
+    return AutoencoderKLConfig(
+        in_channels=shape("encoder.conv_in.weight")[1], out_channels=shape("decoder.conv_out.weight")[0],
+        block_out_channels=tuple(shape(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in blocks),
+        layers_per_block=len(shape.indices(r"encoder\.down\.0\.block\.(\d+)\.")),
+        latent_channels=shape("decoder.conv_in.weight")[1], mid_block_attention=shape.has("encoder.mid.attn_1."),
+        use_quant_conv="quant_conv.weight" in tensors, use_post_quant_conv="post_quant_conv.weight" in tensors)
+
+
+def clip_text_config_from_weights(tensors: Mapping, hidden_act: str, prefix: str = ""):
+    """``CLIPTextConfig`` from the shapes of a text encoder in the ``minidiff.nn.clip`` layout; heads
+    of width 64 (OpenAI's ViT-L/14: 12 x 64, OpenCLIP's ViT-H/14: 16 x 64)."""
+    from .nn.clip import CLIPTextConfig
+
+    shape = _Shapes(tensors, prefix, "text encoder")
+    vocab, width = shape("embeddings.token_embedding.weight")
+    if width % 64:
+        raise ValueError(f"text encoder width {width} is not a multiple of the head width 64")
+    return CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, intermediate_size=shape("encoder.layers.0.mlp.fc1.weight")[0],
+        num_hidden_layers=len(shape.indices(r"encoder\.layers\.(\d+)\.")), num_attention_heads=width // 64,
+        max_position_embeddings=shape("embeddings.position_embedding.weight")[0], hidden_act=hidden_act)
+
+
+_CONVERTER = ("convert", "read_checkpoint", "load_converted", "save_converted", "StableDiffusionConfig")
+
+
+def __getattr__(name):  # minidiff.weights.convert etc.: the converter, imported on first use
+    if name in _CONVERTER:
+        from . import convert as converter
+
+        return getattr(converter, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,885 @@
+"""Stable Diffusion 1.x / 2.x checkpoints -> one converted file that minidiff loads fast.
+
+    convert(src, dst)            read a checkpoint, write dst (.safetensors) and dst's .json
+    read_checkpoint(src)         the same in memory: (params, StableDiffusionConfig)
+    load_converted(dst)          (params {"unet", "vae", "text_encoder"}, StableDiffusionConfig)
+
+What ``src`` may be (DESIGN.md, "Checkpoints that users actually have"):
+
+* a diffusers folder: ``unet/ vae/ text_encoder/`` (``*.safetensors``, or legacy ``*.bin``), with
+  ``config.json`` files (-> our model configs), ``scheduler/scheduler_config.json`` (prediction
+  type, beta schedule) and ``tokenizer/`` (the pad token);
+* a single file in the original ldm layout (``minidiff.weights`` maps its names), ``.safetensors``
+  (read with safetensors' NumPy API: no torch) or ``.ckpt`` (``torch.load(weights_only=True)``
+  only: a pickle that asks for anything but tensors is refused, never run);
+* float32, float16 or bfloat16 tensors (converted to the requested dtype), with or without EMA
+  copies of the UNet (used when present, and said so).
+
+The weights do not tell SD 1.x from 2.x by a label, but by evidence: the text encoder (OpenAI CLIP
+under ``cond_stage_model.transformer.`` vs OpenCLIP under ``cond_stage_model.model.``), the
+Transformer2D's ``proj_in`` (1x1 conv vs linear) and the context width (``attn2.to_k``: 768 vs
+1024).  What the weights cannot say comes from the family: heads (SD 1.x: 8 per block; SD 2.x:
+width / 64), and, without a scheduler config, the prediction type (SD 2.x: assumed v, with a note).
+
+The output is one ``.safetensors`` of the flattened Flax tree (``unet/down_blocks_0/resnets_0/
+conv1/kernel``, ``vae/...``, ``text_encoder/...``) plus a JSON config next to it (model configs,
+prediction type, schedule, pad token, source, dtype, EMA, and notes on what was found and skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from .weights import (LDM_CLIP, LDM_EMA, LDM_OPENCLIP, LDM_UNET, LDM_VAE, _Shapes, clip_text_config_from_transformers,
+                      clip_text_config_from_weights, clip_text_state_dict, ldm_unet_key, ldm_vae_key,
+                      openclip_text_state_dict, torch_to_flax, unet_config_from_diffusers, unet_config_from_ldm,
+                      vae_config_from_diffusers, vae_config_from_ldm, vae_key_map)
+
+
+# --- reading checkpoint files ---------------------------------------------------------------------
+
+
+class LazyTensor:
+    """A tensor in a checkpoint file: its shape and dtype, read only when ``np.asarray`` asks for it
+    (so that a conversion holds one source tensor at a time, and reads nothing it does not use)."""
+
+    __slots__ = ("shape", "dtype", "_read")
+
+    def __init__(self, shape, dtype, read):
+        self.shape, self.dtype, self._read = tuple(shape), np.dtype(dtype), read
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        a = self._read()
+        return a if dtype is None else a.astype(dtype)
+
+    def rows(self, start: int, stop: int) -> "LazyTensor":
+        """Rows start..stop-1 (the thirds of a fused q/k/v matrix)."""
+        return LazyTensor((stop - start, *self.shape[1:]), self.dtype, lambda: np.asarray(self)[start:stop])
+
+    def __repr__(self) -> str:
+        return f"LazyTensor(shape={self.shape}, dtype={self.dtype})"
+
+
+def _bfloat16():
+    import ml_dtypes  # comes with jax; NumPy itself has no bfloat16
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": None}
+
+
+def output_dtype(name: str) -> np.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name] or _bfloat16()
+
+
+def _safe_open(path: Path, pread: bool = True):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="np", **({"backend": "pread"} if pread else {}))
+    except TypeError:  # safetensors < 0.8: no backend argument (tensors are copied out of an mmap)
+        return safe_open(str(path), framework="np")
+
+
+def read_safetensors(path) -> dict[str, LazyTensor]:
+    """The tensors of a ``.safetensors`` file, read lazily with safetensors' NumPy API (no torch).
+    bfloat16 comes back as ``ml_dtypes.bfloat16``.  ``ValueError`` if the file is not a complete
+    safetensors file."""
+    path = Path(path)
+    try:
+        f = _safe_open(path)
+        keys = list(f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for broken files
+        size = path.stat().st_size
+        raise ValueError(f"{path} is not a readable .safetensors file ({size:,} bytes): {e} "
+                         "(a truncated download, or not a safetensors file)") from None
+    out = {}
+    for k in keys:
+        s = f.get_slice(k)
+        code = s.get_dtype()
+        dtype = _bfloat16() if code == "BF16" else _SAFETENSORS_DTYPES.get(code)
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {k} has the unsupported dtype {code}")
+        read = (lambda k=k: _read_bf16(f, path, k)) if code == "BF16" else (lambda k=k: f.get_tensor(k))
+        out[k] = LazyTensor(s.get_shape(), dtype, read)
+    return out
+
+
+def _read_bf16(f, path: Path, key: str) -> np.ndarray:
+    """A bfloat16 tensor: safetensors >= 0.8 returns it; older versions cannot, so read its bytes
+    (the format: 8-byte little-endian header length, JSON header with data_offsets, then the data)."""
+    try:
+        return f.get_tensor(key)
+    except Exception:
+        with open(path, "rb") as raw:
+            n = int.from_bytes(raw.read(8), "little")
+            entry = json.loads(raw.read(n))[key]
+            start, stop = entry["data_offsets"]
+            raw.seek(8 + n + start)
+            data = np.frombuffer(raw.read(stop - start), np.uint16)
+        return data.view(_bfloat16()).reshape(entry["shape"])
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise ImportError("reading a .ckpt / .bin checkpoint (a PyTorch pickle) needs torch, which is not "
+                          "installed: pip install torch (CPU is enough), or use a .safetensors file") from None
+    return torch
+
+
+def _torch_array(t):
+    torch = _torch()
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: reinterpret the bits
+        return t.view(torch.int16).numpy().view(_bfloat16())
+    return t.numpy()
+
+
+def read_torch_pickle(path) -> tuple[dict[str, LazyTensor], dict]:
+    """The tensors of a PyTorch checkpoint (``.ckpt``, ``pytorch_model.bin``), loaded ONLY with
+    ``torch.load(weights_only=True)``: its restricted unpickler builds tensors and plain containers
+    and refuses any other object, so a pickle cannot run code (a plain unpickler would run whatever
+    the file asks for).  The file is memory-mapped where torch can.  A Lightning ``state_dict``
+    wrapper is unwrapped.  Returns (tensors, other top-level entries such as ``global_step``)."""
+    import pickle
+    import warnings
+
+    torch = _torch()
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": a refusal is reported below anyway
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # a bare pickle: no mmap
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        if found:
+            what = f"the object {found[1]}"
+        else:
+            what = "something other than tensors and plain containers" + (f" ({detail[1].strip()})" if detail else "")
+        raise ValueError(f"{path}: refused to load: its pickle asks for {what}, and a pickle can run code. minidiff "
+                         "reads .ckpt/.bin files only with torch.load(weights_only=True), which builds tensors and "
+                         "plain containers only. If you trust the file, re-save its state_dict as .safetensors.") from None
+    except Exception as e:  # truncated zip, not a pickle at all, ...
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({path.stat().st_size:,} bytes): "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    extra = {}
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        extra = {k: v for k, v in obj.items() if k != "state_dict" and isinstance(v, (int, float, str))}
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict (name -> tensor)")
+    tensors = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            tensors[k] = LazyTensor(tuple(v.shape), _torch_array(v[:0] if v.ndim else v).dtype,
+                                    lambda v=v: _torch_array(v))
+    return tensors, extra
+
+
+def read_tensors(path) -> tuple[dict[str, LazyTensor], dict]:
+    """One checkpoint file by its extension: ``.safetensors``, or a torch pickle (``.ckpt``, ``.bin``,
+    ``.pt``, ``.pth``).  Returns (tensors, extra top-level entries)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path), {}
+    if path.suffix in (".ckpt", ".bin", ".pt", ".pth"):
+        return read_torch_pickle(path)
+    raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}: expected a .safetensors or .ckpt file, "
+                     "or a diffusers model folder")
+
+
+_WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+def _find_weights(folder: Path, stem: str) -> list[Path]:
+    """The weight file(s) of one diffusers component: ``<stem>.safetensors``, a sharded
+    ``<stem>.safetensors.index.json``, the legacy ``.bin`` (transformers: ``pytorch_model.bin``),
+    then the same with the ``.fp16`` variant."""
+    stems = [stem, "pytorch_model"] if stem == "model" else [stem]
+    for variant in ("", ".fp16"):
+        for s in stems:
+            for ext in (".safetensors", ".bin"):
+                single, index = folder / f"{s}{variant}{ext}", folder / f"{s}{variant}{ext}.index.json"
+                if single.is_file():
+                    return [single]
+                if index.is_file():
+                    try:
+                        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+                        raise ValueError(f"{index} is not a weight index (weight_map): {e}") from None
+                    return [folder / name for name in shards]
+    raise FileNotFoundError(f"no weights in {folder}: expected {stem}.safetensors (or .bin)")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} should hold a JSON object")
+    return config
+
+
+# --- Stable Diffusion checkpoints -> one converted file -------------------------------------------
+
+# What tells SD 1.x and SD 2.x apart, and what each implies that the weights do not say.
+FAMILIES = {
+    "sd1": dict(name="SD 1.x", text="clip", text_desc="OpenAI CLIP (quick_gelu; cond_stage_model.transformer. in a single file)",
+                linear=False, context=768, heads_per_channel=None, hidden_act="quick_gelu", pad_token_id=49407,
+                prediction_type="epsilon"),
+    "sd2": dict(name="SD 2.x", text="openclip", text_desc="OpenCLIP (gelu; cond_stage_model.model. in a single file)",
+                linear=True, context=1024, heads_per_channel=64, hidden_act="gelu", pad_token_id=0,
+                prediction_type="v_prediction"),
+}
+
+# SD's training schedule and sampler settings (the scheduler_config.json of the public SD 1.x / 2.x models)
+SD_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
+                "steps_offset": 1, "set_alpha_to_one": False, "timestep_spacing": "leading", "clip_sample": False}
+_DIFFUSERS_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
+_PREDICTIONS = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction",
+                "sample": "sample"}
+
+# ldm's DDPM.register_schedule buffers: the schedule, stored (as float32) in every single file
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2")
+# other non-weight entries of single files, recognised and skipped by name
+_SKIPPED = {"model_ema.decay": "EMA bookkeeping", "model_ema.num_updates": "EMA bookkeeping",
+            "logvar": "training-loss buffer", "lvlb_weights": "training-loss buffer"}
+
+
+@dataclass
+class StableDiffusionConfig:
+    """Everything a pipeline needs besides the weights: the three model configs, what the UNet
+    predicts, the training schedule and sampler settings, the tokenizer's pad id, and where the
+    weights came from.  Saved as JSON next to the converted weights."""
+
+    family: str  # "sd1" or "sd2"
+    unet: Any  # UNetConfig
+    vae: Any  # AutoencoderKLConfig (its scaling_factor: latents = z * 0.18215)
+    text_encoder: Any  # CLIPTextConfig
+    prediction_type: str = "epsilon"  # "epsilon", "v_prediction" or "sample"
+    scheduler: dict = field(default_factory=lambda: dict(SD_SCHEDULER))
+    pad_token_id: int = 49407  # SD 1.x pads prompts with the end token, SD 2.x with "!" (id 0)
+    dtype: str = "float32"
+    ema: bool | None = None  # True: the UNet is the checkpoint's EMA copy; None: the file had none to choose
+    source: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.vae.scaling_factor
+
+    def noise_schedule(self):
+        """The training schedule as a ``minidiff.diffusion.NoiseSchedule``."""
+        return _noise_schedule(self.scheduler)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "StableDiffusionConfig":
+        from .nn.autoencoder import AutoencoderKLConfig
+        from .nn.clip import CLIPTextConfig
+        from .nn.unet import UNetConfig
+
+        def build(config_cls, values):
+            known = {f.name for f in fields(config_cls)}
+            unknown = set(values) - known
+            if unknown:
+                raise ValueError(f"unknown {config_cls.__name__} fields in the converted config: {sorted(unknown)}")
+            return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+        d = dict(d)
+        try:
+            d["unet"] = build(UNetConfig, d["unet"])
+            d["vae"] = build(AutoencoderKLConfig, d["vae"])
+            d["text_encoder"] = build(CLIPTextConfig, d["text_encoder"])
+            return cls(**d)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"not a minidiff converted-model config: {e}") from None
+
+
+def _noise_schedule(scheduler: Mapping):
+    from .diffusion.schedule import NoiseSchedule
+
+    s = scheduler
+    kw = {} if s["beta_schedule"] == "cosine" else dict(beta_start=s["beta_start"], beta_end=s["beta_end"])
+    return NoiseSchedule.from_name(s["beta_schedule"], s["num_train_timesteps"], **kw)
+
+
+def _family(evidence: dict, requested: str | None, where: str) -> str:
+    """SD 1.x or 2.x from the evidence (text encoder kind, proj_in linear or conv, context width);
+    an explicit ``requested`` family that contradicts the weights is an error naming the mismatch."""
+    if requested is not None and requested not in FAMILIES:
+        raise ValueError(f"unknown config {requested!r}; choose one of {', '.join(FAMILIES)}")
+    if evidence["text"] is not None:
+        detected = "sd2" if evidence["text"] == "openclip" else "sd1"
+    else:
+        detected = "sd2" if evidence["linear"] or evidence["context"] == 1024 else "sd1"
+    if requested is None or requested == detected:
+        return detected
+    want, got = FAMILIES[requested], FAMILIES[detected]
+    problems = []
+    if evidence["context"] == got["context"]:
+        problems.append(f"attn2.to_k has {evidence['context']} input features: an {got['name']} checkpoint; "
+                        f"--config {requested} expects {want['context']}")
+    if evidence["text"] is not None and evidence["text"] != want["text"]:
+        problems.append(f"the text encoder is {got['text_desc']}: an {got['name']} checkpoint; "
+                        f"--config {requested} expects {want['text_desc']}")
+    if evidence["linear"] != want["linear"]:
+        kind = lambda linear: "a linear layer" if linear else "a 1x1 conv"  # noqa: E731
+        problems.append(f"proj_in is {kind(evidence['linear'])}: an {got['name']} checkpoint; "
+                        f"--config {requested} expects {kind(want['linear'])}")
+    if not problems:
+        problems.append(f"the weights look like {got['name']}")
+    raise ValueError(f"{where}: --config {requested} does not fit these weights: " + "; ".join(problems))
+
+
+def _prediction(requested: str | None, from_scheduler: str | None, family: str, notes: list) -> str:
+    if requested is not None:
+        if requested not in _PREDICTIONS:
+            raise ValueError(f"unknown prediction type {requested!r}; choose epsilon (eps) or v_prediction (v)")
+        pred = _PREDICTIONS[requested]
+        if from_scheduler is not None and from_scheduler != pred:
+            notes.append(f"prediction: {pred} as requested (scheduler_config.json says {from_scheduler})")
+        else:
+            notes.append(f"prediction: {pred} as requested")
+        return pred
+    if from_scheduler is not None:
+        notes.append(f"prediction: {from_scheduler} (scheduler_config.json)")
+        return from_scheduler
+    pred = FAMILIES[family]["prediction_type"]
+    if family == "sd2":
+        notes.append("prediction: v_prediction ASSUMED. The weights do not say what an SD 2.x UNet predicts: the "
+                     "768-px models (2.0-v, 2.1) predict v, the 512-px 'base' models epsilon; pass --prediction "
+                     "epsilon for a base model")
+    else:
+        notes.append(f"prediction: {pred} (SD 1.x)")
+    return pred
+
+
+def _scheduler_from_diffusers(path: Path, notes: list) -> tuple[dict, str | None]:
+    """(our scheduler dict, prediction_type) from ``scheduler/scheduler_config.json``."""
+    c = _read_json(path)
+    if c.get("trained_betas") is not None:
+        raise ValueError(f"{path}: trained_betas (a hand-made schedule) is not supported")
+    name = c.get("beta_schedule", "linear")
+    if name not in _DIFFUSERS_SCHEDULES:
+        raise ValueError(f"{path}: beta_schedule={name!r} is not supported; minidiff knows "
+                         f"{', '.join(_DIFFUSERS_SCHEDULES)}")
+    scheduler = {k: c.get(k, v) for k, v in SD_SCHEDULER.items()} | {"beta_schedule": _DIFFUSERS_SCHEDULES[name]}
+    pred = c.get("prediction_type", "epsilon")
+    if pred not in _PREDICTIONS.values():
+        raise ValueError(f"{path}: prediction_type={pred!r} is not supported")
+    notes.append(f"schedule: {name} ({scheduler['beta_start']}..{scheduler['beta_end']}, "
+                 f"{scheduler['num_train_timesteps']} steps) from {path.parent.name}/{path.name}")
+    return scheduler, pred
+
+
+def ldm_schedule_buffers(schedule) -> dict[str, np.ndarray]:
+    """The buffers ldm's DDPM.register_schedule computes from beta_t (float64):
+
+        alphas_cumprod = alpha_bar_t,  alphas_cumprod_prev = alpha_bar_{t-1} (1 at t = 0),
+        sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, log(1 - alpha_bar_t),
+        sqrt(1 / alpha_bar_t), sqrt(1 / alpha_bar_t - 1),
+        posterior_variance = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t), its log clipped at 1e-20,
+        posterior_mean_coef1 = beta_t sqrt(alpha_bar_{t-1}) / (1 - alpha_bar_t),
+        posterior_mean_coef2 = (1 - alpha_bar_{t-1}) sqrt(alpha_t) / (1 - alpha_bar_t)."""
+    ab = schedule.alpha_bar
+    return {
+        "betas": schedule.betas, "alphas_cumprod": ab, "alphas_cumprod_prev": schedule.alpha_bar_prev,
+        "sqrt_alphas_cumprod": np.sqrt(ab), "sqrt_one_minus_alphas_cumprod": np.sqrt(1 - ab),
+        "log_one_minus_alphas_cumprod": np.log(1 - ab), "sqrt_recip_alphas_cumprod": np.sqrt(1 / ab),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1 / ab - 1), "posterior_variance": schedule.posterior_variance,
+        "posterior_log_variance_clipped": np.log(np.maximum(schedule.posterior_variance, 1e-20)),
+        "posterior_mean_coef1": schedule.posterior_coef_x0, "posterior_mean_coef2": schedule.posterior_coef_xt,
+    }
+
+
+def _eps(dtype) -> float:
+    """Machine epsilon (np.finfo does not know bfloat16)."""
+    if dtype == _bfloat16():
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dtype).eps)
+    return float(np.finfo(dtype).eps)
+
+
+def check_schedule(buffers: Mapping[str, np.ndarray], scheduler: Mapping, where: str) -> str:
+    """Compare a single file's schedule buffers with the schedule ``scheduler`` describes; returns a
+    note with the largest relative difference, raises ``ValueError`` beyond what the buffers' float
+    precision explains (the model was trained with another schedule, and sampling it with SD's
+    would be wrong)."""
+    from .diffusion.schedule import NoiseSchedule
+
+    want = ldm_schedule_buffers(_noise_schedule(scheduler))
+    worst, worst_name, tol = 0.0, None, 0.0
+    for name, w in buffers.items():
+        got = np.asarray(w)
+        if got.shape != want[name].shape:
+            raise ValueError(f"{where}: the schedule buffer {name} has shape {got.shape}, but the "
+                             f"{scheduler['num_train_timesteps']}-step schedule has {want[name].shape}")
+        err = float(np.max(np.abs(got.astype(np.float64) - want[name]) / np.maximum(np.abs(want[name]), 1e-6)))
+        tol = max(tol, 1e-5, 4 * _eps(got.dtype))
+        if err > worst:
+            worst, worst_name = err, name
+    described = f"{scheduler['beta_schedule']} ({scheduler['beta_start']}..{scheduler['beta_end']}, " \
+                f"{scheduler['num_train_timesteps']} steps)"
+    if worst > tol:
+        alpha_bar = np.asarray(buffers["alphas_cumprod"], np.float64) if "alphas_cumprod" in buffers else None
+        hint = ""
+        for name in ("linear", "cosine"):
+            other = NoiseSchedule.from_name(name, len(want["betas"])).alpha_bar
+            if alpha_bar is not None and np.max(np.abs(alpha_bar - other) / np.maximum(other, 1e-6)) <= tol:
+                hint = f"; it matches the {name} schedule"
+        raise ValueError(f"{where}: the checkpoint's noise schedule differs from {described}: {worst_name} is off by "
+                         f"{worst:.3g} (relative; float precision explains {tol:.1g}): the model was trained with a "
+                         f"different schedule{hint}, which minidiff would sample wrongly")
+    return (f"schedule: {len(buffers)} buffers ({', '.join(sorted(buffers)[:3])}, ...) match {described}: "
+            f"max relative difference {worst:.2g}")
+
+
+def _templates(unet_cfg, vae_cfg, text_cfg) -> dict:
+    """The parameter shapes of the three models (``jax.eval_shape``: nothing is computed)."""
+    import jax
+    import jax.numpy as jnp
+
+    from .nn.autoencoder import AutoencoderKL
+    from .nn.clip import CLIPTextModel
+    from .nn.unet import UNet2DCondition
+
+    key = jax.random.PRNGKey(0)
+    f = 2 ** (len(unet_cfg.block_out_channels) - 1)
+    x = jnp.zeros((1, f, f, unet_cfg.in_channels))
+    ctx = None if unet_cfg.cross_attention_dim is None else jnp.zeros((1, 1, unet_cfg.cross_attention_dim))
+    labels = None if unet_cfg.num_class_embeds is None else jnp.zeros(1, jnp.int32)
+    img = jnp.zeros((1, vae_cfg.downsample_factor, vae_cfg.downsample_factor, vae_cfg.in_channels))
+    return {
+        "unet": jax.eval_shape(lambda: UNet2DCondition(unet_cfg).init(key, x, jnp.zeros(1, jnp.int32), ctx, labels))["params"],
+        "vae": jax.eval_shape(lambda: AutoencoderKL(vae_cfg).init(key, img))["params"],
+        "text_encoder": jax.eval_shape(lambda: CLIPTextModel(text_cfg).init(key, jnp.zeros((1, 1), jnp.int32)))["params"],
+    }
+
+
+def _convert_models(sources: dict, templates: dict, dtype, where: str, extra_problems=()) -> dict:
+    """torch_to_flax for each model; every model's problems (and ``extra_problems``) in ONE error."""
+    what = {"unet": "UNet", "vae": "VAE", "text_encoder": "CLIP text encoder"}
+    params, problems = {}, list(extra_problems)
+    for part, (state_dict, names) in sources.items():
+        try:
+            params[part] = torch_to_flax(state_dict, templates[part], what[part], dtype, names)
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ValueError(f"cannot convert {where}: " + " || ".join(problems))
+    return params
+
+
+def _dtype_counts(*groups) -> dict:
+    counts = {}
+    for g in groups:
+        for t in g.values():
+            counts[str(t.dtype)] = counts.get(str(t.dtype), 0) + 1
+    return counts
+
+
+def _split_ldm(tensors: Mapping) -> dict:
+    """Sort a single file's tensors by the model they belong to (names without the prefix), the
+    schedule buffers, what is skipped by name (reason -> names) and what is unknown."""
+    groups = {g: {} for g in ("unet", "ema", "vae", "clip", "openclip", "buffers", "skipped")}
+    groups["unknown"] = []
+    prefixes = (("unet", LDM_UNET), ("ema", LDM_EMA), ("vae", LDM_VAE), ("clip", LDM_CLIP), ("openclip", LDM_OPENCLIP))
+    for k, t in tensors.items():
+        group = next((g for g, prefix in prefixes if k.startswith(prefix)), None)
+        if k in _SKIPPED:
+            groups["skipped"].setdefault(_SKIPPED[k], []).append(k)
+        elif k in SCHEDULE_BUFFERS:
+            groups["buffers"][k] = t
+        elif k.startswith(LDM_VAE + "loss."):
+            groups["skipped"].setdefault("the VAE's training loss (LPIPS, discriminator)", []).append(k)
+        elif group is not None:
+            groups[group][k[len(dict(prefixes)[group]):]] = t
+        else:
+            groups["unknown"].append(k)
+    return groups
+
+
+def _ldm_text_encoder(g: dict, fam: dict, notes: list) -> tuple[dict, dict]:
+    """(state dict in the minidiff.nn.clip layout, {its names: names in the file}) of a single file's
+    text encoder: OpenAI CLIP (SD 1.x) or OpenCLIP (SD 2.x, last block left out)."""
+    skipped = g["skipped"]
+    if g["clip"]:
+        for k in g["clip"]:
+            if k.removeprefix("text_model.") == "embeddings.position_ids":
+                skipped.setdefault("text position_ids buffer", []).append(LDM_CLIP + k)
+        return clip_text_state_dict(g["clip"]), {k.removeprefix("text_model."): LDM_CLIP + k for k in g["clip"]}
+    blocks = _Shapes(g["openclip"], LDM_OPENCLIP, "text encoder").indices(r"transformer\.resblocks\.(\d+)\.")
+    text, origin, left_out = openclip_text_state_dict(g["openclip"], keep_layers=len(blocks) - 1)
+    if blocks:
+        notes.append(f"text encoder: OpenCLIP's last block (resblocks.{blocks[-1]}) is left out: SD 2.x "
+                     f"conditions on the penultimate layer ({len(blocks) - 1} of {len(blocks)} blocks kept)")
+    for k in left_out:
+        if not k.startswith("transformer.resblocks."):
+            skipped.setdefault("OpenCLIP's contrastive head (unused by SD)", []).append(LDM_OPENCLIP + k)
+    return text, {k: LDM_OPENCLIP + v for k, v in origin.items()}
+
+
+def _ldm_ema(unet: dict, ema_copy: dict, ema: bool | None, where: str, notes: list) -> tuple[dict, dict, bool | None]:
+    """The UNet to convert: its EMA copy when the file has one (unless ema=False).  ldm's LitEma
+    names the copy of model.diffusion_model.X  "model_ema." + "diffusion_model.X" without its dots:
+    input_blocks.0.0.weight -> model_ema.diffusion_modelinput_blocks00weight.
+    Returns (tensors, {name: name in the file}, whether the EMA copy was used)."""
+    if not ema_copy:
+        if ema is True:
+            raise ValueError(f"{where}: no EMA copy of the UNet (model_ema.*) in this file")
+        notes.append("EMA: no EMA copy (model_ema.*) in the file; the UNet weights are used as stored "
+                     "(pruned 'emaonly' files store the EMA weights there)")
+        return unet, {k: LDM_UNET + k for k in unet}, None
+    if ema is False:
+        notes.append(f"EMA: the file holds an EMA copy of the UNet ({len(ema_copy)} model_ema.* tensors), NOT used "
+                     "(--no-ema): converting the raw model.diffusion_model.* weights")
+        return unet, {k: LDM_UNET + k for k in unet}, False
+    flat = {("diffusion_model." + k).replace(".", ""): k for k in unet}
+    lacking = sorted(LDM_UNET + k for f, k in flat.items() if f not in ema_copy)
+    stray = sorted(LDM_EMA + f for f in ema_copy if f not in flat)
+    if lacking or stray or len(flat) < len(unet):
+        raise ValueError(f"{where}: the EMA copy of the UNet (model_ema.*) does not match the UNet: "
+                         f"{len(lacking)} UNet tensors have no EMA copy ({', '.join(lacking[:3])}), "
+                         f"{len(stray)} EMA tensors match no UNet tensor ({', '.join(stray[:3])}); "
+                         "pass --no-ema (ema=False) to use the raw UNet weights")
+    notes.append(f"EMA: USING THE EMA WEIGHTS of the UNet (model_ema.*, {len(ema_copy)} tensors); the "
+                 f"{len(flat)} raw model.diffusion_model.* tensors are skipped")
+    return {k: ema_copy[f] for f, k in flat.items()}, {k: LDM_EMA + f for f, k in flat.items()}, True
+
+
+def _read_single_file(path: Path, requested, prediction, dtype, ema, notes) -> tuple[dict, StableDiffusionConfig]:
+    tensors, extra = read_tensors(path)
+    g, where = _split_ldm(tensors), str(path)
+    if any(k.startswith("conditioner.embedders.") for k in g["unknown"]):
+        raise ValueError(f"{where}: an SDXL checkpoint (conditioner.embedders.*): minidiff converts SD 1.x and 2.x")
+    for group, prefix, what in (("unet", LDM_UNET, "UNet"), ("vae", LDM_VAE, "VAE")):
+        if not g[group]:
+            raise ValueError(f"{where}: no {what} tensors ({prefix}*): not a Stable Diffusion single-file checkpoint"
+                             + (f"; it holds e.g. {', '.join(sorted(g['unknown'])[:3])}" if g["unknown"] else ""))
+    if bool(g["clip"]) == bool(g["openclip"]):
+        raise ValueError(f"{where}: expected one text encoder, {LDM_CLIP}* (SD 1.x) or {LDM_OPENCLIP}* (SD 2.x); "
+                         f"found {'both' if g['clip'] else 'neither'}")
+
+    # SD 1.x or 2.x, then the architectures (what the weights do not say comes from the family)
+    unet = g["unet"]
+    context = next((t.shape[1] for k, t in sorted(unet.items()) if k.endswith("attn2.to_k.weight")), None)
+    linear = next((t.ndim == 2 for k, t in sorted(unet.items()) if k.endswith(".proj_in.weight")), False)
+    text_kind = "openclip" if g["openclip"] else "clip"
+    family = _family({"text": text_kind, "linear": linear, "context": context}, requested, where)
+    fam = FAMILIES[family]
+    notes += [f"source: {path.name}, original (ldm) single-file layout, {len(tensors)} tensors {_dtype_counts(tensors)}",
+              f"family: {fam['name']} ({'detected' if requested is None else 'as requested, consistent'}: "
+              f"{'OpenCLIP' if g['openclip'] else 'OpenAI CLIP'} text encoder, {'linear' if linear else '1x1-conv'} "
+              f"proj_in, context {context})"]
+    unet_cfg = unet_config_from_ldm(unet, fam["heads_per_channel"])
+    vae_cfg = vae_config_from_ldm(g["vae"])
+    text, text_names = _ldm_text_encoder(g, fam, notes)
+    text_cfg = clip_text_config_from_weights(text, fam["hidden_act"])
+    unet, unet_names, used_ema = _ldm_ema(unet, g["ema"], ema, where, notes)
+
+    scheduler = dict(SD_SCHEDULER)
+    if g["buffers"]:
+        notes.append(check_schedule(g["buffers"], scheduler, where))
+    else:
+        notes.append("schedule: no schedule buffers in the file; assuming SD's scaled_linear (0.00085..0.012, 1000 steps)")
+    for reason, keys in g["skipped"].items():
+        notes.append(f"skipped {len(keys)} {reason} tensor(s): {', '.join(keys[:3])}")
+    pred = _prediction(prediction, None, family, notes)
+    if family == "sd2" and pred == "v_prediction":  # the 768-px models: 96x96 latents by default
+        unet_cfg, vae_cfg = replace(unet_cfg, sample_size=96), replace(vae_cfg, sample_size=768)
+
+    unknown = sorted(g["unknown"])
+    unknown_problem = ([f"{len(unknown)} tensors belong to no part of an SD checkpoint (UNet {LDM_UNET}, VAE "
+                        f"{LDM_VAE}, text encoder cond_stage_model.): {', '.join(unknown[:8])}"] if unknown else [])
+    L, n = unet_cfg.layers_per_block, len(vae_cfg.block_out_channels)
+    sources = {
+        "unet": _renamed(unet, lambda k: ldm_unet_key(k, L), unet_names),
+        "vae": _vae_source(*_renamed(g["vae"], lambda k: ldm_vae_key(k, n), {k: LDM_VAE + k for k in g["vae"]})),
+        "text_encoder": (text, text_names),
+    }
+    params = _convert_models(sources, _templates(unet_cfg, vae_cfg, text_cfg), dtype, where, unknown_problem)
+    config = StableDiffusionConfig(
+        family, unet_cfg, vae_cfg, text_cfg, pred, scheduler, fam["pad_token_id"], ema=used_ema,
+        source={"path": str(path), "layout": "ldm", "format": path.suffix.lstrip("."), "dtypes": _dtype_counts(tensors),
+                **({"global_step": extra["global_step"]} if "global_step" in extra else {})})
+    return params, config
+
+
+def _renamed(state_dict: Mapping, rename, names: Mapping) -> tuple[dict, dict]:
+    """(state dict under new names, {new name: name in the file}); two tensors for one name is an error."""
+    out, origin = {}, {}
+    for key, w in state_dict.items():
+        new = rename(key)
+        if new in out:
+            raise ValueError(f"{origin[new]} and {names[key]} are the same parameter ({new})")
+        out[new], origin[new] = w, names[key]
+    return out, origin
+
+
+def _vae_source(state_dict: dict, names: dict) -> tuple[dict, dict]:
+    """A VAE state dict in today's diffusers names (old attention names renamed), with message names."""
+    renamed = {}
+    for key, w in state_dict.items():
+        new = vae_key_map(key)
+        if new in renamed:
+            raise ValueError(f"the VAE holds {names.get(key, key)} twice (old and new attention names)")
+        renamed[new] = w
+        names[new] = names.get(key, key)
+    return renamed, names
+
+
+def _read_diffusers_folder(folder: Path, requested, prediction, dtype, notes) -> tuple[dict, StableDiffusionConfig]:
+    for part in ("unet", "vae", "text_encoder"):
+        if not (folder / part).is_dir():
+            raise ValueError(f"{folder} is a folder but not a diffusers Stable Diffusion folder: {part}/ is missing "
+                             "(expected unet/, vae/, text_encoder/ with config.json and weights)")
+    unet_cfg = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"), f"{folder}/unet/config.json")
+    vae_cfg = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"), f"{folder}/vae/config.json")
+    text_cfg = clip_text_config_from_transformers(_read_json(folder / "text_encoder" / "config.json"),
+                                                  f"{folder}/text_encoder/config.json")
+    evidence = {"text": "openclip" if text_cfg.hidden_act == "gelu" else "clip",
+                "linear": unet_cfg.use_linear_projection, "context": unet_cfg.cross_attention_dim}
+    family = _family(evidence, requested, str(folder))
+    fam = FAMILIES[family]
+
+    state_dicts, files = {}, []
+    for part, stem in _WEIGHT_FILES.items():
+        sd = {}
+        for f in _find_weights(folder / part, stem):
+            sd.update(read_tensors(f)[0])
+            files.append(f"{part}/{f.name}")
+        state_dicts[part] = sd
+    notes.append(f"source: diffusers folder {folder.name}/ ({', '.join(files)}), "
+                 f"{sum(map(len, state_dicts.values()))} tensors {_dtype_counts(*state_dicts.values())}")
+    notes.append(f"family: {fam['name']} ({'detected' if requested is None else 'as requested, consistent'}: "
+                 f"{text_cfg.hidden_act} text encoder, {'linear' if unet_cfg.use_linear_projection else '1x1-conv'} "
+                 f"proj_in, context {unet_cfg.cross_attention_dim})")
+    notes.append("EMA: a diffusers folder holds one UNet (no EMA copy to choose)")
+
+    scheduler, sched_pred = dict(SD_SCHEDULER), None
+    if (folder / "scheduler" / "scheduler_config.json").is_file():
+        scheduler, sched_pred = _scheduler_from_diffusers(folder / "scheduler" / "scheduler_config.json", notes)
+    else:
+        notes.append("schedule: no scheduler/scheduler_config.json; assuming SD's scaled_linear schedule")
+    pred = _prediction(prediction, sched_pred, family, notes)
+    pad = _pad_token_id(folder / "tokenizer")
+    if pad is None:
+        pad = fam["pad_token_id"]
+        notes.append(f"tokenizer: no pad token found in tokenizer/; {fam['name']}'s is id {pad}")
+    else:
+        notes.append(f"tokenizer: pad token id {pad} (tokenizer/)")
+
+    text = clip_text_state_dict(state_dicts["text_encoder"])
+    sources = {"unet": (state_dicts["unet"], {}), "vae": _vae_source(state_dicts["vae"], {}), "text_encoder": (text, {})}
+    params = _convert_models(sources, _templates(unet_cfg, vae_cfg, text_cfg), dtype, str(folder))
+    config = StableDiffusionConfig(family, unet_cfg, vae_cfg, text_cfg, pred, scheduler, pad, ema=None,
+                                   source={"path": str(folder), "layout": "diffusers", "files": files,
+                                           "dtypes": _dtype_counts(*state_dicts.values())})
+    return params, config
+
+
+def _pad_token_id(folder: Path) -> int | None:
+    """The pad token's id in a tokenizer folder: its name from special_tokens_map.json /
+    tokenizer_config.json, its id from vocab.json (hub folders) or tokenizer.json (transformers 5)."""
+    from .tokenizer import _configured_pad_token
+
+    pad = _configured_pad_token(folder) if folder.is_dir() else None
+    if pad is None:
+        return None
+    if (folder / "vocab.json").is_file():
+        vocab = _read_json(folder / "vocab.json")
+    elif (folder / "tokenizer.json").is_file():
+        fast = _read_json(folder / "tokenizer.json")
+        vocab = dict(fast.get("model", {}).get("vocab", {}))
+        vocab.update({t["content"]: t["id"] for t in fast.get("added_tokens", []) if isinstance(t, dict)})
+    else:
+        return None
+    if pad not in vocab:
+        raise ValueError(f"{folder}: the pad token {pad!r} is not in the vocabulary")
+    return int(vocab[pad])
+
+
+def read_checkpoint(src, *, config: str | None = None, prediction: str | None = None, dtype: str = "float32",
+                    ema: bool | None = None) -> tuple[dict, StableDiffusionConfig]:
+    """Read a Stable Diffusion 1.x / 2.x checkpoint into Flax parameters, in memory.
+
+    ``src``: a diffusers folder (``unet/ vae/ text_encoder/``, ``.safetensors`` or legacy ``.bin``,
+    plus ``scheduler/`` and ``tokenizer/``), or a single file in the original ldm layout
+    (``.safetensors``, or ``.ckpt`` read with ``torch.load(weights_only=True)`` only).
+    ``config``: "sd1" / "sd2" / None (detect; an explicit one that contradicts the weights is an error).
+    ``prediction``: what the UNet predicts (epsilon / v_prediction); default: the folder's scheduler
+    config, else epsilon for SD 1.x and v_prediction for SD 2.x (with a note).  ``dtype``: of the
+    returned parameters (float32, float16, bfloat16), whatever the file holds.  ``ema``: None uses a
+    single file's EMA copy of the UNet when there is one, False the raw weights, True requires it.
+
+    Returns ({"unet": ..., "vae": ..., "text_encoder": ...}, StableDiffusionConfig); the config's
+    ``notes`` say what was found, used and skipped.  Every tensor of the file must be used or
+    recognised and skipped by name, and every parameter filled: else one ``ValueError`` listing the
+    missing, unexpected and mis-shaped tensors of all three models."""
+    src = Path(src)
+    out_dtype = output_dtype(dtype)
+    notes: list[str] = []
+    if not src.exists():
+        raise FileNotFoundError(f"checkpoint not found: {src}")
+    if src.is_dir():
+        if ema is True:
+            raise ValueError(f"{src}: a diffusers folder holds no EMA copy (ema=True)")
+        params, cfg = _read_diffusers_folder(src, config, prediction, out_dtype, notes)
+    else:
+        params, cfg = _read_single_file(src, config, prediction, out_dtype, ema, notes)
+    cfg.dtype, cfg.notes = dtype, notes
+    return params, cfg
+
+
+# --- the converted file: one .safetensors of the flattened Flax tree, plus a JSON config -----------
+
+FORMAT = "minidiff-sd-v1"
+
+
+def config_path(weights_path) -> Path:
+    """The JSON config that lives next to a converted weights file: model.safetensors -> model.json."""
+    return Path(weights_path).with_suffix(".json")
+
+
+def save_converted(params: Mapping, config: StableDiffusionConfig, dst) -> tuple[Path, Path]:
+    """Write ``params`` as one .safetensors file of the flattened tree (``unet/down_blocks_0/
+    resnets_0/conv1/kernel``...; the config JSON also in its metadata) and the config next to it."""
+    from safetensors.numpy import save_file
+
+    dst = Path(dst)
+    flat = flatten_dict(dict(params), sep="/")
+    text = json.dumps(config.to_dict(), indent=1)
+    tmp = dst.with_name(dst.name + ".partial")
+    try:  # no copies: safetensors writes straight from each (C-contiguous) array
+        save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(tmp),
+                  metadata={"format": FORMAT, "config": text})
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    config_path(dst).write_text(text + "\n", encoding="utf-8")
+    return dst, config_path(dst)
+
+
+@dataclass
+class ConversionReport:
+    weights: Path
+    config_file: Path
+    config: StableDiffusionConfig
+    num_tensors: int
+    num_bytes: int
+    seconds: float
+
+    def __str__(self) -> str:
+        lines = [f"wrote {self.weights} ({self.num_tensors} tensors, {self.num_bytes / 2**20:,.1f} MiB "
+                 f"{self.config.dtype}) and {self.config_file} in {self.seconds:.1f} s"]
+        return "\n".join(lines + [f"  {note}" for note in self.config.notes])
+
+
+def convert(src, dst, *, config: str | None = None, prediction: str | None = None, dtype: str = "float32",
+            ema: bool | None = None, overwrite: bool = False) -> ConversionReport:
+    """Convert a Stable Diffusion checkpoint (see :func:`read_checkpoint`) into ``dst`` (a
+    ``.safetensors`` path) plus ``dst`` with ``.json``: load it back with :func:`load_converted`."""
+    import time
+
+    start = time.perf_counter()
+    dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"the output must be a .safetensors path, got {dst}")
+    if dst.exists() and not overwrite:
+        raise ValueError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    if dst.exists() and Path(src).exists() and dst.resolve() == Path(src).resolve():
+        raise ValueError(f"the output {dst} is the checkpoint being converted")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"output folder not found: {dst.parent}")
+    params, cfg = read_checkpoint(src, config=config, prediction=prediction, dtype=dtype, ema=ema)
+    weights, config_file = save_converted(params, cfg, dst)
+    leaves = flatten_dict(params, sep="/").values()
+    return ConversionReport(weights, config_file, cfg, len(leaves), sum(a.nbytes for a in leaves),
+                            time.perf_counter() - start)
+
+
+def load_converted(path, mmap: bool = True) -> tuple[dict, StableDiffusionConfig]:
+    """Load what :func:`convert` wrote: ({"unet": ..., "vae": ..., "text_encoder": ...} NumPy trees,
+    StableDiffusionConfig).  ``path``: the .safetensors file (or its .json).
+
+    ``mmap=True``: the arrays are read-only views of the memory-mapped file: nothing is copied, a
+    page is read when first used (from the OS page cache when the file is warm), and the memory is
+    the page cache's, shared and reclaimable, which is what a later ``jax.device_put`` copies from.
+    ``mmap=False``: safetensors reads every tensor into its own writable array (one copy, no map).
+    The config comes from the JSON file next to the weights (edit it to change e.g. the prediction
+    type), else from the file's metadata."""
+    path = Path(path)
+    if path.suffix == ".json":
+        path = path.with_suffix(".safetensors")
+    if not path.is_file():
+        raise FileNotFoundError(f"converted weights not found: {path}")
+    try:
+        f = _safe_open(path)  # checks the header, and that the file holds all the data it announces
+        meta = f.metadata() or {}
+        flat = _memmap_safetensors(path) if mmap else {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable .safetensors file: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a minidiff converted model (metadata format {meta.get('format')!r}); "
+                         "convert a checkpoint first: weights_convert.py SRC DST")
+    sidecar = config_path(path)
+    config = StableDiffusionConfig.from_dict(_read_json(sidecar) if sidecar.is_file() else json.loads(meta["config"]))
+    params = unflatten_dict(flat, sep="/")
+    if set(params) != {"unet", "vae", "text_encoder"}:
+        raise ValueError(f"{path} holds {sorted(params)}, expected unet, vae and text_encoder")
+    return params, config
+
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Read-only views of every tensor of a (validated) safetensors file, memory-mapped.  The format:
+    an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, the data."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    data = np.memmap(path, np.uint8, mode="r", offset=8 + n)
+    out = {}
+    for name, entry in header.items():
+        dtype = _bfloat16() if entry["dtype"] == "BF16" else np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
+        start, stop = entry["data_offsets"]
+        out[name] = np.asarray(data[start:stop]).view(dtype).reshape(entry["shape"])  # a view, not a copy
+    return out

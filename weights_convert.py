@@ -1,0 +1,33 @@
+"""Convert a Stable Diffusion 1.x / 2.x checkpoint into minidiff's format.
+
+    python weights_convert.py SRC DST.safetensors [--config sd1|sd2] [--prediction epsilon|v]
+                              [--dtype float32|float16|bfloat16] [--no-ema] [--overwrite]
+
+SRC: a diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), or one file in the
+original (ldm) layout: .safetensors, or .ckpt (read with torch.load(weights_only=True) only).
+Writes DST (the Flax parameters, flattened: unet/..., vae/..., text_encoder/...) and DST with
+.json (model configs, prediction type, schedule, source, EMA use); prints what was found, used
+and skipped.  Load the result with ``minidiff.weights.load_converted(DST)``.  The same command is
+``minidiff convert``.
+"""
+
+import argparse
+import sys
+
+from minidiff.cli import _convert, add_convert_arguments
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="weights_convert.py", description=__doc__.split("\n\n")[0])
+    add_convert_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        _convert(args)
+    except (ValueError, ImportError, FileNotFoundError) as e:
+        print(f"weights_convert.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
