@@ -74,7 +74,7 @@ from .tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 SAMPLERS = ("ddim", "ddpm")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# The built-in mini model (`minidiff train-mini-sd` writes it): weights + config side by side.
+# The built-in mini model (not shipped yet): weights + config side by side.
 MINI_MODEL = Path(__file__).parent / "assets" / "mini_sd.safetensors"
 
 
@@ -516,8 +516,9 @@ def load_pipeline(path=None, **kwargs) -> StableDiffusion:
 
     if path is None:
         if not MINI_MODEL.is_file():
-            raise ValueError(f"no model given and the built-in mini model {MINI_MODEL} is not there: "
-                             "run `minidiff train-mini-sd` to make it, or pass --model PATH")
+            raise ValueError(f"no model given, and this version ships no built-in mini model ({MINI_MODEL.name}): "
+                             "pass --model PATH (a converted .safetensors, a diffusers folder or a single-file "
+                             "checkpoint)")
         path = MINI_MODEL
     path = Path(path)
     if not path.exists():

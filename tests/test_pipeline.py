@@ -317,7 +317,7 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, capsys, photo):
     _one_line_error(capsys, run + ["--init-image", str(tmp_path / "in.png"), "--strength", "0"], "(0, 1]")
     _one_line_error(capsys, run + ["--strength", "0.5"], "give an --init-image")
     if not P.MINI_MODEL.is_file():
-        _one_line_error(capsys, run, "minidiff train-mini-sd")
+        _one_line_error(capsys, run, "ships no built-in mini model")
     assert not (tmp_path / "out.png").exists()
 
 
