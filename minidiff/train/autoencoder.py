@@ -1,0 +1,150 @@
+"""Train a small AutoencoderKL (SD's VAE architecture) on crops of a few photographs, on a CPU.
+
+One step, for a batch x of random crops in [-1, 1] (B, c, c, 3):
+
+    q(z | x) = N(mu, sigma^2) = encode(x);   z = mu + sigma * eps        (reparameterisation)
+    x_hat    = decode(z)
+    loss     = mean |x - x_hat|  +  kl_weight * KL(q || N(0, I)) / (c * c * 3)
+
+This is the loss of the latent-diffusion autoencoders (``LPIPSWithDiscriminator`` in the ldm code,
+whose KL weight is 1e-6) divided by the number of pixel values, without the perceptual (LPIPS) and
+adversarial terms: both need a second trained network.  Pixel-wise loss alone gives blurrier
+details than SD's VAE, which is what those two terms are there for.  ``reconstruction="l2"``
+swaps the L1 for the mean squared error (what PSNR measures).
+
+    params, history = train_vae(photos, AutoencoderKLConfig.toy(block_out_channels=(16, 32, 64)), steps=400)
+    z = AutoencoderKL(config).apply({"params": params}, x, method=AutoencoderKL.encode).sample(key)
+    config = dataclasses.replace(config, scaling_factor=float(1 / z.std()))   # as SD's 0.18215 was chosen
+
+Every entry point takes arrays (photos as uint8 (H, W, 3) or float in [-1, 1]), never paths.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..images import to_unit_range
+from ..nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
+
+
+def _as_float_images(images) -> list[np.ndarray]:
+    """A list of (H, W, 3) float32 arrays in [-1, 1], from uint8 or float images (list or stacked array)."""
+    out = []
+    for im in images:
+        im = np.asarray(im)
+        if im.ndim != 3 or im.shape[-1] != 3:
+            raise ValueError(f"images must be (H, W, 3) RGB arrays, got shape {im.shape}")
+        out.append(to_unit_range(im) if im.dtype == np.uint8 else im.astype(np.float32))
+    if not out:
+        raise ValueError("need at least one image to train on")
+    return out
+
+
+def init_params(config: AutoencoderKLConfig, seed: int = 0, size: int | None = None) -> dict:
+    """Fresh parameters for ``AutoencoderKL(config)``, drawn with NumPy into the shapes that
+    ``jax.eval_shape`` reads off ``model.init`` (tracing only: no compile, which on a small CPU takes
+    longer than drawing).  Same laws as Flax's defaults: kernels truncated-normal LeCun
+    (std sqrt(1 / fan_in), cut at 2 std, fan_in = kh * kw * C_in for a conv), biases 0, GroupNorm scales 1."""
+    size = size or config.downsample_factor
+    model = AutoencoderKL(config)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, config.in_channels))))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            w = rng.standard_normal(leaf.shape)
+            while (bad := np.abs(w) > 2).any():                      # truncate at 2 std by redrawing
+                w[bad] = rng.standard_normal(int(bad.sum()))
+            return jnp.asarray(w / 0.87962566 * np.sqrt(1.0 / fan_in), jnp.float32)  # 0.8796: std of N(0,1) cut at 2
+        return jnp.ones(leaf.shape, jnp.float32) if name == "scale" else jnp.zeros(leaf.shape, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes["params"])
+
+
+def random_crops(images, n: int, size: int, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
+    """``n`` random ``size`` x ``size`` crops (float32 (n, size, size, 3) in [-1, 1]) of randomly chosen
+    images, each mirrored left-right with probability 1/2 when ``flip``."""
+    images = _as_float_images(images)
+    small = [im.shape[:2] for im in images if min(im.shape[:2]) < size]
+    if small:
+        raise ValueError(f"crop size {size} is larger than an image of size {small[0]}")
+    out = np.empty((n, size, size, 3), np.float32)
+    for i, k in enumerate(rng.integers(len(images), size=n)):
+        im = images[k]
+        y, x = rng.integers(im.shape[0] - size + 1), rng.integers(im.shape[1] - size + 1)
+        crop = im[y : y + size, x : x + size]
+        out[i] = crop[:, ::-1] if flip and rng.random() < 0.5 else crop
+    return out
+
+
+def vae_loss(model: AutoencoderKL, params, x, key, kl_weight: float = 1e-6, reconstruction: str = "l1"):
+    """(loss, aux) for a batch x in [-1, 1]; ``reconstruction`` "l1" (mean |x - x_hat|, SD's) or "l2"
+    (mean (x - x_hat)^2).  aux holds the mean L1 and squared error, the mean KL per image (nats, summed
+    over the latent) and the mean posterior sigma."""
+    posterior = model.apply({"params": params}, x, method=AutoencoderKL.encode)
+    z = posterior.sample(key)                                   # z = mu + sigma * eps
+    x_hat = model.apply({"params": params}, z, method=AutoencoderKL.decode)
+    l1 = jnp.mean(jnp.abs(x - x_hat))                           # mean |x - x_hat|
+    mse = jnp.mean((x - x_hat) ** 2)                            # mean (x - x_hat)^2
+    kl = jnp.mean(posterior.kl())                               # KL(q(z|x) || N(0, I)), per image
+    rec = {"l1": l1, "l2": mse}[reconstruction]
+    loss = rec + kl_weight * kl / np.prod(x.shape[1:])          # ldm's loss / number of pixel values
+    return loss, {"l1": l1, "mse": mse, "kl": kl, "sigma": jnp.mean(posterior.std)}
+
+
+def train_vae(images, config: AutoencoderKLConfig, steps: int = 400, batch: int = 16, crop: int = 32,
+              lr: float = 1e-3, kl_weight: float = 1e-6, reconstruction: str = "l1", seed: int = 0, params=None,
+              log_every: int = 10, verbose: bool = False):
+    """Train ``AutoencoderKL(config)`` on random crops of ``images`` with Adam (lr warm-up, cosine decay).
+
+    Returns ``(params, history)``; history holds lists ``step``, ``loss``, ``l1``, ``mse``, ``kl``,
+    ``sigma`` (the batch's values every ``log_every`` steps and at the last) and ``seconds``.  Pass
+    ``params`` to continue training.  The run is a pure function of its arguments and ``seed``.
+    """
+    if steps < 0 or batch < 1:
+        raise ValueError(f"need steps >= 0 and batch >= 1, got steps={steps}, batch={batch}")
+    if reconstruction not in ("l1", "l2"):
+        raise ValueError(f"reconstruction must be 'l1' or 'l2', got {reconstruction!r}")
+    if crop % config.downsample_factor:
+        raise ValueError(f"crop {crop} must be a multiple of the downsampling factor {config.downsample_factor}")
+    images = _as_float_images(images)
+    model = AutoencoderKL(config)
+    rng = np.random.default_rng(seed)
+    key = jax.random.PRNGKey(seed)
+    if params is None:
+        params = init_params(config, seed)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(50, steps // 10)), max(steps, 2), lr / 10)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def update(params, opt_state, x, key):
+        loss_and_grad = jax.value_and_grad(vae_loss, argnums=1, has_aux=True)
+        (loss, aux), grads = loss_and_grad(model, params, x, key, kl_weight, reconstruction)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, aux
+
+    history = {"step": [], "loss": [], "l1": [], "mse": [], "kl": [], "sigma": [], "seconds": 0.0}
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        key, sub = jax.random.split(key)
+        params, opt_state, loss, aux = update(params, opt_state, random_crops(images, batch, crop, rng), sub)
+        if step % log_every == 0 or step == steps:
+            history["step"].append(step)
+            history["loss"].append(float(loss))
+            for name in ("l1", "mse", "kl", "sigma"):
+                history[name].append(float(aux[name]))
+            if verbose:
+                print(f"step {step:5d}  loss {float(loss):.4f}  L1 {float(aux['l1']):.4f}  MSE {float(aux['mse']):.4f}"
+                      f"  KL {float(aux['kl']):.0f}"
+                      f"  sigma {float(aux['sigma']):.3f}  ({time.perf_counter() - start:.0f} s)")
+    history["seconds"] = time.perf_counter() - start
+    return params, history
+
