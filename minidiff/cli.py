@@ -123,6 +123,13 @@ def _train_vqvae(args):
                    evaluate_vqvae(trainer.model, trainer.variables(), config))
 
 
+def _evaluate_vqvae(args):
+    from .train.vqvae import evaluate_vqvae, load_vqvae
+
+    model, variables, config = load_vqvae(args.checkpoint)
+    _print_metrics(f"{args.checkpoint}, {args.n} held-out images:", evaluate_vqvae(model, variables, config, args.n))
+
+
 def _train_dalle(args):
     from .train.dalle import DalleTrainConfig, DalleTrainer, evaluate_dalle
 
@@ -330,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int)
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_train_vqvae)
+
+    g = sub.add_parser("evaluate-vqvae", help="held-out PSNR, codebook use, and the classifier on reconstructions")
+    g.add_argument("--checkpoint", default="runs/vqvae")
+    g.add_argument("--n", type=int, default=1000)
+    g.set_defaults(func=_evaluate_vqvae)
 
     t = sub.add_parser("train-dalle", help="train the DALL-E-style transformer on captions + VQ-VAE codes")
     t.add_argument("--vqvae", default="runs/vqvae", help="the VQ-VAE run folder (default: runs/vqvae)")

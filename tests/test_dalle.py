@@ -186,7 +186,7 @@ def test_train_vqvae_then_dalle_save_load_generate_and_the_commands(tmp_path):
                                                                         "num_codes": 32, "latent_dim": 8})
     VQVAETrainer(vq_cfg, tmp_path / "vq").train(progress=False)
     model, variables, cfg = load_vqvae(tmp_path / "vq")
-    metrics = evaluate_vqvae(model, variables, cfg, n=20, batch=10)
+    metrics = evaluate_vqvae(model, variables, cfg, n=20, batch=10, judge=False)
     assert np.isfinite(metrics["psnr_mean"]) and 0 < metrics["fraction_used"] <= 1 and metrics["grid"] == [16, 16]
 
     cfg = DalleTrainConfig(vqvae=str(tmp_path / "vq"), steps=4, batch=4,
