@@ -96,6 +96,7 @@ class VQVAETrainer:
         self.step = 0
         self.history = {"step": [], "loss": [], "psnr": [], "fraction_used": [], "restarted": []}
         self._update = jax.jit(self._update_fn)
+        self._encode = jax.jit(lambda variables, x: self.model.apply(variables, x, method=lambda m, x: m.encoder(x)))
 
     def _update_fn(self, params, state, opt_state, x):
         def loss_fn(p):
@@ -106,8 +107,7 @@ class VQVAETrainer:
 
         (loss, (new_state, indices, mse)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        z = self.model.apply({"params": params, **state}, x, method=lambda m, x: m.encoder(x))
-        return optax.apply_updates(params, updates), dict(new_state), opt_state, loss, mse, indices, z
+        return optax.apply_updates(params, updates), dict(new_state), opt_state, loss, mse, indices
 
     def _restart(self, counts, z, rng) -> int:
         """Move codes unused in the last window onto encoder outputs (EMA statistics reset to match)."""
@@ -138,13 +138,15 @@ class VQVAETrainer:
         try:
             while self.step < cfg.steps:
                 x, _, _ = shapes_batch(self.dataset, cfg.seed, self.step, cfg.batch)
-                self.params, self.state, self.opt_state, loss, mse, indices, z = self._update(
+                self.params, self.state, self.opt_state, loss, mse, indices = self._update(
                     self.params, self.state, self.opt_state, x)
                 counts += np.bincount(np.asarray(indices).ravel(), minlength=K)
                 self.step += 1
                 bar.update()
                 if cfg.restart_every and self.step % cfg.restart_every == 0:
-                    restarted = self._restart(counts, z, rng) if self.step < cfg.steps else 0
+                    # dead codes jump onto encoder outputs of this batch (encoded only when needed)
+                    restarted = (self._restart(counts, self._encode(self.variables(), x), rng)
+                                 if self.step < cfg.steps else 0)
                     self.history["step"].append(self.step)
                     self.history["loss"].append(float(loss))
                     self.history["psnr"].append(float(10 * np.log10(4.0 / float(mse))))
