@@ -240,6 +240,37 @@ def _txt2img(args):
     print(f"wrote {save_png(args.output, pixels, meta)}")
 
 
+def _train_mini_sd(args):
+    import shutil
+
+    from .pipeline import MINI_MODEL, load_pipeline
+    from .train.mini_sd import MiniSDConfig, evaluate_prompt_following, train_mini_sd
+
+    overrides = {k: v for k, v in dict(unet_steps=args.steps, seed=args.seed).items() if v is not None}
+    path = train_mini_sd(MiniSDConfig(**overrides), args.out, progress=not args.no_progress)
+    print(f"wrote {path} and {path.with_suffix('.json').name}")
+    if args.install:
+        from .train.mini_sd import CLIP_FILE
+
+        for src, dst in ((path, MINI_MODEL), (path.with_suffix(".json"), MINI_MODEL.with_suffix(".json")),
+                         (path.with_name(CLIP_FILE), MINI_MODEL.with_name(CLIP_FILE))):
+            shutil.copyfile(src, dst)
+        print(f"installed as the built-in model: {MINI_MODEL}")
+    if not args.no_eval:
+        metrics, _ = evaluate_prompt_following(load_pipeline(path), guidance_scale=args.guidance, steps=args.eval_steps)
+        _print_metrics(f"{path}, prompt following at guidance {args.guidance}, {args.eval_steps} DDIM steps:", metrics)
+
+
+def _evaluate_mini_sd(args):
+    from .pipeline import load_pipeline
+    from .train.mini_sd import evaluate_prompt_following
+
+    pipe = load_pipeline(args.model)
+    metrics, _ = evaluate_prompt_following(pipe, samples_per_prompt=args.samples_per_prompt, steps=args.steps,
+                                           guidance_scale=args.guidance, seed=args.seed)
+    _print_metrics(f"{pipe.name}, prompt following at guidance {args.guidance}, {args.steps} DDIM steps:", metrics)
+
+
 def _add_txt2img(sub):
     g = sub.add_parser("txt2img", help="Stable Diffusion: draw a prompt (or redraw --init-image) with a latent "
                                        "diffusion model")
@@ -380,6 +411,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=3.0)
     g.set_defaults(func=_evaluate_dalle)
     _add_txt2img(sub)
+
+    m = sub.add_parser("train-mini-sd", help="train the built-in mini Stable Diffusion on captioned shapes "
+                                             "(VAE, contrastive CLIP, UNet)")
+    m.add_argument("--out", default="runs/mini_sd", help="run folder; a rerun continues at the unfinished stage")
+    m.add_argument("--steps", type=int, help="UNet training steps (default: MiniSDConfig.unet_steps)")
+    m.add_argument("--seed", type=int)
+    m.add_argument("--install", action="store_true", help="copy the result into minidiff/assets as the built-in model")
+    m.add_argument("--guidance", type=float, default=7.5, help="guidance scale of the final evaluation")
+    m.add_argument("--eval-steps", type=int, default=30, help="DDIM steps of the final evaluation")
+    m.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    m.add_argument("--no-progress", action="store_true")
+    m.set_defaults(func=_train_mini_sd)
+
+    m = sub.add_parser("evaluate-mini-sd", help="prompt following of a text-to-image model on the shapes prompts")
+    m.add_argument("--model", help="default: the built-in mini model")
+    m.add_argument("--samples-per-prompt", type=int, default=2)
+    m.add_argument("--steps", type=int, default=30)
+    m.add_argument("--guidance", type=float, default=7.5)
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=_evaluate_mini_sd)
 
     c = sub.add_parser("convert", help="convert a Stable Diffusion 1.x / 2.x checkpoint (diffusers folder, "
                                        ".safetensors or .ckpt) into minidiff's format")

@@ -25,6 +25,7 @@ from .images import to_uint8, to_unit_range
 __all__ = [
     "TOY_MIXTURE", "POINT_CLOUDS", "gaussian_mixture", "swiss_roll", "two_moons",
     "SHAPES", "COLORS", "SIZES", "POSITIONS", "ATTRIBUTES", "ShapeSpec", "ShapesDataset", "render", "coverage", "caption",
+    "drawing_constants",
     "CaptionTokenizer",
     "to_unit_range", "to_uint8",
 ]
@@ -116,7 +117,7 @@ COLORS = {  # RGB, saturated and far apart, on a black background
     "cyan": (40, 205, 215),
 }
 
-SIZES = {"small": 0.55, "large": 0.8}  # the shape's width, as a fraction of a grid cell
+SIZES = {"small": 0.7, "large": 0.9}  # the shape's width, as a fraction of a grid cell
 
 POSITIONS = {  # name -> (row, column) in a 3x3 grid over the image
     "top left": (0, 0), "top": (0, 1), "top right": (0, 2),
@@ -129,10 +130,19 @@ ATTRIBUTES = ("shape", "color", "size", "position")  # the label names (and clas
 _REGISTRY = {"shape": SHAPES, "color": COLORS, "size": SIZES, "position": POSITIONS}
 
 # Random jitter, so that no two pictures are the same: the centre moves by up to JITTER_SHIFT of a
-# cell and the width is scaled by 1 +- JITTER_SCALE (the largest shape still fits in its cell).
-JITTER_SHIFT = 0.06
-JITTER_SCALE = 0.1
+# cell and the width is scaled by 1 +- JITTER_SCALE (the largest shape reaches at most 4 % of a cell
+# past its own).
+# Shapes are drawn large on purpose: at 32x32 a 6-pixel triangle and a 6-pixel circle differ by a
+# handful of pixels, too little for a model trained in minutes on a CPU to get right.
+JITTER_SHIFT = 0.05
+JITTER_SCALE = 0.08
 SUPERSAMPLE = 8  # draw at 8x, then average 8x8 blocks: anti-aliased edges
+
+
+def drawing_constants() -> dict:
+    """Everything besides a dataset's settings that changes its pictures (for cache keys)."""
+    return {"sizes": SIZES, "colors": {k: list(v) for k, v in COLORS.items()}, "jitter": [JITTER_SHIFT, JITTER_SCALE],
+            "supersample": SUPERSAMPLE, "version": 2}
 
 
 @dataclass(frozen=True)
@@ -325,6 +335,10 @@ class ShapesDataset:
             alpha[i] = coverage(s, self.size)
         rgb = np.array([COLORS[s.color] for s in specs], dtype=np.float32).reshape(n, 3)
         return _composite(alpha, rgb), labels, [caption(s) for s in specs]
+
+    def captions(self) -> list[str]:
+        """The caption of every allowed combination (no jitter in a caption), in combination order."""
+        return [caption(ShapeSpec(*names)) for names in self.combinations]
 
     def render(self, spec: ShapeSpec) -> np.ndarray:
         """One picture at this dataset's size."""

@@ -75,9 +75,11 @@ def test_same_seed_same_pictures():
     assert not np.array_equal(a[0], ShapesDataset(seed=4).sample(40)[0])
 
 
-def test_jitter_makes_every_picture_different():
+def test_jitter_makes_pictures_of_one_combination_differ():
+    """Shifts and sizes are drawn on an 8x finer grid (SUPERSAMPLE), so a few hundred distinct
+    pictures exist per combination: 50 draws repeat one now and then (birthday problem), not often."""
     images, _, _ = ShapesDataset(shapes=["circle"], colors=["red"], sizes=["large"], positions=["center"]).sample(50)
-    assert len({im.tobytes() for im in images}) == 50
+    assert len({im.tobytes() for im in images}) >= 45
     still = ShapesDataset(shapes=["circle"], colors=["red"], sizes=["large"], positions=["center"], jitter=False)
     assert len({im.tobytes() for im in still.sample(5)[0]}) == 1
 

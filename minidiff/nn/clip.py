@@ -233,3 +233,52 @@ class CLIPTextModel(nn.Module):
         eos = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)
         pooled = x[jnp.arange(B), eos]
         return CLIPTextOutput(x, pooled, states if output_hidden_states else None)
+
+
+class ToyImageEncoder(nn.Module):
+    """CLIP's image tower in miniature, for training a toy text encoder contrastively: a small CNN
+    that keeps *where* things are (flatten, no pooling), then a projection to the joint space.
+
+        x (B, H, W, 3) in [-1, 1] ──► conv 3x3 ──► [conv 3x3 stride 2, GELU] x len(features)
+          ──► flatten ──► dense, GELU ──► dense (embed_dim)
+    """
+
+    features: tuple[int, ...] = (32, 64, 64)
+    hidden: int = 256
+    embed_dim: int = 64
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(nn.Conv(self.features[0], (3, 3), name="conv_in")(x))
+        for i, f in enumerate(self.features):
+            h = nn.gelu(nn.Conv(f, (3, 3), strides=(2, 2), name=f"down_{i}")(h))
+        h = nn.gelu(nn.Dense(self.hidden, name="hidden")(h.reshape(h.shape[0], -1)))
+        return nn.Dense(self.embed_dim, name="proj")(h)
+
+
+class ContrastiveCLIP(nn.Module):
+    """A text tower and an image tower mapped into one space (Radford et al. 2021).
+
+    ``apply(variables, ids, images)`` -> (text embeddings, image embeddings, logit_scale): the text
+    embedding is the pooled output (the state at the end token) through ``text_projection``.  After
+    training, ``params["text_model"]`` is a plain :class:`CLIPTextModel` tree.
+    """
+
+    text_config: CLIPTextConfig
+    image_features: tuple[int, ...] = (32, 64, 64)
+    embed_dim: int = 64
+
+    def setup(self):
+        self.text_model = CLIPTextModel(self.text_config)
+        self.text_projection = nn.Dense(self.embed_dim, use_bias=False)
+        self.vision_model = ToyImageEncoder(self.image_features, embed_dim=self.embed_dim)
+        self.logit_scale = self.param("logit_scale", nn.initializers.constant(np.log(1 / 0.07)), ())
+
+    def encode_text(self, ids):
+        return self.text_projection(self.text_model(ids).pooler_output)
+
+    def encode_image(self, images):
+        return self.vision_model(images)
+
+    def __call__(self, ids, images):
+        return self.encode_text(ids), self.encode_image(images), self.logit_scale

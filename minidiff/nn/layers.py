@@ -145,8 +145,12 @@ class Attention(nn.Module):
         k = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
         v = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
         split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.head_dim)  # noqa: E731
-        out = dot_product_attention(split(q), split(k), split(v), self.chunk_size)
+        q, k, v = split(q), split(k), split(v)
+        out = dot_product_attention(q, k, v, self.chunk_size)
         out = out.reshape(out.shape[0], out.shape[1], inner)
+        if self.is_mutable_collection("intermediates"):  # asked for (lessons): the weights, (B, H, Lq, Lk)
+            s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.head_dim**-0.5
+            self.sow("intermediates", "attention_probs", jax.nn.softmax(s, axis=-1))
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -24,7 +25,8 @@ import numpy as np
 import optax
 from flax import serialization
 
-from ..data import ShapesDataset
+from .. import data
+from ..data import ShapeSpec, ShapesDataset, caption
 from ..images import to_unit_range
 from ..nn.classifier import ShapesClassifier
 
@@ -144,7 +146,7 @@ def cached_classifier(dataset: ShapesDataset | None = None, steps: int = 800, ba
     """
     dataset = replace(dataset or ShapesDataset(), exclude=(), include=(), seed=0)
     key = {k: v for k, v in dataset.settings().items() if k not in ("seed", "exclude", "include")}
-    key.update(steps=steps, batch=batch, seed=seed, version=RECIPE_VERSION)
+    key.update(steps=steps, batch=batch, seed=seed, version=RECIPE_VERSION, drawing=data.drawing_constants())
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir() / f"shapes_classifier_{digest}.msgpack"
     if path.is_file():
@@ -155,3 +157,20 @@ def cached_classifier(dataset: ShapesDataset | None = None, steps: int = 800, ba
     params = train_classifier(dataset, steps=steps, batch=batch, seed=seed, verbose=verbose)
     save_params(path, params)
     return params
+
+
+def evaluation_prompts(dataset: ShapesDataset | None = None) -> tuple[list[str], dict]:
+    """The fixed prompt list of the text-to-image judges (DALL-E, the mini SD): every (shape, colour,
+    position) of the dataset once, sizes alternating.
+
+    Returns the captions and their labels (attribute -> int array), as the classifier reads them.
+    """
+    ds = dataset or ShapesDataset()
+    captions, labels = [], {"shape": [], "color": [], "position": []}
+    for i, (s, c, p) in enumerate(itertools.product(range(len(ds.shapes)), range(len(ds.colors)),
+                                                    range(len(ds.positions)))):
+        size = ds.sizes[i % len(ds.sizes)]
+        captions.append(caption(ShapeSpec(ds.shapes[s], ds.colors[c], size, ds.positions[p])))
+        for name, v in (("shape", s), ("color", c), ("position", p)):
+            labels[name].append(v)
+    return captions, {k: np.array(v) for k, v in labels.items()}

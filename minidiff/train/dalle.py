@@ -12,7 +12,6 @@ The run folder holds the transformer *and* a copy of the VQ-VAE it was trained w
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,28 +186,10 @@ def load_dalle(run_dir) -> DalleGenerator:
     return DalleGenerator(model, as_jnp(state["params"]), vqvae, as_jnp(state["vqvae"]), tokenizer)
 
 
-def evaluation_prompts(dataset: ShapesDataset | None = None) -> tuple[list[str], dict]:
-    """The fixed prompt list: every (shape, colour, position) of the dataset once, sizes alternating.
-
-    Returns the captions and their labels (attribute -> int array), as the classifier reads them.
-    """
-    from ..data import ShapeSpec, caption
-
-    ds = dataset or ShapesDataset()
-    captions, labels = [], {"shape": [], "color": [], "position": []}
-    for i, (s, c, p) in enumerate(itertools.product(range(len(ds.shapes)), range(len(ds.colors)),
-                                                    range(len(ds.positions)))):
-        size = ds.sizes[i % len(ds.sizes)]
-        captions.append(caption(ShapeSpec(ds.shapes[s], ds.colors[c], size, ds.positions[p])))
-        for name, v in (("shape", s), ("color", c), ("position", p)):
-            labels[name].append(v)
-    return captions, {k: np.array(v) for k, v in labels.items()}
-
-
 def evaluate_dalle(generator: DalleGenerator, samples_per_prompt: int = 2, seed: int = 0, **sampling) -> dict:
     """Fraction of pictures whose shape, colour and position (all three: "joint") the classifier reads
     as the prompt's, over :func:`evaluation_prompts`; plus sampling speed with and without the cache."""
-    from .classifier import cached_classifier, score
+    from .classifier import cached_classifier, evaluation_prompts, score
 
     captions, labels = evaluation_prompts()
     captions = captions * samples_per_prompt
@@ -226,6 +207,8 @@ def evaluate_dalle(generator: DalleGenerator, samples_per_prompt: int = 2, seed:
 
 def sampling_speed(generator: DalleGenerator, n: int = 16, **sampling) -> dict:
     """Image tokens per second for a batch of n, with and without the key-value cache."""
+    from .classifier import evaluation_prompts
+
     captions = evaluation_prompts()[0][:n]
     out = {}
     for use_cache in (True, False):

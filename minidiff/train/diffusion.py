@@ -54,6 +54,28 @@ _DEFAULTS = {
 }
 
 
+def diffusion_loss(model_fn, x0, alpha_bar, key, prediction: str = "eps", min_snr_gamma: float | None = None):
+    """The simple DDPM loss at uniformly random timesteps (Ho et al. 2020, Algorithm 1), mean over the batch.
+
+    ``model_fn(x_t, t)`` is the network; ``alpha_bar`` the (T,) table of alpha_bar_t; ``prediction``
+    "eps" (target eps) or "v" (target v = sqrt(ab) eps - sqrt(1 - ab) x0).  ``min_snr_gamma``: Min-SNR
+    weighting (Hang et al. 2023), every t weighs like an x0 loss capped at gamma.  Used by every
+    trainer here: the toy models, the mini Stable Diffusion, textual inversion and DreamBooth.
+    """
+    k_t, k_eps = jax.random.split(key)
+    t = jax.random.randint(k_t, (x0.shape[0],), 0, alpha_bar.shape[0])
+    eps = jax.random.normal(k_eps, x0.shape)
+    ab = alpha_bar[t]
+    x_t = q_sample(x0, ab, eps)  # x_t = sqrt(ab) x0 + sqrt(1 - ab) eps
+    target = eps if prediction == "eps" else velocity(x0, eps, ab)
+    out = model_fn(x_t, t)
+    per_example = jnp.mean((out.astype(jnp.float32) - target).reshape(len(x0), -1) ** 2, axis=1)
+    if min_snr_gamma:  # weight min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v)
+        snr = ab / (1 - ab)
+        per_example = per_example * jnp.minimum(snr, min_snr_gamma) / (snr if prediction == "eps" else snr + 1)
+    return jnp.mean(per_example)
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved with every checkpoint as JSON)."""
@@ -352,23 +374,17 @@ class Trainer:
     # --- one step ---
 
     def loss(self, params, x0, y, key):
-        """The simple DDPM loss, eps- or v-prediction, at uniformly random timesteps."""
+        """The simple DDPM loss (:func:`diffusion_loss`), with the class dropped at rate cond_drop."""
         cfg = self.config
-        k_t, k_eps, k_drop, k_dropout = jax.random.split(key, 4)
-        t = jax.random.randint(k_t, (x0.shape[0],), 0, cfg.num_train_timesteps)
-        eps = jax.random.normal(k_eps, x0.shape)
-        ab = self.alpha_bar[t]
-        x_t = q_sample(x0, ab, eps)  # x_t = sqrt(ab) x0 + sqrt(1 - ab) eps
-        target = eps if cfg.prediction == "eps" else velocity(x0, eps, ab)  # v = sqrt(ab) eps - sqrt(1 - ab) x0
+        k_loss, k_drop, k_dropout = jax.random.split(key, 3)
         if y is not None and cfg.cond_drop > 0:  # sometimes train without the class: y = "no class"
             y = jnp.where(jax.random.bernoulli(k_drop, cfg.cond_drop, y.shape), cfg.num_classes, y)
-        out = self.denoiser.module.apply({"params": params}, x_t, t, class_labels=y, train=True,
-                                         rngs={"dropout": k_dropout})
-        per_example = jnp.mean((out - target).reshape(len(x0), -1) ** 2, axis=1)
-        if cfg.min_snr_gamma:  # Min-SNR weighting (Hang et al. 2023): every t weighs like an x0 loss capped at gamma
-            snr = ab / (1 - ab)
-            per_example = per_example * jnp.minimum(snr, cfg.min_snr_gamma) / (snr if cfg.prediction == "eps" else snr + 1)
-        return jnp.mean(per_example)
+
+        def model_fn(x_t, t):
+            return self.denoiser.module.apply({"params": params}, x_t, t, class_labels=y, train=True,
+                                              rngs={"dropout": k_dropout})
+
+        return diffusion_loss(model_fn, x0, self.alpha_bar, k_loss, cfg.prediction, cfg.min_snr_gamma)
 
     def _update(self, state, x0, y):
         step = state["step"]

@@ -1,0 +1,102 @@
+"""Training a toy CLIP contrastively on captioned shapes (Radford et al. 2021), for the mini SD.
+
+A batch of B (image, caption) pairs gives B text embeddings t_i and B image embeddings v_j,
+both normalised to unit length.  Their similarity matrix, scaled by a learned temperature,
+
+    logits_ij = exp(s) <t_i, v_j>
+
+should be largest on the diagonal: the loss is the symmetric cross-entropy, captions -> images
+(each row a softmax over the batch's images) and images -> captions (each column).  A toy dataset
+repeats captions inside a batch, so pair i also matches every j with the same caption: the
+target of row i spreads evenly over those j (with unique captions this is the identity, CLIP's loss).
+
+Afterwards the text tower is frozen and its per-token states condition the UNet, as SD's
+CLIP ViT-L/14 does; the image tower is only a teacher and is not shipped.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..data import ShapesDataset
+from ..images import to_unit_range
+from ..nn.clip import CLIPTextConfig, ContrastiveCLIP
+from ..tokenizer import CONTEXT_LENGTH, CLIPTokenizer
+
+
+def clip_loss(text_emb, image_emb, logit_scale, same):
+    """Symmetric cross-entropy over exp(logit_scale) * cos(t_i, v_j); ``same[i, j]``: pair j's caption
+    equals pair i's (True on the diagonal) -- those are all counted as matches."""
+    t = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
+    v = image_emb / jnp.linalg.norm(image_emb, axis=-1, keepdims=True)
+    logits = jnp.exp(logit_scale) * t @ v.T  # (B, B): caption i vs image j
+    target = same / same.sum(axis=1, keepdims=True)  # same is symmetric, so it serves both directions
+    text_to_image = -jnp.sum(target * jax.nn.log_softmax(logits, axis=1), axis=1)
+    image_to_text = -jnp.sum(target * jax.nn.log_softmax(logits.T, axis=1), axis=1)
+    return 0.5 * (text_to_image.mean() + image_to_text.mean())
+
+
+def train_clip(dataset: ShapesDataset, text_config: CLIPTextConfig | None = None, steps: int = 600,
+               batch: int = 128, lr: float = 1e-3, seed: int = 0, embed_dim: int = 64,
+               tokenizer: CLIPTokenizer | None = None, progress: bool = True) -> tuple[dict, dict]:
+    """Train :class:`ContrastiveCLIP` on ``dataset``'s pictures and captions with AdamW.
+
+    Returns (params, history): params["text_model"] is the text encoder for the UNet; history has
+    ``step``, ``loss`` and ``seconds``.  Pure function of its arguments.
+    """
+    from tqdm.auto import tqdm
+
+    text_config = text_config or CLIPTextConfig.toy()
+    tokenizer = tokenizer or CLIPTokenizer.from_bpe_gz()
+    model = ContrastiveCLIP(text_config, embed_dim=embed_dim)
+    rng = np.random.default_rng([seed, 1])
+    images, _, captions = dataset.sample(2, rng)
+    ids = tokenizer(captions, CONTEXT_LENGTH)
+    params = model.init(jax.random.PRNGKey(seed), ids, to_unit_range(images))["params"]
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(100, steps // 10)), max(steps, 2), lr / 10)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def update(params, opt_state, ids, x, same):
+        def loss_fn(p):
+            return clip_loss(*model.apply({"params": p}, ids, x), same)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        params["logit_scale"] = jnp.minimum(params["logit_scale"], np.log(100.0))  # CLIP clips exp(s) at 100
+        return params, opt_state, loss
+
+    history = {"step": [], "loss": [], "seconds": 0.0}
+    start = time.perf_counter()
+    for step in tqdm(range(1, steps + 1), desc="train CLIP", disable=not progress, unit="step"):
+        images, _, captions = dataset.sample(batch, rng)
+        captions = np.asarray(captions)
+        same = (captions[:, None] == captions[None, :]).astype(np.float32)
+        params, opt_state, loss = update(params, opt_state, tokenizer(list(captions), CONTEXT_LENGTH),
+                                         to_unit_range(images), same)
+        if step % 25 == 0 or step == steps:
+            history["step"].append(step)
+            history["loss"].append(float(loss))
+    history["seconds"] = time.perf_counter() - start
+    return jax.device_get(params), history
+
+
+def retrieval_accuracy(params, dataset: ShapesDataset, n: int = 512, seed: int = 1, text_config=None,
+                       embed_dim: int = 64, tokenizer: CLIPTokenizer | None = None) -> float:
+    """Zero-shot reading of fresh pictures: the fraction whose most similar caption, among all of
+    the dataset's captions, is their own."""
+    tokenizer = tokenizer or CLIPTokenizer.from_bpe_gz()
+    model = ContrastiveCLIP(text_config or CLIPTextConfig.toy(), embed_dim=embed_dim)
+    images, _, truth = dataset.sample(n, np.random.default_rng([seed, 2]))
+    captions = dataset.captions()
+    t = model.apply({"params": params}, tokenizer(captions, CONTEXT_LENGTH), method=ContrastiveCLIP.encode_text)
+    v = model.apply({"params": params}, to_unit_range(images), method=ContrastiveCLIP.encode_image)
+    best = np.argmax(np.asarray(v @ (t / jnp.linalg.norm(t, axis=-1, keepdims=True)).T), axis=1)
+    return float(np.mean(np.asarray(captions)[best] == np.asarray(truth)))

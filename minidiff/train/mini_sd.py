@@ -1,0 +1,338 @@
+"""The built-in mini Stable Diffusion, trained from scratch on captioned shapes by ``minidiff train-mini-sd``.
+
+SD's recipe in miniature, three stages, each frozen before the next:
+
+1. **VAE**: an ``AutoencoderKL`` with SD's block structure at f = 4 (32x32x3 pictures <-> 8x8x4
+   latents), L1 reconstruction + a tiny KL term; ``scaling_factor`` = 1 / std of its latents (SD's
+   0.18215 was chosen the same way).
+2. **Text encoder**: a CLIP text tower (SD's BPE tokenizer and 77 positions, width 64) trained
+   contrastively against a small image tower (:mod:`minidiff.train.clip`); then frozen, and its
+   per-token states ``last_hidden_state`` (77 x 64) become the UNet's cross-attention context.
+3. **UNet**: a ``UNet2DCondition`` with cross-attention, trained with :func:`diffusion_loss` on the
+   VAE's latents (v-prediction, cosine schedule); 10 % of the captions are replaced by the empty
+   prompt, so that one network gives both branches of classifier-free guidance.
+
+Some (shape, colour) pairs are never drawn in training (``held_out``); the evaluation prompts
+include them, so prompt following is measured on combinations the model has to compose.
+
+The result is one converted-model file (``mini_sd.safetensors`` + ``.json``), the format every
+other model is loaded from, with float16 weights (the pipeline computes in float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+
+from ..data import ShapesDataset
+from ..diffusion import NoiseSchedule
+from ..images import to_unit_range
+from ..nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from ..nn.clip import CLIPTextConfig, CLIPTextModel
+from ..nn.unet import UNet2DCondition, UNetConfig
+from ..tokenizer import CONTEXT_LENGTH, CLIPTokenizer
+from .autoencoder import train_vae
+from .checkpoint import atomic_write
+from .clip import retrieval_accuracy, train_clip
+from .diffusion import diffusion_loss
+
+# cosine betas; "trailing" spacing starts sampling at t = 999, where the cosine schedule's alpha_bar is ~0
+# (with "leading", SD's choice for its scaled_linear betas, the first step would be t = 967)
+SCHEDULER = {"beta_schedule": "cosine", "num_train_timesteps": 1000, "steps_offset": 0, "set_alpha_to_one": False,
+             "timestep_spacing": "trailing", "clip_sample": False}
+PREDICTION = "v"  # trains much faster than eps at this size (see the toy models)
+
+
+@dataclass
+class MiniSDConfig:
+    """Everything that defines the built-in model (saved with it)."""
+
+    seed: int = 0
+    image_size: int = 32
+    held_out: tuple = (("circle", "blue"), ("triangle", "yellow"), ("square", "red"))  # (shape, colour) never drawn
+    # 1. VAE
+    vae_channels: tuple = (16, 32, 32)  # f = 4: 32x32x3 pictures <-> 8x8x4 latents
+    vae_steps: int = 500
+    vae_batch: int = 32
+    # 2. CLIP
+    text_width: int = 64
+    text_layers: int = 2
+    clip_steps: int = 300
+    clip_batch: int = 128
+    # 3. UNet
+    unet_channels: tuple = (64, 128)
+    unet_attention: tuple = (True, True)
+    unet_steps: int = 2000
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    cond_drop: float = 0.1
+    ema_decay: float = 0.999
+    pool: int = 16384  # pictures encoded once into latents, drawn from at every step
+
+    def __post_init__(self):
+        self.held_out = tuple(tuple(p) for p in self.held_out)
+        for name in ("vae_channels", "unet_channels", "unet_attention"):
+            setattr(self, name, tuple(getattr(self, name)))
+
+    def dataset(self, held_out: bool = True) -> ShapesDataset:
+        """The training pictures (without the held-out pairs), or with ``held_out=False`` all of them."""
+        return ShapesDataset(size=self.image_size, seed=self.seed, exclude=self.held_out if held_out else ())
+
+    def vae_config(self, scaling_factor: float = 1.0) -> AutoencoderKLConfig:
+        return AutoencoderKLConfig.toy(self.image_size, block_out_channels=self.vae_channels,
+                                       scaling_factor=scaling_factor)
+
+    def text_config(self) -> CLIPTextConfig:
+        return CLIPTextConfig.toy(hidden_size=self.text_width, intermediate_size=4 * self.text_width,
+                                  num_hidden_layers=self.text_layers)
+
+    def unet_config(self) -> UNetConfig:
+        latent = self.image_size // 2 ** (len(self.vae_channels) - 1)
+        return UNetConfig(sample_size=latent, in_channels=4, out_channels=4, block_out_channels=self.unet_channels,
+                          layers_per_block=1, attention=self.unet_attention, mid_block_attention=True,
+                          num_attention_heads=4, cross_attention_dim=self.text_width, norm_num_groups=16,
+                          attention_chunk_size=None)
+
+
+def _save(path: Path, tree) -> None:
+    atomic_write(path, serialization.msgpack_serialize(jax.device_get(tree)))
+
+
+def _load(path: Path):
+    return serialization.msgpack_restore(path.read_bytes())
+
+
+# --- stage 1: the autoencoder ---------------------------------------------------------------------
+
+def train_mini_vae(cfg: MiniSDConfig, progress: bool = True) -> tuple[dict, AutoencoderKLConfig, dict]:
+    """(params, config with its scaling_factor, history)."""
+    images = cfg.dataset().sample(4096, np.random.default_rng([cfg.seed, 10]))[0]
+    config = cfg.vae_config()
+    params, history = train_vae(images, config, steps=cfg.vae_steps, batch=cfg.vae_batch, crop=cfg.image_size,
+                                seed=cfg.seed, verbose=progress)
+    model = AutoencoderKL(config)
+    z = model.apply({"params": params}, to_unit_range(images[:1024]), method=AutoencoderKL.encode).mean
+    scaling = float(1.0 / np.std(np.asarray(z)))
+    return params, replace(config, scaling_factor=round(scaling, 5)), history
+
+
+# --- stage 3: the UNet ----------------------------------------------------------------------------
+
+def encode_pool(cfg: MiniSDConfig, vae_params, vae_config, batch: int = 512):
+    """``cfg.pool`` training pictures as latents (the posterior mean times scaling_factor) and the
+    index of each one's caption in ``cfg.dataset().captions()``."""
+    ds = cfg.dataset()
+    index = {c: i for i, c in enumerate(ds.captions())}
+    images, _, captions = ds.sample(cfg.pool, np.random.default_rng([cfg.seed, 30]))
+    model = AutoencoderKL(vae_config)
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=AutoencoderKL.latents_from_images))
+    latents = np.concatenate([np.asarray(encode(vae_params, to_unit_range(images[i:i + batch])))
+                              for i in range(0, len(images), batch)])
+    return latents, np.array([index[c] for c in captions], np.int32)
+
+
+def text_states(text_params, text_config: CLIPTextConfig, prompts, tokenizer: CLIPTokenizer | None = None):
+    """The frozen text encoder's ``last_hidden_state`` for each prompt: (P, 77, D) float32."""
+    tokenizer = tokenizer or CLIPTokenizer.from_bpe_gz()
+    ids = tokenizer(list(prompts), CONTEXT_LENGTH)
+    return np.asarray(CLIPTextModel(text_config).apply({"params": text_params}, ids).last_hidden_state)
+
+
+def train_mini_unet(cfg: MiniSDConfig, latents, caption_index, contexts, progress: bool = True):
+    """Train the UNet on (latent, caption) pairs; ``contexts`` (P + 1, 77, D): every caption's text
+    states, the last row the empty prompt's.  Returns (EMA params, history)."""
+    from tqdm.auto import tqdm
+
+    config = cfg.unet_config()
+    model = UNet2DCondition(config)
+    alpha_bar = jnp.asarray(NoiseSchedule.from_name(SCHEDULER["beta_schedule"], 1000).alpha_bar, jnp.float32)
+    contexts = jnp.asarray(contexts)
+    empty = contexts.shape[0] - 1
+    key = jax.random.PRNGKey(cfg.seed)
+    params = jax.jit(model.init)(key, jnp.zeros((1, *latents.shape[1:])), jnp.zeros(1, jnp.int32),
+                                 contexts[:1])["params"]
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.unet_lr, 200, max(cfg.unet_steps, 201), cfg.unet_lr / 10)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+    state = {"params": params, "ema": params, "opt": tx.init(params)}
+
+    @jax.jit
+    def update(state, x0, cap, step):
+        k = jax.random.fold_in(key, step)
+        k_drop, k_loss = jax.random.split(k)
+        cap = jnp.where(jax.random.bernoulli(k_drop, cfg.cond_drop, cap.shape), empty, cap)  # "" for CFG
+        ctx = contexts[cap]
+
+        def loss_fn(p):
+            return diffusion_loss(lambda x_t, t: model.apply({"params": p}, x_t, t, ctx), x0, alpha_bar, k_loss,
+                                  PREDICTION)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        d = jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))  # EMA with warmup, as the toy trainer
+        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
+        return {"params": params, "ema": ema, "opt": opt}, loss
+
+    rng = np.random.default_rng([cfg.seed, 31])
+    history, pending, start = {"step": [], "loss": [], "seconds": 0.0}, [], time.perf_counter()
+    bar = tqdm(range(cfg.unet_steps), desc="train UNet", disable=not progress, unit="step")
+    for step in bar:
+        idx = rng.integers(len(latents), size=cfg.unet_batch)
+        state, loss = update(state, latents[idx], caption_index[idx], step)
+        pending.append(loss)
+        if (step + 1) % 50 == 0 or step + 1 == cfg.unet_steps:
+            history["step"].append(step + 1)
+            history["loss"].append(float(np.mean(jax.device_get(pending))))
+            pending = []
+            bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
+    history["seconds"] = time.perf_counter() - start
+    return jax.device_get(state["ema"]), history
+
+
+# --- all three, and the model file ----------------------------------------------------------------
+
+def train_mini_sd(cfg: MiniSDConfig | None = None, out="runs/mini_sd", progress: bool = True) -> Path:
+    """Train the three stages (each stage's result is kept in ``out`` and reused if present, so an
+    interrupted run continues at the stage it was in) and write ``out/mini_sd.safetensors`` + .json."""
+    from ..convert import StableDiffusionConfig, save_converted
+
+    cfg = cfg or MiniSDConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+    stamp = out / "settings.json"
+    if stamp.is_file() and stamp.read_text() != settings:  # another recipe's stages: start afresh
+        for name in ("vae.msgpack", "clip.msgpack", "unet.msgpack"):
+            (out / name).unlink(missing_ok=True)
+    stamp.write_text(settings)
+    log = json.loads((out / "history.json").read_text()) if (out / "history.json").is_file() else {}
+
+    if (out / "vae.msgpack").is_file():
+        saved = _load(out / "vae.msgpack")
+        vae_params, vae_config = saved["params"], cfg.vae_config(float(saved["scaling_factor"]))
+    else:
+        vae_params, vae_config, log["vae"] = train_mini_vae(cfg, progress)
+        _save(out / "vae.msgpack", {"params": vae_params, "scaling_factor": np.float32(vae_config.scaling_factor)})
+
+    text_config = cfg.text_config()
+    if (out / "clip.msgpack").is_file():
+        clip_params = _load(out / "clip.msgpack")
+    else:
+        clip_params, log["clip"] = train_clip(cfg.dataset(), text_config, steps=cfg.clip_steps, batch=cfg.clip_batch,
+                                              seed=cfg.seed, embed_dim=cfg.text_width, progress=progress)
+        log["clip"]["retrieval_accuracy"] = retrieval_accuracy(clip_params, cfg.dataset(held_out=False),
+                                                               text_config=text_config, embed_dim=cfg.text_width)
+        _save(out / "clip.msgpack", clip_params)
+    text_params = clip_params["text_model"]
+
+    if (out / "unet.msgpack").is_file():
+        unet_params = _load(out / "unet.msgpack")
+    else:
+        captions = cfg.dataset().captions()
+        contexts = text_states(text_params, text_config, [*captions, ""])
+        latents, caption_index = encode_pool(cfg, vae_params, vae_config)
+        unet_params, log["unet"] = train_mini_unet(cfg, latents, caption_index, contexts, progress)
+        _save(out / "unet.msgpack", unet_params)
+    (out / "history.json").write_text(json.dumps(log, indent=1))
+
+    config = StableDiffusionConfig(family="sd1", unet=cfg.unet_config(), vae=vae_config, text_encoder=text_config,
+                                   prediction_type="v_prediction", scheduler=dict(SCHEDULER), dtype="float16",
+                                   source={"trained_by": "minidiff train-mini-sd", "settings": dataclasses.asdict(cfg)})
+    params = {"unet": unet_params, "vae": vae_params, "text_encoder": unused_tokens_zeroed(text_params, cfg)}
+    half = jax.tree.map(lambda a: np.asarray(a, np.float16), params)
+    save_clip_towers(clip_params, cfg, out / CLIP_FILE)
+    return save_converted(half, config, out / "mini_sd.safetensors")[0]
+
+
+CLIP_FILE = "mini_sd_clip.safetensors"  # the image tower and projections, next to the model (lesson 9)
+
+
+def save_clip_towers(clip_params, cfg: MiniSDConfig, path) -> Path:
+    """The parts of the contrastive CLIP that the pipeline does not need (image tower, text
+    projection, temperature), float16, so that the lessons can redo CLIP's similarity matrix."""
+    from flax.traverse_util import flatten_dict
+    from safetensors.numpy import save_file
+
+    rest = {k: v for k, v in clip_params.items() if k != "text_model"}
+    flat = {k: np.ascontiguousarray(np.asarray(v, np.float16)).reshape(np.shape(v))
+            for k, v in flatten_dict(rest, sep="/").items()}
+    save_file(flat, str(path), metadata={"settings": json.dumps(dataclasses.asdict(cfg))})
+    return Path(path)
+
+
+def load_clip(model_path=None):
+    """(ContrastiveCLIP module, its params) of a mini model: the text tower from the model file, the
+    rest from ``mini_sd_clip.safetensors`` next to it (default: the built-in model)."""
+    from flax.traverse_util import unflatten_dict
+    from safetensors import safe_open
+
+    from ..convert import load_converted
+    from ..nn.clip import ContrastiveCLIP
+    from ..pipeline import MINI_MODEL
+
+    model_path = Path(model_path or MINI_MODEL)
+    clip_path = model_path.with_name(CLIP_FILE)
+    if not clip_path.is_file():
+        raise ValueError(f"{clip_path} not found: the CLIP image tower is written by `minidiff train-mini-sd`")
+    params, config = load_converted(model_path)
+    with safe_open(str(clip_path), "np") as f:
+        rest = unflatten_dict({k: f.get_tensor(k).astype(np.float32) for k in f.keys()}, sep="/")
+        settings = json.loads(f.metadata()["settings"])
+    text = jax.tree.map(lambda a: np.asarray(a, np.float32), params["text_encoder"])
+    model = ContrastiveCLIP(config.text_encoder, embed_dim=settings["text_width"])
+    return model, {**rest, "text_model": text}
+
+
+def unused_tokens_zeroed(text_params, cfg: MiniSDConfig):
+    """The text encoder with the token-embedding rows that no training caption uses set to zero.
+
+    Those 49,000-odd rows never received a gradient (they are their random initialisation, so a word
+    the model never saw means nothing either way); as zeros they cost nothing in git or a wheel,
+    which store files compressed."""
+    ids = CLIPTokenizer.from_bpe_gz()([*cfg.dataset(held_out=False).captions(), ""], CONTEXT_LENGTH)
+    table = np.asarray(text_params["embeddings"]["token_embedding"]["embedding"])
+    keep = np.zeros(len(table), bool)
+    keep[np.unique(ids)] = True
+    zeroed = np.where(keep[:, None], table, 0).astype(table.dtype)
+    embeddings = {**text_params["embeddings"], "token_embedding": {"embedding": zeroed}}
+    return {**text_params, "embeddings": embeddings}
+
+
+# --- measuring prompt following -------------------------------------------------------------------
+
+def evaluate_prompt_following(pipe, cfg: MiniSDConfig | None = None, samples_per_prompt: int = 2, steps: int = 30,
+                              guidance_scale: float = 7.5, seed: int = 0, batch: int = 108) -> dict:
+    """Fraction of pictures whose shape, colour and position the shapes classifier reads as the
+    prompt's, over the fixed prompt list (every shape x colour x position, sizes alternating), and the
+    same over the prompts whose (shape, colour) pair was held out of training."""
+    from .classifier import cached_classifier, evaluation_prompts, predict
+
+    cfg = cfg or MiniSDConfig()
+    ds = cfg.dataset(held_out=False)
+    prompts, labels = evaluation_prompts(ds)
+    images = []
+    for r in range(samples_per_prompt):
+        for i in range(0, len(prompts), batch):
+            images.append(pipe(prompts[i:i + batch], steps=steps, guidance_scale=guidance_scale,
+                               seed=seed + 1000 * r + i, height=cfg.image_size, width=cfg.image_size))
+    images = np.concatenate(images)
+    labels = {k: np.tile(v, samples_per_prompt) for k, v in labels.items()}
+    pred = predict(cached_classifier(ds), images)
+    right = {a: pred[a] == labels[a] for a in ("shape", "color", "position")}
+    joint = np.logical_and.reduce(list(right.values()))
+    pairs = {(ds.shapes[s], ds.colors[c]) for s, c in zip(labels["shape"], labels["color"])}
+    held = np.array([(ds.shapes[s], ds.colors[c]) in set(cfg.held_out) for s, c in zip(labels["shape"], labels["color"])])
+    out = {a: float(r.mean()) for a, r in right.items()}
+    out.update(joint=float(joint.mean()), joint_held_out=float(joint[held].mean()) if held.any() else None,
+               n=len(images), prompts=len(prompts), held_out_prompts=int(held.sum() // samples_per_prompt),
+               pairs=len(pairs))
+    return out, images
