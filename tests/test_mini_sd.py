@@ -50,6 +50,32 @@ def test_clip_loss_counts_repeated_captions_as_matches(rng):
     assert float(aligned) < float(clip_loss(jnp.asarray(t), jnp.asarray(v), np.log(50), jnp.eye(4)))
 
 
+def test_whitening_folds_per_channel_standardisation_into_the_1x1_convolutions():
+    """Latents of the whitened VAE have mean 0 and SD 1 in each channel on the pictures it was fitted
+    on; decoding its latents gives the pictures the original VAE gives (the same function)."""
+    from minidiff.images import to_unit_range
+    from minidiff.nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
+    from minidiff.train.autoencoder import init_params
+    from minidiff.train.mini_sd import whiten_latents
+
+    config = AutoencoderKLConfig.toy(16, block_out_channels=(8, 16), norm_num_groups=4, scaling_factor=1.0)
+    params = init_params(config, seed=0)
+    params["quant_conv"]["bias"] = params["quant_conv"]["bias"] + np.linspace(-1, 2, 8, dtype=np.float32)  # offsets
+    pictures = ShapesDataset(size=16, seed=0).sample(64)[0]
+    white, white_config = whiten_latents(params, config, pictures)
+    assert white_config.scaling_factor == 1.0
+    a, b = AutoencoderKL(config), AutoencoderKL(white_config)
+    x = to_unit_range(pictures)
+    z = np.asarray(b.apply({"params": white}, x, method=AutoencoderKL.latents_from_images))
+    np.testing.assert_allclose(z.mean(axis=(0, 1, 2)), 0, atol=1e-4)
+    np.testing.assert_allclose(z.std(axis=(0, 1, 2)), 1, rtol=1e-3)
+    z0 = np.asarray(a.apply({"params": params}, x, method=AutoencoderKL.latents_from_images))
+    assert np.abs(z0.mean(axis=(0, 1, 2))).max() > 0.1  # the original was off-centre
+    decoded = b.apply({"params": white}, jnp.asarray(z), method=AutoencoderKL.images_from_latents)
+    original = a.apply({"params": params}, jnp.asarray(z0), method=AutoencoderKL.images_from_latents)
+    np.testing.assert_allclose(np.asarray(decoded), np.asarray(original), atol=1e-4)
+
+
 TINY = MiniSDConfig(vae_steps=3, clip_steps=3, clip_batch=16, unet_steps=3, unet_batch=4, pool=64,
                     vae_channels=(16, 32), unet_channels=(16, 32), text_width=32, text_layers=1)
 

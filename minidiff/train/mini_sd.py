@@ -3,8 +3,8 @@
 SD's recipe in miniature, three stages, each frozen before the next:
 
 1. **VAE**: an ``AutoencoderKL`` with SD's block structure at f = 4 (32x32x3 pictures <-> 8x8x4
-   latents), L1 reconstruction + a tiny KL term; ``scaling_factor`` = 1 / std of its latents (SD's
-   0.18215 was chosen the same way).
+   latents), L1 reconstruction + a tiny KL term; then its latents are whitened per channel
+   (:func:`whiten_latents`, folded into its 1x1 convolutions), so ``scaling_factor`` is 1.
 2. **Text encoder**: a CLIP text tower (SD's BPE tokenizer and 77 positions, width 64) trained
    contrastively against a small image tower (:mod:`minidiff.train.clip`); then frozen, and its
    per-token states ``last_hidden_state`` (77 x 64) become the UNet's cross-attention context.
@@ -87,9 +87,8 @@ class MiniSDConfig:
         """The training pictures (without the held-out pairs), or with ``held_out=False`` all of them."""
         return ShapesDataset(size=self.image_size, seed=self.seed, exclude=self.held_out if held_out else ())
 
-    def vae_config(self, scaling_factor: float = 1.0) -> AutoencoderKLConfig:
-        return AutoencoderKLConfig.toy(self.image_size, block_out_channels=self.vae_channels,
-                                       scaling_factor=scaling_factor)
+    def vae_config(self) -> AutoencoderKLConfig:
+        return AutoencoderKLConfig.toy(self.image_size, block_out_channels=self.vae_channels, scaling_factor=1.0)
 
     def text_config(self) -> CLIPTextConfig:
         return CLIPTextConfig.toy(hidden_size=self.text_width, intermediate_size=4 * self.text_width,
@@ -114,15 +113,41 @@ def _load(path: Path):
 # --- stage 1: the autoencoder ---------------------------------------------------------------------
 
 def train_mini_vae(cfg: MiniSDConfig, progress: bool = True) -> tuple[dict, AutoencoderKLConfig, dict]:
-    """(params, config with its scaling_factor, history)."""
+    """(params, config, history): the autoencoder as trained, before :func:`whiten_latents`."""
     images = cfg.dataset().sample(4096, np.random.default_rng([cfg.seed, 10]))[0]
     config = cfg.vae_config()
     params, history = train_vae(images, config, steps=cfg.vae_steps, batch=cfg.vae_batch, crop=cfg.image_size,
                                 seed=cfg.seed, verbose=progress)
+    return params, config, history
+
+
+def whiten_latents(params, config: AutoencoderKLConfig, images) -> tuple[dict, AutoencoderKLConfig]:
+    """The same autoencoder, re-parametrised so that its latents have mean 0 and standard deviation 1
+    in every channel (scaling_factor 1): z' = (z - mu) / sigma, folded into the 1x1 convolutions.
+
+    A small VAE's latent channels sit far from 0 (here means of -0.7..1.5 with standard deviations
+    of 0.3..0.4); one global scaling_factor, SD's only knob, cannot remove that, and the diffusion
+    model then sees a faint picture on a large offset.  ``quant_conv`` makes the posterior's
+    (mean, logvar): its mean outputs become (W x + b - mu) / sigma, its logvar outputs shift by
+    -2 log sigma; ``post_quant_conv`` takes z = sigma z' + mu, i.e. W' = W diag(sigma),
+    b' = b + W mu.  Reconstructions do not change (up to rounding); the file format is SD's.
+    """
     model = AutoencoderKL(config)
-    z = model.apply({"params": params}, to_unit_range(images[:1024]), method=AutoencoderKL.encode).mean
-    scaling = float(1.0 / np.std(np.asarray(z)))
-    return params, replace(config, scaling_factor=round(scaling, 5)), history
+    z = np.asarray(model.apply({"params": params}, to_unit_range(np.asarray(images)), method=AutoencoderKL.encode).mean)
+    mu, sigma = z.mean(axis=(0, 1, 2)), z.std(axis=(0, 1, 2))
+    C = config.latent_channels
+    q, post = dict(params["quant_conv"]), dict(params["post_quant_conv"])
+    qk, qb = np.array(q["kernel"], np.float64), np.array(q["bias"], np.float64)
+    qk[..., :C] /= sigma
+    qb[:C] = (qb[:C] - mu) / sigma
+    qb[C:] -= 2 * np.log(sigma)
+    pk, pb = np.array(post["kernel"], np.float64), np.array(post["bias"], np.float64)
+    pb = pb + mu @ pk[0, 0]
+    pk = pk * sigma[None, None, :, None]
+    dtype = np.asarray(q["kernel"]).dtype
+    out = {**params, "quant_conv": {"kernel": qk.astype(dtype), "bias": qb.astype(dtype)},
+           "post_quant_conv": {"kernel": pk.astype(dtype), "bias": pb.astype(dtype)}}
+    return out, replace(config, scaling_factor=1.0)
 
 
 # --- stage 3: the UNet ----------------------------------------------------------------------------
@@ -217,11 +242,12 @@ def train_mini_sd(cfg: MiniSDConfig | None = None, out="runs/mini_sd", progress:
     log = json.loads((out / "history.json").read_text()) if (out / "history.json").is_file() else {}
 
     if (out / "vae.msgpack").is_file():
-        saved = _load(out / "vae.msgpack")
-        vae_params, vae_config = saved["params"], cfg.vae_config(float(saved["scaling_factor"]))
+        vae_params, vae_config = _load(out / "vae.msgpack"), cfg.vae_config()
     else:
         vae_params, vae_config, log["vae"] = train_mini_vae(cfg, progress)
-        _save(out / "vae.msgpack", {"params": vae_params, "scaling_factor": np.float32(vae_config.scaling_factor)})
+        _save(out / "vae.msgpack", vae_params)
+    pictures = cfg.dataset().sample(1024, np.random.default_rng([cfg.seed, 11]))[0]
+    vae_params, vae_config = whiten_latents(vae_params, vae_config, pictures)
 
     text_config = cfg.text_config()
     if (out / "clip.msgpack").is_file():
