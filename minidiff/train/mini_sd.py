@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jax
@@ -355,8 +355,9 @@ def evaluate_prompt_following(pipe, cfg: MiniSDConfig | None = None, samples_per
     pred = predict(cached_classifier(ds), images)
     right = {a: pred[a] == labels[a] for a in ("shape", "color", "position")}
     joint = np.logical_and.reduce(list(right.values()))
-    pairs = {(ds.shapes[s], ds.colors[c]) for s, c in zip(labels["shape"], labels["color"])}
-    held = np.array([(ds.shapes[s], ds.colors[c]) in set(cfg.held_out) for s, c in zip(labels["shape"], labels["color"])])
+    asked = [(ds.shapes[s], ds.colors[c]) for s, c in zip(labels["shape"], labels["color"])]  # (shape, colour) per sample
+    pairs, held_out = set(asked), set(cfg.held_out)
+    held = np.array([pair in held_out for pair in asked])
     out = {a: float(r.mean()) for a, r in right.items()}
     out.update(joint=float(joint.mean()), joint_held_out=float(joint[held].mean()) if held.any() else None,
                n=len(images), prompts=len(prompts), held_out_prompts=int(held.sum() // samples_per_prompt),
