@@ -263,12 +263,17 @@ def _train_mini_sd(args):
 
 def _evaluate_mini_sd(args):
     from .pipeline import load_pipeline
-    from .train.mini_sd import evaluate_prompt_following
+    from .train.mini_sd import evaluate_prompt_following, guidance_figure
 
     pipe = load_pipeline(args.model)
-    metrics, _ = evaluate_prompt_following(pipe, samples_per_prompt=args.samples_per_prompt, steps=args.steps,
-                                           guidance_scale=args.guidance, seed=args.seed)
-    _print_metrics(f"{pipe.name}, prompt following at guidance {args.guidance}, {args.steps} DDIM steps:", metrics)
+    results = {}
+    for g in args.guidance:
+        metrics, images = evaluate_prompt_following(pipe, samples_per_prompt=args.samples_per_prompt, steps=args.steps,
+                                                    guidance_scale=g, seed=args.seed)
+        _print_metrics(f"{pipe.name}, prompt following at guidance {g}, {args.steps} DDIM steps:", metrics)
+        results[g] = (metrics, images)
+    if args.figure:
+        print(f"wrote {guidance_figure(results, args.figure)}")
 
 
 def _add_txt2img(sub):
@@ -428,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", help="default: the built-in mini model")
     m.add_argument("--samples-per-prompt", type=int, default=2)
     m.add_argument("--steps", type=int, default=30)
-    m.add_argument("--guidance", type=float, default=7.5)
+    m.add_argument("--guidance", type=float, nargs="+", default=[7.5], help="one or more scales (default: 7.5)")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--figure", help="save a PNG: the same prompts and seeds at each guidance scale, with the accuracies")
     m.set_defaults(func=_evaluate_mini_sd)
 
     c = sub.add_parser("convert", help="convert a Stable Diffusion 1.x / 2.x checkpoint (diffusers folder, "

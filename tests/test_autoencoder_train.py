@@ -60,6 +60,28 @@ def test_vae_loss_is_reconstruction_plus_weighted_kl_per_pixel_value():
     assert float(aux["kl"]) > 0 and 0 < float(aux["sigma"])
 
 
+def test_foreground_weight_counts_non_black_pixels_1_plus_w_times():
+    model, params = AutoencoderKL(TINY), init_params(TINY, seed=1)
+    x = np.full((2, 8, 8, 3), -1.0, np.float32)
+    x[0, 2:5, 3:6] = [1.0, -1.0, -1.0]                            # a red square on black
+    x[1, 0:2, 0:8, 2] = 0.5                                        # a blue stripe
+    key = jax.random.PRNGKey(3)
+    loss, _ = jax.jit(lambda p, x, k: vae_loss(model, p, x, k, kl_weight=0.0, foreground_weight=4.0))(params, x, key)
+    z = model.apply({"params": params}, x, method=AutoencoderKL.encode).sample(key)
+    x_hat = np.asarray(model.apply({"params": params}, z, method=AutoencoderKL.decode))
+    w = np.where((x > -0.9).any(axis=-1, keepdims=True), 5.0, 1.0)
+    expected = (w * np.abs(x - x_hat)).sum() / (w.sum() * 3)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_init_logvar_starts_the_posterior_at_that_sigma():
+    photos = [smooth_photo()]
+    params, _ = train_vae(photos, TINY, steps=0, crop=8, init_logvar=-6.0)
+    posterior = AutoencoderKL(TINY).apply({"params": params}, random_crops(photos, 2, 8, np.random.default_rng(0)),
+                                          method=AutoencoderKL.encode)
+    np.testing.assert_allclose(np.asarray(posterior.std).mean(), np.exp(-3.0), rtol=0.5)
+
+
 @pytest.mark.slow
 def test_a_few_steps_lower_the_reconstruction_error():
     photos = [smooth_photo(), smooth_photo(32, 24)]

@@ -1,6 +1,7 @@
 """The built-in mini Stable Diffusion: its contrastive CLIP loss, its training stages (tiny settings),
 and the shipped model itself (prompt following judged by the shapes classifier)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -96,6 +97,8 @@ def test_train_mini_sd_writes_a_loadable_float16_model(tiny_model):
     config = json.loads(tiny_model.with_suffix(".json").read_text())
     assert config["prediction_type"] == "v_prediction" and config["scheduler"]["beta_schedule"] == "cosine"
     assert config["source"]["settings"]["held_out"] == [list(p) for p in TINY.held_out]
+    history = json.loads((tiny_model.parent / "history.json").read_text())
+    assert {"color", "shape", "position", "joint"} <= set(history["vae"]["reconstruction_accuracy"])
     pipe = P.load_pipeline(tiny_model)
     images = pipe(["a small red circle in the top left"], steps=2, seed=0)
     assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
@@ -121,6 +124,26 @@ def test_a_rerun_reuses_finished_stages_and_other_settings_start_afresh(tiny_mod
     train_mini_sd(TINY, out, progress=False)
     assert (out / "vae.msgpack").stat().st_mtime_ns == stamp["vae.msgpack"]
     assert (out / "unet.msgpack").is_file()
+    mtimes = lambda: {n: (out / f"{n}.msgpack").stat().st_mtime_ns for n in ("vae", "clip", "unet")}  # noqa: E731
+    before = mtimes()
+    train_mini_sd(dataclasses.replace(TINY, vae_steps=4), out, progress=False)  # a VAE setting: VAE and UNet again
+    after = mtimes()
+    assert after["clip"] == before["clip"] and after["vae"] != before["vae"] and after["unet"] != before["unet"]
+    train_mini_sd(dataclasses.replace(TINY, vae_steps=4, clip_steps=4), out, progress=False)  # CLIP: CLIP and UNet
+    last = mtimes()
+    assert last["vae"] == after["vae"] and last["clip"] != after["clip"] and last["unet"] != after["unet"]
+
+
+@pytest.mark.slow
+def test_evaluate_cli_prints_each_guidance_scale_and_saves_the_figure(tiny_model, tmp_path, capsys):
+    from PIL import Image
+
+    figure = tmp_path / "guidance.png"
+    assert main(["evaluate-mini-sd", "--model", str(tiny_model), "--samples-per-prompt", "1", "--steps", "1",
+                 "--guidance", "1", "3", "--figure", str(figure)]) == 0
+    out = capsys.readouterr().out
+    assert "guidance 1.0" in out and "guidance 3.0" in out and "joint" in out
+    assert Image.open(figure).size[0] > 400
 
 
 def test_training_pictures_never_show_a_held_out_pair():

@@ -3,7 +3,12 @@
 SD's recipe in miniature, three stages, each frozen before the next:
 
 1. **VAE**: an ``AutoencoderKL`` with SD's block structure at f = 4 (32x32x3 pictures <-> 8x8x4
-   latents), L1 reconstruction + a tiny KL term; then its latents are whitened per channel
+   latents), L1 reconstruction + a tiny KL term, with two changes that a short run needs: the shape
+   pixels weigh 11x in the L1 (the black background rules a plain mean, and a decoder that draws
+   every shape as a blob of the mean colour scores well on it), and the posterior's sigma starts at
+   0.05 instead of 1 (noise that large drowns the early latents; the decoder then learns the average
+   picture).  The shapes classifier then scores its reconstructions (:func:`reconstruction_accuracy`;
+   the UNet cannot draw what the decoder cannot).  Then its latents are whitened per channel
    (:func:`whiten_latents`, folded into its 1x1 convolutions), so ``scaling_factor`` is 1.
 2. **Text encoder**: a CLIP text tower (SD's BPE tokenizer and 77 positions, width 64) trained
    contrastively against a small image tower (:mod:`minidiff.train.clip`); then frozen, and its
@@ -33,9 +38,9 @@ import numpy as np
 import optax
 from flax import serialization
 
-from ..data import ShapesDataset
+from ..data import ShapesDataset, ShapeSpec
 from ..diffusion import NoiseSchedule
-from ..images import to_unit_range
+from ..images import to_uint8, to_unit_range
 from ..nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from ..nn.clip import CLIPTextConfig, CLIPTextModel
 from ..nn.unet import UNet2DCondition, UNetConfig
@@ -60,9 +65,13 @@ class MiniSDConfig:
     image_size: int = 32
     held_out: tuple = (("circle", "blue"), ("triangle", "yellow"), ("square", "red"))  # (shape, colour) never drawn
     # 1. VAE
-    vae_channels: tuple = (16, 32, 32)  # f = 4: 32x32x3 pictures <-> 8x8x4 latents
-    vae_steps: int = 500
+    vae_channels: tuple = (16, 32, 32)  # f = 4: 32x32x3 pictures <-> 8x8xC latents
+    vae_latent_channels: int = 4
+    vae_steps: int = 2000
     vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_foreground_weight: float = 10.0  # shape pixels count 11x in the L1 (the black background rules it otherwise)
+    vae_init_logvar: float = -6.0        # start sigma at 0.05: with sigma 1 a short run learns the mean picture
     # 2. CLIP
     text_width: int = 64
     text_layers: int = 2
@@ -75,6 +84,7 @@ class MiniSDConfig:
     unet_batch: int = 32
     unet_lr: float = 1e-3
     cond_drop: float = 0.1
+    size_word_drop: float = 0.5  # this fraction of training captions leaves the size out ("a red circle in the top left")
     ema_decay: float = 0.999
     pool: int = 16384  # pictures encoded once into latents, drawn from at every step
 
@@ -88,7 +98,8 @@ class MiniSDConfig:
         return ShapesDataset(size=self.image_size, seed=self.seed, exclude=self.held_out if held_out else ())
 
     def vae_config(self) -> AutoencoderKLConfig:
-        return AutoencoderKLConfig.toy(self.image_size, block_out_channels=self.vae_channels, scaling_factor=1.0)
+        return AutoencoderKLConfig.toy(self.image_size, block_out_channels=self.vae_channels,
+                                       latent_channels=self.vae_latent_channels, scaling_factor=1.0)
 
     def text_config(self) -> CLIPTextConfig:
         return CLIPTextConfig.toy(hidden_size=self.text_width, intermediate_size=4 * self.text_width,
@@ -96,7 +107,8 @@ class MiniSDConfig:
 
     def unet_config(self) -> UNetConfig:
         latent = self.image_size // 2 ** (len(self.vae_channels) - 1)
-        return UNetConfig(sample_size=latent, in_channels=4, out_channels=4, block_out_channels=self.unet_channels,
+        C = self.vae_latent_channels
+        return UNetConfig(sample_size=latent, in_channels=C, out_channels=C, block_out_channels=self.unet_channels,
                           layers_per_block=1, attention=self.unet_attention, mid_block_attention=True,
                           num_attention_heads=4, cross_attention_dim=self.text_width, norm_num_groups=16,
                           attention_chunk_size=None)
@@ -117,8 +129,26 @@ def train_mini_vae(cfg: MiniSDConfig, progress: bool = True) -> tuple[dict, Auto
     images = cfg.dataset().sample(4096, np.random.default_rng([cfg.seed, 10]))[0]
     config = cfg.vae_config()
     params, history = train_vae(images, config, steps=cfg.vae_steps, batch=cfg.vae_batch, crop=cfg.image_size,
-                                seed=cfg.seed, verbose=progress)
+                                lr=cfg.vae_lr, seed=cfg.seed, verbose=progress,
+                                foreground_weight=cfg.vae_foreground_weight,
+                                init_logvar=cfg.vae_init_logvar)
     return params, config, history
+
+
+def reconstruction_accuracy(vae_params, vae_config: AutoencoderKLConfig, cfg: MiniSDConfig, n: int = 300) -> dict:
+    """How much of a picture survives the autoencoder: the shapes classifier's accuracy on
+    decode(encode(x)) for ``n`` fresh pictures (held-out pairs included).  The UNet can only draw
+    what the decoder can, so this bounds the prompt following of the whole model."""
+    from .classifier import cached_classifier, score
+
+    ds = cfg.dataset(held_out=False)
+    images, labels, _ = replace(ds, seed=cfg.seed + 7).sample(n)
+    model = AutoencoderKL(vae_config)
+    roundtrip = jax.jit(lambda p, x: model.apply({"params": p}, model.apply(
+        {"params": p}, x, method=AutoencoderKL.latents_from_images), method=AutoencoderKL.images_from_latents))
+    decoded = np.concatenate([np.asarray(roundtrip(vae_params, to_unit_range(images[i:i + 100])))
+                              for i in range(0, n, 100)])
+    return score(cached_classifier(ds), to_uint8(decoded), labels)
 
 
 def whiten_latents(params, config: AutoencoderKLConfig, images) -> tuple[dict, AutoencoderKLConfig]:
@@ -172,9 +202,21 @@ def text_states(text_params, text_config: CLIPTextConfig, prompts, tokenizer: CL
     return np.asarray(CLIPTextModel(text_config).apply({"params": text_params}, ids).last_hidden_state)
 
 
-def train_mini_unet(cfg: MiniSDConfig, latents, caption_index, contexts, progress: bool = True):
+def prompt_captions(cfg: MiniSDConfig) -> tuple[list[str], np.ndarray]:
+    """The captions the UNet is trained on: every combination's caption (``cfg.dataset().captions()``,
+    in that order), then the same without the size word ("a red circle in the top left"), so that a
+    prompt need not name every attribute; and for caption i, the index of its shorter form."""
+    full = cfg.dataset().captions()
+    specs = [ShapeSpec(*names) for names in cfg.dataset().combinations]
+    short = [c.replace(f"a {spec.size} ", "a ", 1) for c, spec in zip(full, specs)]
+    unique = list(dict.fromkeys(short))
+    return full + unique, np.array([len(full) + unique.index(c) for c in short], np.int32)
+
+
+def train_mini_unet(cfg: MiniSDConfig, latents, caption_index, contexts, progress: bool = True, shorter=None):
     """Train the UNet on (latent, caption) pairs; ``contexts`` (P + 1, 77, D): every caption's text
-    states, the last row the empty prompt's.  Returns (EMA params, history)."""
+    states, the last row the empty prompt's.  ``shorter[i]``: the row of caption i without its size
+    word, used instead of it in a fraction ``cfg.size_word_drop`` of the pairs.  Returns (EMA params, history)."""
     from tqdm.auto import tqdm
 
     config = cfg.unet_config()
@@ -192,7 +234,9 @@ def train_mini_unet(cfg: MiniSDConfig, latents, caption_index, contexts, progres
     @jax.jit
     def update(state, x0, cap, step):
         k = jax.random.fold_in(key, step)
-        k_drop, k_loss = jax.random.split(k)
+        k_drop, k_short, k_loss = jax.random.split(k, 3)
+        if shorter is not None:
+            cap = jnp.where(jax.random.bernoulli(k_short, cfg.size_word_drop, cap.shape), shorter[cap], cap)
         cap = jnp.where(jax.random.bernoulli(k_drop, cfg.cond_drop, cap.shape), empty, cap)  # "" for CFG
         ctx = contexts[cap]
 
@@ -225,27 +269,47 @@ def train_mini_unet(cfg: MiniSDConfig, latents, caption_index, contexts, progres
 
 # --- all three, and the model file ----------------------------------------------------------------
 
-def train_mini_sd(cfg: MiniSDConfig | None = None, out="runs/mini_sd", progress: bool = True) -> Path:
+def stage_settings(cfg: MiniSDConfig) -> dict:
+    """The settings each stage's result depends on: the VAE and CLIP on their own fields (and the
+    data), the UNet on everything (it is trained on both)."""
+    everything = dataclasses.asdict(cfg)
+    data = {k: everything[k] for k in ("seed", "image_size", "held_out")}
+    own = lambda prefixes: {**data, **{k: v for k, v in everything.items() if k.startswith(prefixes)}}  # noqa: E731
+    return {"vae": own(("vae_",)), "clip": own(("text_", "clip_")), "unet": everything}
+
+
+def train_mini_sd(cfg: MiniSDConfig | None = None, out="runs/mini_sd", progress: bool = True,
+                  check_vae: bool = True) -> Path:
     """Train the three stages (each stage's result is kept in ``out`` and reused if present, so an
-    interrupted run continues at the stage it was in) and write ``out/mini_sd.safetensors`` + .json."""
+    interrupted run continues at the stage it was in) and write ``out/mini_sd.safetensors`` + .json.
+    ``check_vae``: score the autoencoder's reconstructions with the shapes classifier
+    (:func:`reconstruction_accuracy`, kept in history.json)."""
     from ..convert import StableDiffusionConfig, save_converted
 
     cfg = cfg or MiniSDConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
     stamp = out / "settings.json"
-    if stamp.is_file() and stamp.read_text() != settings:  # another recipe's stages: start afresh
-        for name in ("vae.msgpack", "clip.msgpack", "unet.msgpack"):
-            (out / name).unlink(missing_ok=True)
-    stamp.write_text(settings)
+    old = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    new = json.loads(json.dumps(stage_settings(cfg)))  # tuples as lists, as read back from the file
     log = json.loads((out / "history.json").read_text()) if (out / "history.json").is_file() else {}
+    for name in ("vae", "clip", "unet"):              # a stage made by another recipe is made afresh
+        if old.get(name) != new[name] or not (out / f"{name}.msgpack").is_file():
+            (out / f"{name}.msgpack").unlink(missing_ok=True)
+            log.pop(name, None)
+    stamp.write_text(json.dumps(new, indent=1, sort_keys=True))
 
     if (out / "vae.msgpack").is_file():
         vae_params, vae_config = _load(out / "vae.msgpack"), cfg.vae_config()
     else:
         vae_params, vae_config, log["vae"] = train_mini_vae(cfg, progress)
         _save(out / "vae.msgpack", vae_params)
+    if check_vae and "reconstruction_accuracy" not in log.get("vae", {}):
+        accuracy = reconstruction_accuracy(vae_params, vae_config, cfg)
+        log.setdefault("vae", {})["reconstruction_accuracy"] = accuracy
+        if progress:
+            print("autoencoder: the shapes classifier on its reconstructions:",
+                  ", ".join(f"{k} {v:.1%}" for k, v in accuracy.items()))
     pictures = cfg.dataset().sample(1024, np.random.default_rng([cfg.seed, 11]))[0]
     vae_params, vae_config = whiten_latents(vae_params, vae_config, pictures)
 
@@ -263,10 +327,11 @@ def train_mini_sd(cfg: MiniSDConfig | None = None, out="runs/mini_sd", progress:
     if (out / "unet.msgpack").is_file():
         unet_params = _load(out / "unet.msgpack")
     else:
-        captions = cfg.dataset().captions()
+        captions, shorter = prompt_captions(cfg)
         contexts = text_states(text_params, text_config, [*captions, ""])
         latents, caption_index = encode_pool(cfg, vae_params, vae_config)
-        unet_params, log["unet"] = train_mini_unet(cfg, latents, caption_index, contexts, progress)
+        unet_params, log["unet"] = train_mini_unet(cfg, latents, caption_index, contexts, progress,
+                                                   shorter=jnp.asarray(shorter))
         _save(out / "unet.msgpack", unet_params)
     (out / "history.json").write_text(json.dumps(log, indent=1))
 
@@ -363,3 +428,45 @@ def evaluate_prompt_following(pipe, cfg: MiniSDConfig | None = None, samples_per
                n=len(images), prompts=len(prompts), held_out_prompts=int(held.sum() // samples_per_prompt),
                pairs=len(pairs))
     return out, images
+
+
+def guidance_figure(results: dict, path, columns: int = 8, cfg: MiniSDConfig | None = None) -> Path:
+    """One row per guidance scale ({scale: (metrics, images)} from :func:`evaluate_prompt_following`,
+    same seeds), the same prompts in the columns (the held-out pairs first), each row titled with its
+    accuracies."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .classifier import evaluation_prompts
+
+    cfg = cfg or MiniSDConfig()
+    prompts, labels = evaluation_prompts(cfg.dataset(held_out=False))
+    shapes, colors = cfg.dataset().shapes, cfg.dataset().colors
+    held = [i for i in range(len(prompts)) if (shapes[labels["shape"][i]], colors[labels["color"][i]]) in cfg.held_out]
+    seen = [i for i in range(len(prompts)) if i not in held]
+    half = columns // 2
+    chosen = held[::max(1, len(held) // half)][:half] + seen[::max(1, len(seen) // (columns - half))][:columns - half]
+    fig, axes = plt.subplots(len(results), len(chosen), figsize=(1.6 * len(chosen), 1.9 * len(results) + 0.4),
+                             squeeze=False)
+    for row, (g, (metrics, images)) in zip(axes, results.items()):
+        for ax, i in zip(row, chosen):
+            ax.imshow(images[i], interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if ax is row[0]:
+                ax.set_ylabel(f"guidance {g:g}", fontsize=9)
+        held_text = "" if metrics["joint_held_out"] is None else f", held-out pairs {metrics['joint_held_out']:.0%}"
+        row[0].set_title(f"guidance {g:g}: all three right {metrics['joint']:.0%}{held_text}  (colour "
+                         f"{metrics['color']:.0%}, shape {metrics['shape']:.0%}, position {metrics['position']:.0%})",
+                         fontsize=9, loc="left")
+    for ax, i in zip(axes[-1], chosen):
+        ax.set_xlabel(("*" if i in held else "") + textwrap.fill(prompts[i].removeprefix("a "), 16), fontsize=7)
+    fig.suptitle("the same seeds at each guidance scale (* = a (shape, colour) pair never seen in training)", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,6 +1,3 @@
-# DRAFT: lesson 9 waits for the built-in mini SD (minidiff/assets/mini_sd.safetensors); move it to
-# lessons/09_text_to_image.py once `minidiff train-mini-sd --install` has made one that passes its floor.
-# ---
 # jupyter:
 #   jupytext:
 #     formats: py:percent
