@@ -181,9 +181,10 @@ def test_the_built_in_model_draws_the_done_when_prompt(tmp_path, capsys):
 @needs_model
 @pytest.mark.slow
 def test_the_built_in_model_follows_prompts_including_held_out_pairs():
-    """A quarter of the README's measurement (one sample per prompt, 20 steps): well above chance
-    (1/108 for all three attributes) on all prompts and on the held-out (shape, colour) pairs."""
+    """Half of the README's measurement (one sample per prompt, 20 steps; README: 81.5 % overall,
+    52 % held-out at 30 steps): far above chance (1/108 for all three attributes) on all prompts and
+    on the held-out (shape, colour) pairs."""
     metrics, images = evaluate_prompt_following(P.load_pipeline(), samples_per_prompt=1, steps=20)
     assert metrics["prompts"] >= 50 and images.shape == (metrics["n"], 32, 32, 3)
-    assert metrics["joint"] >= 0.6, metrics
+    assert metrics["joint"] >= 0.7, metrics
     assert metrics["joint_held_out"] >= 0.3, metrics

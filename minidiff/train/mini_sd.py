@@ -465,8 +465,7 @@ def guidance_figure(results: dict, path, columns: int = 8, cfg: MiniSDConfig | N
     for ax, i in zip(axes[-1], chosen):
         ax.set_xlabel(("*" if i in held else "") + textwrap.fill(prompts[i].removeprefix("a "), 16), fontsize=7)
     fig.suptitle("the same seeds at each guidance scale (* = a (shape, colour) pair never seen in training)", fontsize=9)
-    fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
