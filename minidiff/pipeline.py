@@ -292,7 +292,7 @@ class StableDiffusion:
         if key not in self._placed:
             def cast(a):
                 a = np.asarray(a)
-                return a.astype(DTYPES[dtype]) if np.issubdtype(a.dtype, np.floating) or a.dtype == jnp.bfloat16 else a
+                return a.astype(DTYPES[dtype], copy=False) if np.issubdtype(a.dtype, np.floating) or a.dtype == jnp.bfloat16 else a
 
             self._placed.clear()
             host = jax.tree.map(cast, self.params)
