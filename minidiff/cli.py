@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 
 def _demo(args):
     from . import demo
@@ -34,6 +36,7 @@ def _train(args):
             seed=args.seed, schedule=args.schedule, warmup=args.warmup, ema_decay=args.ema, cond_drop=args.cond_drop,
             sample_every=args.sample_every, checkpoint_every=args.checkpoint_every, model_kwargs=model_kwargs,
             grad_clip=args.grad_clip, patch_size=args.patch_size, min_snr_gamma=args.min_snr_gamma,
+            latent=True if args.latent else None,
             lr_decay=False if args.no_lr_decay else None,
         )
         trainer = Trainer(config, out)
@@ -226,6 +229,11 @@ def _txt2img(args):
             init = np.asarray(Image.fromarray(init).resize(size, Image.Resampling.LANCZOS))
 
     pipe = load_pipeline(args.model)
+    added = []
+    for path in args.embedding or []:
+        added += pipe.load_textual_inversion(path, token=args.token if len(args.embedding) == 1 else None)
+    if args.token and len(args.embedding or []) != 1:
+        raise ValueError("--token renames the word of a single --embedding file")
     images = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   seed=args.seed, sampler=args.sampler, eta=args.eta, height=args.height, width=args.width,
                   num_images_per_prompt=args.n, init_image=init, strength=strength, dtype=dtype,
@@ -236,6 +244,8 @@ def _txt2img(args):
             "model": pipe.name}
     if init is not None:
         meta.update(init_image=args.init_image, strength=strength)
+    if added:
+        meta.update(embeddings=", ".join(args.embedding), added_tokens=" ".join(added))
     pixels = images[0] if args.n == 1 else image_grid(images, min(args.n, 4))
     print(f"wrote {save_png(args.output, pixels, meta)}")
 
@@ -276,6 +286,185 @@ def _evaluate_mini_sd(args):
         print(f"wrote {guidance_figure(results, args.figure)}")
 
 
+# --- fine-tuning: textual inversion and DreamBooth ------------------------------------------------------
+
+def _draw_subject(args):
+    from .train.finetune import draw_subject
+
+    print(f"wrote {draw_subject(args.kind, seed=args.seed).save(args.out)} (pictures + captions with {{}} for the "
+          "identifier)")
+
+
+def _subject_grid(pipe, subject, identifier, path, meta, seed=0):
+    """The subject's captions with the identifier, then the five positions it was never drawn at."""
+    from .data import POSITIONS
+    from .images import save_png
+    from .train.diffusion import image_grid
+    from .train.finetune import where
+
+    shape = subject.captions[0].split("{}")[1].split()[0]
+    seen = subject.prompts(identifier)
+    unseen = [f"a {identifier} {shape} {where(p)}" for p in POSITIONS if f"a {identifier} {shape} {where(p)}" not in seen]
+    prompts = seen + unseen
+    images = pipe(prompts, seed=seed, num_images_per_prompt=2)
+    rows = [images[0::2], images[1::2]]
+    grid = image_grid(np.concatenate([subject.images, np.zeros_like(images[:len(prompts) - len(subject.images)]), *rows]),
+                      len(prompts))
+    k = max(1, 128 // subject.images.shape[1])  # small pictures: shown k times larger (nearest neighbour)
+    save_png(path, grid.repeat(k, 0).repeat(k, 1),
+             {**meta, "rows": "the subject's pictures; then two seeds of: " + " | ".join(prompts), "seed": seed})
+    return path
+
+
+def _given(**kwargs) -> dict:
+    """The options given on the command line (the config's own defaults fill the rest)."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _write_history(out: Path, history: dict, extra: dict):
+    (out / "history.json").write_text(json.dumps({**history, **extra}, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+def _textual_inversion(args):
+    from .pipeline import load_pipeline
+    from .train.finetune import load_subject
+    from .train.textual_inversion import TextualInversionConfig, save_embedding, train_textual_inversion
+
+    subject = load_subject(args.subject, caption=args.caption)
+    cfg = TextualInversionConfig(**_given(token=args.token, init_word=args.init_word, steps=args.steps, lr=args.lr,
+                                          batch=args.batch, seed=args.seed))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(args.model)
+    meta = {"model": pipe.name, "subject": str(args.subject), "captions": subject.captions, **vars(cfg)}
+
+    def checkpoint(step, vector):
+        save_embedding(out / f"learned_embeds-{step}.safetensors", cfg.token, vector, {**meta, "step": step})
+
+    vector, history = train_textual_inversion(pipe, subject, cfg, progress=not args.no_progress,
+                                              checkpoint=checkpoint, checkpoint_every=args.save_every)
+    path = save_embedding(out / "learned_embeds.safetensors", cfg.token, vector, {**meta, "step": cfg.steps})
+    _write_history(out, history, {"subject": str(args.subject)})
+    print(f"wrote {path} ({path.stat().st_size:,} bytes; loss {history['loss'][0]:.4f} -> {history['loss'][-1]:.4f}, "
+          f"{history['seconds']:.0f} s)")
+    if not args.no_samples:
+        pipe.add_tokens({cfg.token: vector})
+        grid = _subject_grid(pipe, subject, cfg.token, out / "samples.png", {"embedding": str(path), **meta})
+        print(f"wrote {grid}")
+    print(f'use it: minidiff txt2img "{subject.prompts(cfg.token)[0]}" --embedding {path}')
+
+
+def _dreambooth(args):
+    from dataclasses import replace
+
+    import jax
+
+    from .convert import save_converted
+    from .pipeline import StableDiffusion, load_model
+    from .train.dreambooth import DreamBoothConfig, train_dreambooth
+    from .train.finetune import load_subject
+
+    subject = load_subject(args.subject, caption=args.caption)
+    if args.no_prior and args.prior_weight:
+        raise ValueError("--no-prior and --prior-weight contradict each other")
+    cfg = DreamBoothConfig(**_given(identifier=args.identifier, steps=args.steps, lr=args.lr, batch=args.batch,
+                                    prior_weight=0.0 if args.no_prior else args.prior_weight,
+                                    class_images=args.class_images, remat=args.gradient_checkpointing, seed=args.seed))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    params, config, path = load_model(args.model)
+    pipe = StableDiffusion.from_config(params, config, name=str(path))
+    dtype = np.float16 if config.dtype == "float16" else np.float32
+    source = {**config.source, "dreambooth": {"base": str(path), "subject": str(args.subject),
+                                              "captions": subject.captions, **vars(cfg)}}
+
+    def save(unet, name):
+        tuned = {**params, "unet": jax.tree.map(lambda a: np.asarray(a, dtype), unet)}
+        return save_converted(tuned, replace(config, source=source), out / name)[0]
+
+    unet, history = train_dreambooth(pipe, subject, cfg, progress=not args.no_progress,
+                                     checkpoint=lambda step, p: save(p, f"model-{step}.safetensors"),
+                                     checkpoint_every=args.save_every)
+    model = save(unet, "model.safetensors")
+    _write_history(out, history, {"subject": str(args.subject)})
+    print(f"wrote {model} ({model.stat().st_size / 2**20:.1f} MB; loss {history['loss'][0]:.4f} -> "
+          f"{history['loss'][-1]:.4f}, {history['seconds']:.0f} s)")
+    if not args.no_samples:
+        tuned = StableDiffusion.from_config({**params, "unet": unet}, config, name=str(model))
+        print(f"wrote {_subject_grid(tuned, subject, cfg.identifier, out / 'samples.png', {'model': str(model)})}")
+    print(f'use it: minidiff txt2img "{subject.prompts(cfg.identifier)[0]}" --model {model}')
+
+
+def _evaluate_finetune(args):
+    from .pipeline import load_pipeline
+    from .train.finetune import evaluate_class, evaluate_subject
+
+    pipe = load_pipeline(args.model)
+    identifier = args.identifier
+    for path in args.embedding or []:
+        identifier = identifier or pipe.load_textual_inversion(path)[0]
+    if identifier is None:
+        raise ValueError("give --identifier (the word in the prompts, e.g. sks) or an --embedding")
+    metrics, _ = evaluate_subject(pipe, args.kind, identifier, args.samples, args.steps, args.guidance, args.seed)
+    _print_metrics(f"{pipe.name}: prompts with {identifier!r} ({args.kind}), guidance {args.guidance}:", metrics)
+    if args.kind == "ring":
+        _print_metrics("the class around it:", evaluate_class(pipe, args.samples, args.steps, args.guidance, args.seed))
+
+
+def _add_finetune(sub):
+    d = sub.add_parser("draw-subject", help="draw a subject the built-in model never saw (pictures + captions), "
+                                            "to fine-tune on")
+    d.add_argument("kind", choices=("ring", "orange"), help="ring: one red ring at 4 places (DreamBooth's subject); "
+                                                            "orange: orange shapes (a new colour word)")
+    d.add_argument("--out", required=True, help="folder to write N.png + N.txt into")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_draw_subject)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("subject", help="folder of pictures, each with a caption file (0.png + 0.txt) that has {} "
+                                        "where the new word goes: 'a {} circle in the top left'")
+    common.add_argument("--caption", help="the caption for pictures without a .txt file, e.g. 'a photo of {}'")
+    common.add_argument("--model", help="the model to teach (default: the built-in mini model)")
+    common.add_argument("--out", required=True, help="output folder")
+    common.add_argument("--batch", type=int, default=None)
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--save-every", type=int, default=0, help="also save a checkpoint every N steps")
+    common.add_argument("--no-samples", action="store_true", help="skip the sample grid at the end")
+    common.add_argument("--no-progress", action="store_true")
+
+    t = sub.add_parser("textual-inversion", parents=[common], help="learn one new word's embedding from a few "
+                       "pictures (the model is unchanged; the result is a few KB)")
+    t.add_argument("--token", help="the new word (default: <orange>)")
+    t.add_argument("--init-word", help="start from this word's embedding (default: red)")
+    t.add_argument("--steps", type=int, help="(default: 300)")
+    t.add_argument("--lr", type=float, help="(default: 0.01)")
+    t.set_defaults(func=_textual_inversion)
+
+    b = sub.add_parser("dreambooth", parents=[common], help="fine-tune the UNet on a few pictures of one subject, "
+                       "with prior preservation (the result is a whole model)")
+    b.add_argument("--identifier", help="the rare word naming the subject (default: sks)")
+    b.add_argument("--steps", type=int, help="(default: 300)")
+    b.add_argument("--lr", type=float, help="(default: 1e-4)")
+    b.add_argument("--prior-weight", type=float, help="lambda (default: 1)")
+    b.add_argument("--no-prior", action="store_true", help="no prior preservation (lambda = 0)")
+    b.add_argument("--class-images", type=int, help="class pictures drawn per class prompt (default: 8)")
+    b.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations in the "
+                   "backward pass (less memory, about a third more compute)")
+    b.set_defaults(func=_dreambooth)
+
+    e = sub.add_parser("evaluate-finetune", help="how often a fine-tuned word gives its subject, and (ring) whether "
+                                                 "the class 'circle' kept its meaning")
+    e.add_argument("kind", choices=("ring", "orange"))
+    e.add_argument("--model", help="a model (default: the built-in one), e.g. a DreamBooth model.safetensors")
+    e.add_argument("--embedding", action="append", help="a textual-inversion file to load first")
+    e.add_argument("--identifier", help="the word in the prompts (default: the embedding's token)")
+    e.add_argument("--samples", type=int, default=2, help="pictures per prompt (default: 2)")
+    e.add_argument("--steps", type=int, default=30)
+    e.add_argument("--guidance", type=float, default=7.5)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=_evaluate_finetune)
+
+
 def _add_txt2img(sub):
     g = sub.add_parser("txt2img", help="Stable Diffusion: draw a prompt (or redraw --init-image) with a latent "
                                        "diffusion model")
@@ -297,6 +486,9 @@ def _add_txt2img(sub):
     g.add_argument("--strength", type=float, help="img2img: how much of the chain to run, in (0, 1] (default: 0.6)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of the networks (bfloat16: GPU/TPU)")
+    g.add_argument("--embedding", action="append", help="a textual-inversion embedding (.safetensors, from "
+                   "`minidiff textual-inversion` or diffusers) whose word the prompt may use; repeatable")
+    g.add_argument("--token", help="the word to use for a single --embedding (default: the file's own)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("-o", "--output", default="txt2img.png", help="PNG to write (default: txt2img.png)")
     g.set_defaults(func=_txt2img)
@@ -332,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-snr-gamma", type=float, help="Min-SNR loss weighting with this gamma (default: none)")
     t.add_argument("--model-kwargs", help='JSON overrides of the model config, e.g. \'{"block_out_channels": [16, 32, 32]}\'')
     t.add_argument("--patch-size", type=int, help="shapes: the UNet sees PxP pixel patches as channels (default: 1)")
+    t.add_argument("--latent", action="store_true", help="shapes: diffuse the built-in model's VAE latents (8x8x4) "
+                                                         "instead of the pixels (latent diffusion)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--sample-every", type=int, help="save a sample grid every N steps (0: never)")
     t.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N steps (0: at the end only)")
@@ -416,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=3.0)
     g.set_defaults(func=_evaluate_dalle)
     _add_txt2img(sub)
+    _add_finetune(sub)
 
     m = sub.add_parser("train-mini-sd", help="train the built-in mini Stable Diffusion on captioned shapes "
                                              "(VAE, contrastive CLIP, UNet)")

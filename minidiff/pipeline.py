@@ -311,6 +311,34 @@ class StableDiffusion:
         return _text_fn(self._place(dtype, shardings)["text_encoder"], _put(jnp.asarray(self.tokenize(prompts)),
                         shardings), config=self.text_config, clip_skip=self.clip_skip, dtype=dtype)
 
+    def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
+        """Teach this pipeline the word(s) of a textual-inversion embedding file (minidiff's, or
+        diffusers' ``learned_embeds.safetensors``): new tokenizer tokens and new rows of the text
+        encoder's token table; nothing else changes, so prompts without them give the same images.
+        ``token`` renames a single-vector embedding.  Returns the tokens added."""
+        from .train.textual_inversion import load_embedding
+
+        vectors = load_embedding(path, token=token, hidden_size=self.text_config.hidden_size)
+        return self.add_tokens(vectors)
+
+    def add_tokens(self, vectors: Mapping[str, np.ndarray]) -> list[str]:
+        """Add tokens {token: (D,) embedding} to the tokenizer and the text encoder (see
+        :meth:`load_textual_inversion`)."""
+        import copy
+
+        from .train.textual_inversion import add_token_rows
+
+        tokenizer = copy.deepcopy(self.tokenizer)  # a tokenizer may be shared by several pipelines
+        ids = tokenizer.add_tokens(list(vectors))
+        if ids and ids[0] != self.text_config.vocab_size:
+            raise ValueError(f"the tokenizer has {ids[0]} tokens but the text encoder {self.text_config.vocab_size} "
+                             "rows: they must agree before tokens are added")
+        self.params["text_encoder"], self.text_config = add_token_rows(
+            self.params["text_encoder"], self.text_config, np.stack([np.asarray(v) for v in vectors.values()]))
+        self.tokenizer = tokenizer
+        self._placed.clear()
+        return list(vectors)
+
     def decode(self, latents, dtype="float32") -> np.ndarray:
         """Latents (n, h, w, c) -> uint8 images (n, f h, f w, 3) through ``images_from_latents``."""
         dtype = dtype_name(dtype)
@@ -507,11 +535,9 @@ def is_converted(path) -> bool:
         return False
 
 
-def load_pipeline(path=None, **kwargs) -> StableDiffusion:
-    """A pipeline from a converted minidiff file (``minidiff.weights.load_converted``), or from a
-    diffusers folder or a single-file checkpoint (``.safetensors`` / ``.ckpt``), converted in memory
-    on the fly (``minidiff.weights.read_checkpoint``).  ``path=None``: the built-in mini model
-    (``minidiff/assets/mini_sd.safetensors`` + ``.json``).  Keyword arguments go to StableDiffusion."""
+def load_model(path=None):
+    """(params, StableDiffusionConfig, path) of a converted minidiff file, a diffusers folder or a
+    single-file checkpoint (converted in memory); ``path=None``: the built-in mini model."""
     from . import weights
 
     if path is None:
@@ -529,5 +555,14 @@ def load_pipeline(path=None, **kwargs) -> StableDiffusion:
         raise ValueError(f"cannot load {path}: minidiff.weights has no "
                          f"{'load_converted' if converted else 'read_checkpoint'} in this version")
     params, config = loader(path)
+    return params, config, path
+
+
+def load_pipeline(path=None, **kwargs) -> StableDiffusion:
+    """A pipeline from a converted minidiff file (``minidiff.weights.load_converted``), or from a
+    diffusers folder or a single-file checkpoint (``.safetensors`` / ``.ckpt``), converted in memory
+    on the fly (``minidiff.weights.read_checkpoint``).  ``path=None``: the built-in mini model
+    (``minidiff/assets/mini_sd.safetensors`` + ``.json``).  Keyword arguments go to StableDiffusion."""
+    params, config, path = load_model(path)
     kwargs.setdefault("name", str(path))
     return StableDiffusion.from_config(params, config, **kwargs)

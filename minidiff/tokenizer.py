@@ -140,6 +140,8 @@ class CLIPTokenizer:
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.cache: dict[str, tuple[str, ...]] = {}
+        self.added: dict[str, int] = {}  # textual inversion's placeholder tokens (add_tokens)
+        self._split = SPECIALS
 
     @property
     def vocab_size(self) -> int:
@@ -212,6 +214,28 @@ class CLIPTokenizer:
         symbols += ["".join(pair) for pair in merges] + [START_TOKEN, END_TOKEN]
         return cls({s: i for i, s in enumerate(symbols)}, merges, **kwargs)
 
+    def add_tokens(self, tokens) -> list[int]:
+        """Add placeholder tokens (textual inversion's ``"<zigzag>"``) with new ids after the vocabulary:
+        49408, 49409, ...  An added token is matched in the raw prompt, exactly as written (before
+        lower-casing and BPE, like the start and end tokens), so "a <zigzag> square" is three tokens.
+        Returns the new ids; the text encoder needs one more embedding row per token."""
+        tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+        ids = []
+        for token in tokens:
+            if not isinstance(token, str) or not token or regex.search(r"\s", token):
+                raise ValueError(f"an added token must be a non-empty string without spaces, got {token!r}")
+            if token in self.encoder:  # an added token, a special token, or a vocabulary entry such as "cat</w>"
+                raise ValueError(f"the token {token!r} is already in the tokenizer")
+            if regex.fullmatch(r"[\p{L}\p{N}]+", token):  # "sks" would also match inside "asks"
+                raise ValueError(f"an added token must hold a character other than letters and digits, so that it "
+                                 f"is never found inside a word: use e.g. '<{token}>' instead of {token!r}")
+            new_id = len(self.encoder)
+            self.encoder[token], self.decoder[new_id], self.added[token] = new_id, token, new_id
+            ids.append(new_id)
+        names = sorted([START_TOKEN, END_TOKEN, *self.added], key=len, reverse=True)  # longest first
+        self._split = regex.compile("(" + "|".join(regex.escape(t) for t in names) + ")")
+        return ids
+
     # --- text -> ids --------------------------------------------------------------------------
 
     def bpe(self, word: str) -> tuple[str, ...]:
@@ -248,8 +272,8 @@ class CLIPTokenizer:
         if not isinstance(text, str):
             raise TypeError(f"a prompt must be a str, got {type(text).__name__}")
         tokens = []
-        for piece in SPECIALS.split(text):  # special tokens typed in the prompt stay special
-            if piece in (START_TOKEN, END_TOKEN):
+        for piece in self._split.split(text):  # special and added tokens typed in the prompt stay whole
+            if piece in (START_TOKEN, END_TOKEN) or piece in self.added:
                 tokens.append(piece)
                 continue
             for word in PATTERN.findall(clean_text(piece, self.unescape_html)):
@@ -304,6 +328,9 @@ class CLIPTokenizer:
             if i == self.end_id:
                 break
             if i == self.start_id:
+                continue
+            if token in self.added:
+                data += token.encode("utf-8") + b" "
                 continue
             end_of_word = token.endswith("</w>")
             data += bytes(self.byte_decoder[c] for c in token.removesuffix("</w>"))

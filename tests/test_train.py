@@ -174,3 +174,10 @@ def test_class_conditional_unet_on_shapes_trains_resumes_and_samples(tmp_path):
     with Image.open(out) as im:
         assert im.size == (2 * 33 + 1, 2 * 33 + 1)  # 3 images in a ceil(sqrt(3)) = 2-column grid
         assert im.text["class_label"] == "0" and im.text["sampler"] == "ddim" and im.text["guidance_scale"] == "2.0"
+
+
+def test_a_run_shorter_than_its_warmup_still_trains():
+    """steps < warmup used to fail inside optax (negative decay_steps); the warmup is capped instead."""
+    cfg = TrainConfig.create("moons", steps=3, warmup=200, batch=16)
+    history = Trainer(cfg).train(progress=False)
+    assert len(history["loss"]) == 1 and np.isfinite(history["loss"][0])

@@ -100,6 +100,7 @@ class TrainConfig:
     seed: int = 0
     image_size: int = 32
     patch_size: int = 1  # shapes: the UNet sees p x p pixel patches folded into channels (PatchedDenoiser)
+    latent: bool = False  # shapes: diffuse the built-in model's VAE latents (8x8x4), not the pixels
     sample_every: int = 0  # save a sample grid every so many steps (0: never)
     checkpoint_every: int = 0  # save a checkpoint every so many steps (0: only at the end)
     log_every: int = 50  # average the loss over this many steps for the progress bar and history
@@ -135,6 +136,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.latent and (self.data != "shapes" or self.patch_size != 1 or self.image_size != 32):
+            raise ValueError("latent=True diffuses the built-in VAE's latents of 32x32 shapes: it needs --data "
+                             "shapes, image size 32 and patch size 1")
         if self.patch_size < 1 or self.image_size % self.patch_size or (self.patch_size > 1 and self.model != "unet"):
             raise ValueError(f"patch_size must divide the image size {self.image_size} (images only), "
                              f"got {self.patch_size}")
@@ -158,6 +162,25 @@ class TrainConfig:
 
     def noise_schedule(self) -> NoiseSchedule:
         return NoiseSchedule.from_name(self.schedule, self.num_train_timesteps)
+
+
+_VAE: dict = {}
+
+
+def builtin_vae():
+    """(AutoencoderKL module, params) of the built-in model (``minidiff/assets``): the latent space of
+    ``latent=True`` runs.  Its encoder maps 32x32x3 pictures to 8x8x4 latents (scaled to unit spread)."""
+    if not _VAE:
+        from ..nn.autoencoder import AutoencoderKL
+        from ..pipeline import load_pipeline
+
+        pipe = load_pipeline()
+        model = AutoencoderKL(pipe.vae_config)
+        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pipe.params["vae"])
+        _VAE.update(model=model, params=params, shape=(8, 8, pipe.vae_config.latent_channels),
+                    encode=jax.jit(lambda p, x: model.apply({"params": p}, x, method=AutoencoderKL.latents_from_images)),
+                    decode=jax.jit(lambda p, z: model.apply({"params": p}, z, method=AutoencoderKL.images_from_latents)))
+    return _VAE
 
 
 def _toy_mixture():
@@ -185,6 +208,9 @@ class Batches:
         if self.shapes is not None:
             images, labels, _ = self.shapes.sample(n, rng)
             x0, y = to_unit_range(images), labels["class"]  # uint8 -> [-1, 1]
+            if cfg.latent:  # z_0 = E(x_0): the VAE's posterior mean, scaled
+                vae = builtin_vae()
+                x0 = vae["encode"](vae["params"], x0)
         elif POINT_DATA[cfg.data] == "mixture":
             x0, y = _toy_mixture().sample(n, rng)  # the same draws as data.gaussian_mixture, plus components
         else:
@@ -238,8 +264,8 @@ def build_model(config: TrainConfig):
 
     p = config.patch_size
     kwargs = {key: tuple(v) if isinstance(v, list) else v for key, v in config.model_kwargs.items()}
-    unet = UNet2DCondition(UNetConfig.toy(in_channels=3 * p * p, sample_size=config.image_size // p,
-                                          num_class_embeds=k, **kwargs))
+    channels, size = (4, config.image_size // 4) if config.latent else (3 * p * p, config.image_size // p)
+    unet = UNet2DCondition(UNetConfig.toy(in_channels=channels, sample_size=size, num_class_embeds=k, **kwargs))
     return unet if p == 1 else PatchedDenoiser(unet, p)
 
 
@@ -261,6 +287,8 @@ class Denoiser:
     @property
     def data_shape(self) -> tuple[int, ...]:
         s = self.config.image_size
+        if self.config.latent:
+            return builtin_vae()["shape"]
         return (s, s, 3) if self.config.data == "shapes" else (2,)
 
     def sampler(self, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, spacing: str = "leading") -> Sampler:
@@ -271,7 +299,8 @@ class Denoiser:
         if key not in self._samplers:
             isc = InferenceSchedule.create(self.config.noise_schedule(), int(steps), spacing)
             self._samplers[key] = Sampler(self, isc, sampler, eta, self.config.prediction_type,
-                                          clip_x0=1.0 if self.config.data == "shapes" else None)
+                                          clip_x0=1.0 if self.config.data == "shapes" and not self.config.latent
+                                          else None)
         return self._samplers[key]
 
     def sample(self, n: int, seed: int = 0, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
@@ -299,6 +328,9 @@ class Denoiser:
         s = self.sampler(sampler, steps, eta)
         x = s(self.params if params is None else params, jax.random.PRNGKey(seed), (n, *self.data_shape),
               cond=cond, uncond=uncond, guidance_scale=1.0 if guidance_scale is None else guidance_scale)
+        if self.config.latent:  # x_0 = D(z_0)
+            vae = builtin_vae()
+            x = vae["decode"](vae["params"], x)
         x = np.asarray(x)
         return to_uint8(x) if self.config.data == "shapes" else x
 
@@ -317,7 +349,9 @@ def load_denoiser(run_dir, ema: bool = True) -> Denoiser:
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """AdamW with linear warmup (then constant, or cosine decay to lr/10), after global-norm clipping."""
     if config.lr_decay:
-        lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, max(config.warmup, 1), config.steps, config.lr / 10)
+        from .vqvae import lr_schedule  # warmup capped at half the run (a short run never fails on it)
+
+        lr = lr_schedule(config.lr, config.warmup, config.steps)
     else:
         lr = optax.linear_schedule(0.0, config.lr, max(config.warmup, 1))  # stays at lr after the warmup
     clip = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []

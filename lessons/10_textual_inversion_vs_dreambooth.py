@@ -1,0 +1,183 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+# ---
+
+# %% [markdown]
+# # Lesson 10 — Teaching a model a new subject: textual inversion vs DreamBooth
+#
+# The built-in model knows four colours, three shapes, two sizes and nine places.  We show it
+# four pictures of something it has never drawn — **a red ring** (a circle with a hole; it only ever
+# drew filled discs) — and teach it two ways:
+#
+# | | textual inversion (Gal et al. 2022) | DreamBooth (Ruiz et al. 2023) |
+# |---|---|---|
+# | learns | one new word's embedding, $e_{v}$ | the UNet's weights $\theta$ |
+# | prompt | "a <ring> circle in the top left" | "a sks circle in the top left" |
+# | keeps the class by | construction (nothing else changes) | a prior-preservation loss on the frozen model's "a circle ..." |
+#
+# Both minimise the same diffusion loss on the subject's latents, $\| v - \hat v(z_t, t, c) \|^2$;
+# they differ only in *what* the gradient may move.  We then measure the seed's comparison: storage,
+# fidelity to the subject (in places it was never shown), drift of the class prior.  And we show
+# what textual inversion *can* do: a concept within the frozen model's reach, a new colour (orange).
+
+# %%
+import time
+
+import jax
+import numpy as np
+from _lesson import QUICK, plt, savefig
+
+from minidiff.pipeline import StableDiffusion, load_pipeline
+from minidiff.train import finetune as F
+from minidiff.train.dreambooth import DreamBoothConfig, class_pictures, train_dreambooth
+from minidiff.train.textual_inversion import TextualInversionConfig, train_textual_inversion
+
+t_start = time.perf_counter()
+pipe = load_pipeline()  # the built-in model, frozen
+STEPS = 12 if QUICK else 300  # training steps of each method
+SAMPLE_STEPS = 8 if QUICK else 30  # DDIM steps when drawing
+SAMPLES = 1 if QUICK else 2  # pictures per prompt when measuring
+
+ring, orange = F.draw_subject("ring"), F.draw_subject("orange")
+fig, axes = plt.subplots(2, 4, figsize=(8, 4.4))
+for row, (name, s) in enumerate((("ring", ring), ("orange", orange))):
+    for ax, im, cap in zip(axes[row], s.images, s.captions):
+        ax.imshow(im)
+        ax.set_title(cap.replace("{}", "[V]"), fontsize=7)
+        ax.axis("off")
+fig.suptitle("the subjects: four pictures each, with captions ([V] = the word to learn)")
+savefig(fig, "10_subjects.png")
+
+# %% [markdown]
+# ## 1. Textual inversion: one new row in the embedding table
+#
+# The tokenizer gets a new token (id 49408, after CLIP's 49,408) and the text encoder's table a new
+# row, initialised from "red".  Only that row is an optax parameter; the loss writes it into the
+# frozen table (`table.at[49408].set(e)`), so every other weight stays bit-identical.
+
+# %%
+ti_ring, h_ti_ring = train_textual_inversion(pipe, ring, TextualInversionConfig(token="<ring>", steps=STEPS),
+                                             progress=False)
+ti_orange, h_ti_orange = train_textual_inversion(pipe, orange, TextualInversionConfig(token="<orange>", steps=STEPS),
+                                                 progress=False)
+with_words = load_pipeline()
+with_words.add_tokens({"<ring>": ti_ring, "<orange>": ti_orange})
+
+# Which known words are the learned vectors closest to?
+table = np.asarray(pipe.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"], np.float32)
+words = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "small", "large", "top", "left"]
+ids = [pipe.tokenizer.encode(w)[0] for w in words]
+cos = lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))  # noqa: E731
+for name, v in (("<ring>", ti_ring), ("<orange>", ti_orange)):
+    near = sorted(((cos(v, table[i]), w) for w, i in zip(words, ids)), reverse=True)[:3]
+    print(f"{name:9s} nearest words: " + ", ".join(f"{w} ({c:.2f})" for c, w in near))
+
+# %% [markdown]
+# ## 2. DreamBooth: fine-tune the UNet, with and without prior preservation
+#
+# First the frozen model draws the *class*: "a circle in the top left" etc. (the subject's captions
+# without the identifier).  Then the UNet trains on the subject's pictures with "a sks circle ...",
+# plus, with prior preservation, on those class pictures with their class prompts (lambda = 1).
+
+# %%
+db_cfg = DreamBoothConfig(steps=STEPS, class_images=2 if QUICK else 8, class_steps=SAMPLE_STEPS)
+class_set = class_pictures(pipe, ring, db_cfg, progress=False)
+unet_prior, h_prior = train_dreambooth(pipe, ring, db_cfg, progress=False, class_set=class_set)
+unet_free, h_free = train_dreambooth(pipe, ring, DreamBoothConfig(steps=STEPS, prior_weight=0.0), progress=False)
+
+
+def tuned(unet):
+    return StableDiffusion(pipe.unet_config, pipe.vae_config, pipe.text_config, {**pipe.params, "unet": unet},
+                           scheduler=pipe.scheduler)
+
+
+db_prior, db_free = tuned(unet_prior), tuned(unet_free)
+
+fig, ax = plt.subplots(figsize=(6, 3.2))
+for name, h in (("TI <ring>", h_ti_ring), ("TI <orange>", h_ti_orange), ("DreamBooth + prior", h_prior),
+                ("DreamBooth, no prior", h_free)):
+    ax.plot(h["step"], h["loss"], label=name)
+ax.set_xlabel("step")
+ax.set_ylabel("loss (10-step mean)")
+ax.legend(fontsize=8)
+ax.set_title("training losses (DreamBooth + prior: instance + class terms)")
+savefig(fig, "10_losses.png")
+
+# %% [markdown]
+# ## 3. The seed's experiment: the same prompts with and without the identifier, across contexts
+#
+# Rows: the frozen model, textual inversion, DreamBooth with and without prior preservation.
+# Columns: the subject in three places it was shown at and three it never was; then the plain
+# class ("a circle ...") and a coloured one ("a green circle ...") that the subject must not take over.
+
+# %%
+places = ["top left", "center", "bottom left", "bottom right", "top", "right"]
+prompts = ([f"a [V] circle {F.where(p)}" for p in places] + ["a circle in the bottom right", "a green circle on the left"])
+models = [("frozen", pipe, "sks"), ("textual inversion", with_words, "<ring>"),
+          ("DreamBooth + prior", db_prior, "sks"), ("DreamBooth, no prior", db_free, "sks")]
+fig, axes = plt.subplots(len(models), len(prompts), figsize=(1.35 * len(prompts), 1.6 * len(models)))
+for r, (name, model, word) in enumerate(models):
+    images = model([p.replace("[V]", word) for p in prompts], steps=SAMPLE_STEPS, seed=2)
+    for c, (ax, im) in enumerate(zip(axes[r], images)):
+        ax.imshow(im)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if r == 0:
+            ax.set_title(prompts[c].replace(" in the ", "\n").replace(" on the ", "\n").replace(" at the ", "\n"),
+                         fontsize=7)
+        if c == 0:
+            ax.set_ylabel(name, fontsize=7)
+fig.suptitle("the subject in seen and unseen places (first three seen), then the class", fontsize=9)
+savefig(fig, "10_contexts.png")
+
+# %% [markdown]
+# ## 4. The comparison table, measured
+#
+# - **storage**: what must be kept to use the result (the embedding file; the UNet in float16);
+# - **fidelity**: "a [V] circle <place>" over all 9 places, fraction drawn as a ring in the right place
+#   (`finetune.is_ring`: the shape's centre is dark);
+# - **class drift**: "a circle <place>" drawn as a ring (the class taking the subject's look), and
+#   "a <colour> circle <place>" still drawn with the asked shape, colour and place (the class's variety).
+
+# %%
+bytes_embedding = ti_ring.astype(np.float32).nbytes
+bytes_unet = sum(np.size(a) for a in jax.tree.leaves(unet_prior)) * 2  # float16, as the model file stores it
+rows = []
+for name, model, word, storage in [("frozen model", pipe, "sks", 0), ("textual inversion", with_words, "<ring>", bytes_embedding),
+                                   ("DreamBooth + prior", db_prior, "sks", bytes_unet),
+                                   ("DreamBooth, no prior", db_free, "sks", bytes_unet)]:
+    fid, _ = F.evaluate_subject(model, "ring", word, samples=SAMPLES, steps=SAMPLE_STEPS)
+    drift = F.evaluate_class(model, samples=1, steps=SAMPLE_STEPS)
+    rows.append([name, f"{storage:,}", f"{fid['subject_and_position']:.0%}", f"{drift['class_prompt_rings']:.0%}",
+                 f"{drift['coloured_circles_right']:.0%}"])
+orange_fid, _ = F.evaluate_subject(with_words, "orange", "<orange>", samples=SAMPLES, steps=SAMPLE_STEPS)
+red_fid, _ = F.evaluate_subject(pipe, "orange", "red", samples=SAMPLES, steps=SAMPLE_STEPS)
+header = ["", "bytes to keep", "ring fidelity", "'a circle' drawn as a ring", "coloured circles right"]
+print(" | ".join(header))
+for r in rows:
+    print(" | ".join(r))
+print(f"textual inversion of a colour: 'a <orange> <shape> <place>' orange in {orange_fid['subject']:.0%} "
+      f"(median hue {orange_fid['median_hue']:.0f} deg); 'a red <shape> <place>' in {red_fid['subject']:.0%}")
+
+fig, ax = plt.subplots(figsize=(9, 1.9))
+ax.axis("off")
+t = ax.table(cellText=rows, colLabels=header, loc="center", cellLoc="center")
+t.auto_set_font_size(False)
+t.set_fontsize(8)
+t.scale(1, 1.4)
+ax.set_title(f"{STEPS} steps each, {SAMPLE_STEPS} DDIM steps, guidance 7.5" + (" (quick mode)" if QUICK else ""),
+             fontsize=9)
+savefig(fig, "10_comparison_table.png")
+
+# %% [markdown]
+# What to take away:
+#
+# - Textual inversion stores a few hundred bytes and cannot hurt the model, but it can only point at
+#   what the frozen UNet already draws: a ring is out of reach, orange (between red and yellow) is not.
+# - DreamBooth learns the ring's *look* and carries it to places it never saw, at the cost of a whole
+#   UNet per subject; without the prior loss the class starts to turn into the subject.
+
+# %%
+print(f"lesson 10 ran in {time.perf_counter() - t_start:.0f} s")

@@ -1,0 +1,362 @@
+"""What textual inversion and DreamBooth share: a few pictures of a subject with captions, the latent
+diffusion loss of a Stable Diffusion pipeline, a small optax loop, and statistics that say whether
+a picture shows the subject.
+
+A *subject* is a handful of pictures and one caption each, with ``{}`` where the identifier goes:
+"a {} circle in the top left".  Textual inversion fills it with a new token ("a <ring> circle ...",
+whose embedding it learns); DreamBooth with a rare existing word ("a sks circle ...", whose meaning
+the fine-tuned UNet learns); DreamBooth's class prompt drops it ("a circle in the top left").
+
+On disk a subject is a folder of pictures, each with a caption file next to it (``0.png`` +
+``0.txt``), the layout most fine-tuning scripts read.
+
+The loss is the one every model here trains with (:func:`minidiff.train.diffusion.diffusion_loss`),
+on the VAE's latents of the pictures, with the UNet reading the caption's text states::
+
+    z_0 = E(x) * scaling,   z_t = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps,
+    L = || target - UNet(z_t, t, CLIP(caption)) ||^2,   target = eps or v as the model was trained.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..data import COLORS, POSITIONS, ShapeSpec, _composite, coverage
+from ..images import load_image, save_png
+from ..nn.unet import UNet2DCondition
+from .diffusion import diffusion_loss
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_WHERE = {"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right"}
+
+
+def where(position: str) -> str:
+    """The caption's position phrase, as the shapes data writes it: "in the top left", "at the top"."""
+    return _WHERE.get(position, f"in the {position}")
+
+
+# --- a subject: pictures + captions -----------------------------------------------------------------
+
+@dataclass
+class Subject:
+    """Pictures (n, H, W, 3) uint8 and their captions, each with one ``{}`` for the identifier."""
+
+    images: np.ndarray
+    captions: list
+
+    def __post_init__(self):
+        self.images = np.asarray(self.images)
+        self.captions = list(self.captions)
+        if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
+            raise ValueError(f"subject images must be uint8 (n, H, W, 3), got {self.images.dtype} {self.images.shape}")
+        if len(self.captions) != len(self.images):
+            raise ValueError(f"{len(self.images)} pictures but {len(self.captions)} captions")
+        for c in self.captions:
+            if c.count("{}") != 1:
+                raise ValueError(f"each caption needs exactly one '{{}}' where the identifier goes, got {c!r}")
+
+    def prompts(self, identifier: str) -> list[str]:
+        """The captions with the identifier in place of ``{}`` ("" drops it: the class prompts)."""
+        return [" ".join(c.replace("{}", identifier).split()) for c in self.captions]
+
+    def save(self, folder) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (image, text) in enumerate(zip(self.images, self.captions)):
+            save_png(folder / f"{i}.png", image, {"caption": text})
+            (folder / f"{i}.txt").write_text(text + "\n", encoding="utf-8")
+        return folder
+
+
+def load_subject(folder, caption: str | None = None) -> Subject:
+    """A subject folder: every picture, with the caption in the ``.txt`` file of the same name, or
+    ``caption`` (e.g. "a photo of {}") for pictures without one.  Pictures must all have one size."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"subject folder not found: {folder}")
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder} holds no pictures ({', '.join(IMAGE_SUFFIXES)})")
+    images, captions = [], []
+    for f in files:
+        text_file = f.with_suffix(".txt")
+        text = text_file.read_text(encoding="utf-8").strip() if text_file.is_file() else caption
+        if text is None:
+            raise ValueError(f"{f} has no caption: write one into {text_file.name} (with {{}} for the identifier, "
+                             f"e.g. 'a {{}} circle in the top left') or pass a caption for every picture")
+        images.append(load_image(f))
+        captions.append(text)
+    sizes = {im.shape for im in images}
+    if len(sizes) != 1:
+        raise ValueError(f"the pictures in {folder} differ in size ({sorted(sizes)}); resize them to one size")
+    return Subject(np.stack(images), captions)
+
+
+# The two subjects of the lesson and the README, drawn like the shapes data.
+SUBJECT_POSITIONS = ("top left", "top right", "center", "bottom left")  # the other five stay unseen
+ORANGE = (240, 130, 30)  # a colour the built-in model never saw (it knows red, green, blue, yellow)
+
+
+def draw_subject(name: str = "ring", seed: int = 0, size: int = 32) -> Subject:
+    """Four pictures of a subject the built-in model has never seen.
+
+    - ``"ring"``: one red ring (a circle with a hole), at four positions: "a {} circle in the top left".
+      DreamBooth's subject: a new *look* for a class the model knows (circle).
+    - ``"orange"``: orange shapes (circle, square, triangle, square): "a {} square in the center".
+      Textual inversion's concept: a new colour word.
+    """
+    rng = np.random.default_rng([seed, 7])
+    shapes = {"ring": ("circle",) * 4, "orange": ("circle", "square", "triangle", "square")}
+    if name not in shapes:
+        raise ValueError(f"unknown subject {name!r}; choose one of {', '.join(shapes)}")
+    images, captions = [], []
+    for shape, position in zip(shapes[name], SUBJECT_POSITIONS):
+        dx, dy = rng.uniform(-0.06, 0.06, 2)
+        spec = ShapeSpec(shape, "red", "large", position, dx=float(dx), dy=float(dy))
+        alpha = coverage(spec, size)
+        if name == "ring":  # the same disc, less a disc of half its width around the same centre
+            alpha = np.clip(alpha - coverage(ShapeSpec(shape, "red", "large", position, dx=float(dx), dy=float(dy),
+                                                       scale=0.5), size), 0, 1)
+        images.append(_composite(alpha, COLORS["red"] if name == "ring" else ORANGE))
+        captions.append(f"a {{}} {shape} {where(position)}")
+    return Subject(np.stack(images), captions)
+
+
+# --- statistics: does a picture show the subject? ----------------------------------------------------
+
+def _foreground(images, threshold: int = 60):
+    images = np.asarray(images, np.float32)
+    return images, images.max(-1) > threshold  # (n, H, W): pixels of the shape (the background is black)
+
+
+def hue(images) -> np.ndarray:
+    """Mean hue (degrees, 0 = red, 60 = yellow, 120 = green, 240 = blue) of each picture's shape
+    pixels; NaN for a picture with no shape."""
+    images, fg = _foreground(images)
+    out = np.full(len(images), np.nan)
+    for i in range(len(images)):
+        if fg[i].any():
+            r, g, b = images[i][fg[i]].mean(0)
+            mx, mn = max(r, g, b), min(r, g, b)
+            if mx - mn < 1e-6:
+                out[i] = 0.0
+            elif mx == r:
+                out[i] = (60 * (g - b) / (mx - mn)) % 360
+            elif mx == g:
+                out[i] = 60 * (b - r) / (mx - mn) + 120
+            else:
+                out[i] = 60 * (r - g) / (mx - mn) + 240
+    return out
+
+
+ORANGE_HUES = (15.0, 47.0)  # red is ~0, yellow ~53; the VAE draws ORANGE at about 41
+
+
+def is_orange(images) -> np.ndarray:
+    h = hue(images)
+    return (h >= ORANGE_HUES[0]) & (h <= ORANGE_HUES[1])
+
+
+def hole_depth(images) -> np.ndarray:
+    """How dark the shape's centre is, 0 (filled) .. 1 (a ring): 1 - (brightness of the 3x3 pixels
+    around the shape's centroid) / (mean brightness of its pixels).  NaN for a picture with no shape."""
+    images, fg = _foreground(images)
+    v = images.max(-1)
+    out = np.full(len(images), np.nan)
+    for i in range(len(images)):
+        if fg[i].sum() >= 4:
+            ys, xs = np.nonzero(fg[i])
+            cy, cx = int(round(ys.mean())), int(round(xs.mean()))
+            centre = v[i, max(cy - 1, 0):cy + 2, max(cx - 1, 0):cx + 2].mean()
+            out[i] = 1 - centre / v[i][fg[i]].mean()
+    return out
+
+
+def is_ring(images) -> np.ndarray:
+    return hole_depth(images) > 0.5
+
+
+def position_index(images, size: int | None = None) -> np.ndarray:
+    """The 3x3 grid cell (index into ``data.POSITIONS``) of each picture's shape centroid (-1: no shape)."""
+    images, fg = _foreground(images)
+    n, H, W = fg.shape
+    names = {v: i for i, v in enumerate(POSITIONS.values())}
+    out = np.full(n, -1)
+    for i in range(n):
+        if fg[i].any():
+            ys, xs = np.nonzero(fg[i])
+            out[i] = names[(min(int(3 * ys.mean() / H), 2), min(int(3 * xs.mean() / W), 2))]
+    return out
+
+
+# --- the loss and the loop --------------------------------------------------------------------------
+
+def prediction_of(pipe) -> str:
+    """The loss target of a pipeline's UNet: "eps" or "v" (as :func:`diffusion_loss` names them)."""
+    kind = pipe.scheduler.prediction_type
+    if kind not in ("epsilon", "v_prediction"):
+        raise ValueError(f"fine-tuning needs a UNet that predicts epsilon or v, this one predicts {kind!r}")
+    return "eps" if kind == "epsilon" else "v"
+
+
+def latent_loss_fn(pipe, dtype=jnp.float32, remat: bool = False):
+    """``loss(unet_params, z0, context, key)``: the diffusion loss of the pipeline's UNet on latents
+    z0 (B, h, w, c) with text states ``context`` (B, 77, D)."""
+    unet = UNet2DCondition(pipe.unet_config, dtype, remat=remat)
+    alpha_bar = jnp.asarray(pipe.scheduler.noise_schedule().alpha_bar, jnp.float32)
+    prediction = prediction_of(pipe)
+
+    def loss(unet_params, z0, context, key):
+        return diffusion_loss(lambda z_t, t: unet.apply({"params": unet_params}, z_t, t, context), z0, alpha_bar,
+                              key, prediction)
+
+    return loss
+
+
+def float32(tree):
+    """A parameter tree as float32 JAX arrays (the built-in model's file is float16)."""
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32) if np.issubdtype(np.asarray(a).dtype, np.floating)
+                        else jnp.asarray(a), tree)
+
+
+def encode_subject(pipe, images) -> jax.Array:
+    """The VAE latents of uint8 pictures (the posterior mean times the scaling factor), float32.
+
+    Runs the pipeline's compiled encoder on its weights as they are (float32 NumPy arrays are used
+    in place, not copied: at SD size the pipeline's own device copy would cost another 4 GB)."""
+    from ..pipeline import _image_fn, _init_pixels
+
+    images = np.asarray(images)
+    size = pipe.vae_factor
+    if images.ndim != 4 or images.shape[1] % size or images.shape[2] % size:
+        raise ValueError(f"pictures must be (n, H, W, 3) with H and W multiples of {size} for this model, got "
+                         f"{images.shape}")
+    return _image_fn(float32(pipe.params["vae"]), jnp.asarray(_init_pixels(images, len(images), 1)),
+                     config=pipe.vae_config, dtype="float32")
+
+
+def encode_captions(pipe, prompts) -> jax.Array:
+    """The frozen text encoder's states (n, 77, D) of the prompts, float32 (weights used in place)."""
+    from ..pipeline import _text_fn
+
+    return _text_fn(float32(pipe.params["text_encoder"]), jnp.asarray(pipe.tokenize(list(prompts))),
+                    config=pipe.text_config, clip_skip=pipe.clip_skip, dtype="float32")
+
+
+def fit(loss, params, tx: optax.GradientTransformation, batch_fn, steps: int, seed: int = 0,
+        progress: bool = True, desc: str = "fine-tune", log_every: int = 10, checkpoint=None,
+        checkpoint_every: int = 0):
+    """Minimise ``loss(params, *batch_fn(step), key)`` for ``steps`` optax steps.
+
+    ``params`` is only what is trained (textual inversion: one embedding row; DreamBooth: the UNet).
+    ``checkpoint(step, params)`` is called every ``checkpoint_every`` steps (0: never).
+    Returns (params, history) with the loss averaged over every ``log_every`` steps."""
+    from tqdm.auto import tqdm
+
+    key = jax.random.PRNGKey(seed)
+    params = jax.tree.map(jnp.array, params)  # our own copy: each step donates (reuses) its buffers
+
+    @partial(jax.jit, donate_argnums=(0, 1))  # memory: one set of weights and optimizer state, not two
+    def update(params, opt_state, step, *batch):
+        value, grads = jax.value_and_grad(loss)(params, *batch, jax.random.fold_in(key, step))
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    opt_state = tx.init(params)
+    history, pending, start = {"step": [], "loss": [], "seconds": 0.0}, [], time.perf_counter()
+    bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step")
+    for step in bar:
+        params, opt_state, value = update(params, opt_state, step, *batch_fn(step))
+        pending.append(value)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            history["step"].append(step + 1)
+            history["loss"].append(float(np.mean(jax.device_get(pending))))
+            pending = []
+            bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
+        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            checkpoint(step + 1, params)
+    history["seconds"] = time.perf_counter() - start
+    if not np.all(np.isfinite(history["loss"])):
+        raise FloatingPointError(f"{desc}: the loss became {history['loss'][-1]} (lower the learning rate)")
+    return params, history
+
+
+# --- measuring: the subject, and the class around it -----------------------------------------------------
+
+def _judge(images, prompts_labels):
+    from ..data import ShapesDataset
+    from .classifier import cached_classifier, predict
+
+    ds = ShapesDataset()
+    pred = predict(cached_classifier(ds), images)
+    return {a: np.asarray(pred[a]) == np.asarray(v) for a, v in prompts_labels.items()}
+
+
+def evaluate_subject(pipe, kind: str, identifier: str, samples: int = 2, steps: int = 30,
+                     guidance_scale: float = 7.5, seed: int = 0) -> tuple[dict, np.ndarray]:
+    """How often prompts naming the subject give it, over all 9 positions (5 never in its pictures).
+
+    ``kind="ring"``: "a {identifier} circle <position>": fraction that are rings (:func:`is_ring`)
+    at the right place (:func:`position_index`).  ``kind="orange"``: "a {identifier} <shape>
+    <position>" for the three shapes: fraction orange (:func:`is_orange`), and with the shape and
+    position the shapes classifier reads also right.  Returns (metrics, images)."""
+    from ..data import ShapesDataset
+
+    ds = ShapesDataset()
+    shapes = ["circle"] if kind == "ring" else list(ds.shapes)
+    combos = [(s, p) for s in shapes for p in range(len(POSITIONS))]
+    positions = list(POSITIONS)
+    prompts = [f"a {identifier} {s} {where(positions[p])}" for s, p in combos]
+    images = np.concatenate([pipe(prompts, steps=steps, guidance_scale=guidance_scale, seed=seed + 1000 * r)
+                             for r in range(samples)])
+    want_pos = np.tile([p for _, p in combos], samples)
+    placed = position_index(images) == want_pos
+    if kind == "ring":  # the subject is a *red* ring: shape, colour and place
+        hit = is_ring(images)
+        h = hue(images)
+        red = (h <= 15) | (h >= 345)
+        out = {"subject": float(hit.mean()), "subject_and_position": float((hit & placed).mean()),
+               "subject_red_and_position": float((hit & red & placed).mean())}
+    elif kind == "orange":
+        right = _judge(images, {"shape": np.tile([ds.shapes.index(s) for s, _ in combos], samples),
+                                "position": want_pos})
+        hit = is_orange(images)
+        out = {"subject": float(hit.mean()),
+               "subject_shape_position": float((hit & right["shape"] & right["position"]).mean()),
+               "median_hue": float(np.nanmedian(hue(images)))}
+    else:
+        raise ValueError(f"unknown subject kind {kind!r}; choose 'ring' or 'orange'")
+    out.update(position=float(placed.mean()), n=len(images))
+    return out, images
+
+
+def evaluate_class(pipe, samples: int = 1, steps: int = 30, guidance_scale: float = 7.5, seed: int = 0) -> dict:
+    """The class prior around the ring subject: does "circle" still mean what it meant?
+
+    - "a circle <position>" (the class prompts), 9 positions: fraction drawn as rings (drift);
+    - "a <colour> circle <position>", 4 colours x 9 positions: fraction whose shape, colour and
+      position the classifier reads as asked (variety kept), and fraction drawn as rings."""
+    from ..data import ShapesDataset
+
+    ds = ShapesDataset()
+    positions = list(POSITIONS)
+    plain = [f"a circle {where(p)}" for p in positions]
+    combos = [(c, p) for c in range(len(ds.colors)) for p in range(len(positions))]
+    coloured = [f"a {ds.colors[c]} circle {where(positions[p])}" for c, p in combos]
+    a = np.concatenate([pipe(plain, steps=steps, guidance_scale=guidance_scale, seed=seed + 1000 * r)
+                        for r in range(samples)])
+    b = np.concatenate([pipe(coloured, steps=steps, guidance_scale=guidance_scale, seed=seed + 1000 * r)
+                        for r in range(samples)])
+    right = _judge(b, {"shape": np.zeros(len(b), int), "color": np.tile([c for c, _ in combos], samples),
+                       "position": np.tile([p for _, p in combos], samples)})
+    return {"class_prompt_rings": float(is_ring(a).mean()),
+            "coloured_circles_right": float(np.logical_and.reduce(list(right.values())).mean()),
+            "coloured_circles_rings": float(is_ring(b).mean()), "n": len(a) + len(b)}
