@@ -14,8 +14,8 @@
 # | | textual inversion (Gal et al. 2022) | DreamBooth (Ruiz et al. 2023) |
 # |---|---|---|
 # | learns | one new word's embedding, $e_{v}$ | the UNet's weights $\theta$ |
-# | prompt | "a <ring> circle in the top left" | "a sks circle in the top left" |
-# | keeps the class by | construction (nothing else changes) | a prior-preservation loss on the frozen model's "a circle ..." |
+# | prompt | "a red <ring> circle in the top left" | "a red sks circle in the top left" |
+# | keeps the class by | construction (nothing else changes) | a prior-preservation loss on the frozen model's "a red circle ..." |
 #
 # Both minimise the same diffusion loss on the subject's latents, $\| v - \hat v(z_t, t, c) \|^2$;
 # they differ only in *what* the gradient may move.  We then measure the seed's comparison: storage,
@@ -58,7 +58,7 @@ savefig(fig, "10_subjects.png")
 # frozen table (`table.at[49408].set(e)`), so every other weight stays bit-identical.
 
 # %%
-ti_ring, h_ti_ring = train_textual_inversion(pipe, ring, TextualInversionConfig(token="<ring>", steps=STEPS),
+ti_ring, h_ti_ring = train_textual_inversion(pipe, ring, TextualInversionConfig(token="<ring>", init_word="circle", steps=STEPS),
                                              progress=False)
 ti_orange, h_ti_orange = train_textual_inversion(pipe, orange, TextualInversionConfig(token="<orange>", steps=STEPS),
                                                  progress=False)
@@ -77,8 +77,8 @@ for name, v in (("<ring>", ti_ring), ("<orange>", ti_orange)):
 # %% [markdown]
 # ## 2. DreamBooth: fine-tune the UNet, with and without prior preservation
 #
-# First the frozen model draws the *class*: "a circle in the top left" etc. (the subject's captions
-# without the identifier).  Then the UNet trains on the subject's pictures with "a sks circle ...",
+# First the frozen model draws the *class*: "a red circle in the top left" etc. (the subject's captions
+# without the identifier).  Then the UNet trains on the subject's pictures with "a red sks circle ...",
 # plus, with prior preservation, on those class pictures with their class prompts (lambda = 1).
 
 # %%
@@ -109,12 +109,13 @@ savefig(fig, "10_losses.png")
 # ## 3. The seed's experiment: the same prompts with and without the identifier, across contexts
 #
 # Rows: the frozen model, textual inversion, DreamBooth with and without prior preservation.
-# Columns: the subject in three places it was shown at and three it never was; then the plain
-# class ("a circle ...") and a coloured one ("a green circle ...") that the subject must not take over.
+# Columns: the subject in three places it was shown at and three it never was; in a colour it was
+# never shown in; then the class ("a red circle ...", "a green circle ...") that it must not take over.
 
 # %%
 places = ["top left", "center", "bottom left", "bottom right", "top", "right"]
-prompts = ([f"a [V] circle {F.where(p)}" for p in places] + ["a circle in the bottom right", "a green circle on the left"])
+prompts = ([f"a red [V] circle {F.where(p)}" for p in places] + ["a blue [V] circle on the right", "a red circle in the bottom right",
+                                                                  "a green circle on the left"])
 models = [("frozen", pipe, "sks"), ("textual inversion", with_words, "<ring>"),
           ("DreamBooth + prior", db_prior, "sks"), ("DreamBooth, no prior", db_free, "sks")]
 fig, axes = plt.subplots(len(models), len(prompts), figsize=(1.35 * len(prompts), 1.6 * len(models)))
@@ -136,9 +137,10 @@ savefig(fig, "10_contexts.png")
 # ## 4. The comparison table, measured
 #
 # - **storage**: what must be kept to use the result (the embedding file; the UNet in float16);
-# - **fidelity**: "a [V] circle <place>" over all 9 places, fraction drawn as a ring in the right place
-#   (`finetune.is_ring`: the shape's centre is dark);
-# - **class drift**: "a circle <place>" drawn as a ring (the class taking the subject's look), and
+# - **fidelity**: "a red [V] circle <place>" over all 9 places, fraction drawn as a red ring in the right
+#   place (`finetune.is_ring`: the shape's centre is dark); and "a green / blue / yellow [V] circle <place>",
+#   a context never shown, drawn as a ring of that colour;
+# - **class drift**: "a red circle <place>" drawn as a ring (the class taking the subject's look), and
 #   "a <colour> circle <place>" still drawn with the asked shape, colour and place (the class's variety).
 
 # %%
@@ -150,18 +152,19 @@ for name, model, word, storage in [("frozen model", pipe, "sks", 0), ("textual i
                                    ("DreamBooth, no prior", db_free, "sks", bytes_unet)]:
     fid, _ = F.evaluate_subject(model, "ring", word, samples=SAMPLES, steps=SAMPLE_STEPS)
     drift = F.evaluate_class(model, samples=1, steps=SAMPLE_STEPS)
-    rows.append([name, f"{storage:,}", f"{fid['subject_and_position']:.0%}", f"{drift['class_prompt_rings']:.0%}",
-                 f"{drift['coloured_circles_right']:.0%}"])
+    rows.append([name, f"{storage:,}", f"{fid['ring_red_placed']:.0%}", f"{fid['other_colours_ring_right_colour']:.0%}",
+                 f"{drift['class_prompt_rings']:.0%}", f"{drift['coloured_circles_right']:.0%}"])
 orange_fid, _ = F.evaluate_subject(with_words, "orange", "<orange>", samples=SAMPLES, steps=SAMPLE_STEPS)
 red_fid, _ = F.evaluate_subject(pipe, "orange", "red", samples=SAMPLES, steps=SAMPLE_STEPS)
-header = ["", "bytes to keep", "ring fidelity", "'a circle' drawn as a ring", "coloured circles right"]
+header = ["", "bytes to keep", "red ring, right place", "ring in other colours", "'a red circle' drawn as a ring",
+          "coloured circles right"]
 print(" | ".join(header))
 for r in rows:
     print(" | ".join(r))
-print(f"textual inversion of a colour: 'a <orange> <shape> <place>' orange in {orange_fid['subject']:.0%} "
-      f"(median hue {orange_fid['median_hue']:.0f} deg); 'a red <shape> <place>' in {red_fid['subject']:.0%}")
+print(f"textual inversion of a colour: 'a <orange> <shape> <place>' orange in {orange_fid['orange']:.0%} "
+      f"(median hue {orange_fid['median_hue']:.0f} deg); 'a red <shape> <place>' in {red_fid['orange']:.0%}")
 
-fig, ax = plt.subplots(figsize=(9, 1.9))
+fig, ax = plt.subplots(figsize=(11, 1.9))
 ax.axis("off")
 t = ax.table(cellText=rows, colLabels=header, loc="center", cellLoc="center")
 t.auto_set_font_size(False)

@@ -300,11 +300,14 @@ def _subject_grid(pipe, subject, identifier, path, meta, seed=0):
     from .data import POSITIONS
     from .images import save_png
     from .train.diffusion import image_grid
-    from .train.finetune import where
+    from .train.finetune import Subject
 
-    shape = subject.captions[0].split("{}")[1].split()[0]
     seen = subject.prompts(identifier)
-    unseen = [f"a {identifier} {shape} {where(p)}" for p in POSITIONS if f"a {identifier} {shape} {where(p)}" not in seen]
+    try:  # the first caption at the places no picture showed
+        unseen = [c for c in (Subject([subject.images[0]], [subject.placed(p)]).prompts(identifier)[0] for p in POSITIONS)
+                  if c not in seen]
+    except ValueError:  # captions without a place
+        unseen = []
     prompts = seen + unseen
     images = pipe(prompts, seed=seed, num_images_per_prompt=2)
     rows = [images[0::2], images[1::2]]

@@ -116,8 +116,9 @@ def test_subjects_round_trip_through_a_folder(tmp_path):
     s.save(tmp_path / "ring")
     back = F.load_subject(tmp_path / "ring")
     assert np.array_equal(back.images, s.images) and back.captions == s.captions
-    assert back.prompts("sks")[0] == "a sks circle in the top left"
-    assert back.prompts("")[0] == "a circle in the top left"  # the class prompt
+    assert back.prompts("sks")[0] == "a red sks circle in the top left"
+    assert back.prompts("")[0] == "a red circle in the top left"  # the class prompt
+    assert back.placed("bottom") == "a red {} circle at the bottom"
     (tmp_path / "ring" / "0.txt").unlink()
     with pytest.raises(ValueError, match="no caption"):
         F.load_subject(tmp_path / "ring")
@@ -170,7 +171,7 @@ def test_textual_inversion_learns_a_colour_the_model_never_saw(mini):
     pipe.add_tokens({"<orange>": vector})
     learned, _ = F.evaluate_subject(pipe, "orange", "<orange>", samples=1, steps=20)
     start, _ = F.evaluate_subject(pipe, "orange", "red", samples=1, steps=20)
-    assert learned["subject"] >= 0.6 and start["subject"] <= 0.2, (learned, start)
+    assert learned["orange"] >= 0.5 and start["orange"] <= 0.3, (learned, start)
 
 
 # --- DreamBooth on the built-in model ------------------------------------------------------------------------
@@ -198,13 +199,13 @@ def test_dreambooth_learns_the_ring_and_prior_preservation_keeps_the_class(mini)
     from minidiff.train.dreambooth import DreamBoothConfig, train_dreambooth
 
     subject = F.draw_subject("ring")
-    assert F.evaluate_subject(mini, "ring", "sks", samples=1, steps=20)[0]["subject"] == 0
+    assert F.evaluate_subject(mini, "ring", "sks", samples=1, steps=20)[0]["ring"] == 0
     for prior in (1.0, 0.0):
         unet, _ = train_dreambooth(mini, subject, DreamBoothConfig(prior_weight=prior), progress=False)
         tuned = P.StableDiffusion(mini.unet_config, mini.vae_config, mini.text_config, {**mini.params, "unet": unet},
                                   scheduler=mini.scheduler)
         fidelity, _ = F.evaluate_subject(tuned, "ring", "sks", samples=1, steps=20)
-        assert fidelity["subject_and_position"] >= 0.6, (prior, fidelity)
+        assert fidelity["ring"] >= 0.6 and fidelity["position"] >= 0.9, (prior, fidelity)
         if prior:
             assert F.evaluate_class(tuned, steps=20)["class_prompt_rings"] <= 0.2
 
@@ -287,7 +288,7 @@ else:
     unet, h = train_dreambooth(pipe, subject, DreamBoothConfig(steps=1, batch=1, remat=True, optimizer="adafactor"), progress=False,
                                class_set=(imgs, ["a dog"]))
     d = digest(unet)
-    changed = {"unet_leaves": len(d), "unet_changed": sum(d[k] != before["[" + repr("unet") + "]" + k] for k in d)}
+    changed = {"unet_leaves": len(d), "unet_unchanged": [k for k in d if d[k] == before["['unet']" + k]]}
 print(json.dumps({"loss": h["loss"], "others_unchanged": digest(params) == before, **changed,
                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 '''
@@ -298,7 +299,9 @@ print(json.dumps({"loss": h["loss"], "others_unchanged": digest(params) == befor
 def test_one_training_step_at_sd15_size(method):
     """The same code at SD 1.5 size (random weights, 64x64 pictures): the loss is finite, the model
     given is unchanged, and the step moves what it trains (textual inversion: the one vector;
-    DreamBooth: every UNet weight).  Run in its own process, so its ~17 GB are returned after."""
+    DreamBooth: the UNet's weights).  Run in its own process, so that its memory is returned after
+    (peak RSS measured 12.9 GB for textual inversion, 16.9 GB for DreamBooth with Adafactor and
+    gradient checkpointing)."""
     env = {**os.environ, "XLA_FLAGS": ""}
     r = subprocess.run([sys.executable, "-c", SD_STEP, method], capture_output=True, text=True, env=env, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -308,4 +311,7 @@ def test_one_training_step_at_sd15_size(method):
     if method == "ti":
         assert out["vector_moved"]
     else:
-        assert out["unet_changed"] == out["unet_leaves"] > 600
+        # every UNet weight moves but two: at 8x8 latents the mid block is 1x1, and self-attention over
+        # one position is the identity softmax, so its query and key get exactly zero gradient
+        assert out["unet_leaves"] > 600 and len(out["unet_unchanged"]) == 2, out["unet_unchanged"]
+        assert all("mid_block" in k and "attn1" in k and ("to_q" in k or "to_k" in k) for k in out["unet_unchanged"])

@@ -181,3 +181,20 @@ def test_a_run_shorter_than_its_warmup_still_trains():
     cfg = TrainConfig.create("moons", steps=3, warmup=200, batch=16)
     history = Trainer(cfg).train(progress=False)
     assert len(history["loss"]) == 1 and np.isfinite(history["loss"][0])
+
+
+def test_latent_runs_diffuse_the_built_in_vae_latents_and_sample_pictures():
+    from minidiff.pipeline import MINI_MODEL
+
+    if not MINI_MODEL.is_file():
+        pytest.skip("no built-in model in this checkout")
+    cfg = TrainConfig.create("shapes", cond="class", latent=True, steps=2, batch=4,
+                             model_kwargs={"block_out_channels": [16, 32], "attention": [False, True]})
+    x0, y = Batches(cfg)(0)
+    assert x0.shape == (4, 8, 8, 4) and abs(float(x0.std()) - 1) < 0.5  # whitened latents, not pixels
+    trainer = Trainer(cfg)
+    trainer.train(progress=False)
+    images = trainer.denoiser.sample(3, steps=2, params=trainer.state["params"])
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+    with pytest.raises(ValueError, match="latent=True"):
+        TrainConfig.create("moons", latent=True)

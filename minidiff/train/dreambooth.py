@@ -80,7 +80,7 @@ def train_dreambooth(pipe, subject: Subject, config: DreamBoothConfig | None = N
         z_class, c_class = encode_subject(pipe, class_set[0]), encode_captions(pipe, class_set[1])
     diffusion = latent_loss_fn(pipe, remat=cfg.remat)
 
-    def loss(unet_params, z, c, zc, cc, key):
+    def loss(unet_params, frozen, z, c, zc, cc, key):  # (frozen: nothing; the text states are computed)
         k_inst, k_class = jax.random.split(key)
         instance = diffusion(unet_params, z, c, k_inst)
         return instance + cfg.prior_weight * diffusion(unet_params, zc, cc, k_class) if prior else instance

@@ -67,6 +67,15 @@ class Subject:
         """The captions with the identifier in place of ``{}`` ("" drops it: the class prompts)."""
         return [" ".join(c.replace("{}", identifier).split()) for c in self.captions]
 
+    def placed(self, position: str) -> str:
+        """The first caption moved to another of the 3x3 places ("... in the top left" -> "... at the
+        bottom"); for captions that end with a place, as the shapes captions do."""
+        first = self.captions[0]
+        for p in sorted(POSITIONS, key=len, reverse=True):
+            if first.endswith(where(p)):
+                return first[:-len(where(p))] + where(position)
+        raise ValueError(f"the caption {first!r} names no place")
+
     def save(self, folder) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -108,8 +117,8 @@ ORANGE = (240, 130, 30)  # a colour the built-in model never saw (it knows red, 
 def draw_subject(name: str = "ring", seed: int = 0, size: int = 32) -> Subject:
     """Four pictures of a subject the built-in model has never seen.
 
-    - ``"ring"``: one red ring (a circle with a hole), at four positions: "a {} circle in the top left".
-      DreamBooth's subject: a new *look* for a class the model knows (circle).
+    - ``"ring"``: one red ring (a circle with a hole), at four positions: "a red {} circle in the top
+      left".  DreamBooth's subject: a new *look* for a class the model knows (circle).
     - ``"orange"``: orange shapes (circle, square, triangle, square): "a {} square in the center".
       Textual inversion's concept: a new colour word.
     """
@@ -126,7 +135,8 @@ def draw_subject(name: str = "ring", seed: int = 0, size: int = 32) -> Subject:
             alpha = np.clip(alpha - coverage(ShapeSpec(shape, "red", "large", position, dx=float(dx), dy=float(dy),
                                                        scale=0.5), size), 0, 1)
         images.append(_composite(alpha, COLORS["red"] if name == "ring" else ORANGE))
-        captions.append(f"a {{}} {shape} {where(position)}")
+        colour = "red " if name == "ring" else ""  # the ring's colour is named, as the model's captions do
+        captions.append(f"a {colour}{{}} {shape} {where(position)}")
     return Subject(np.stack(images), captions)
 
 
@@ -253,10 +263,12 @@ def encode_captions(pipe, prompts) -> jax.Array:
 
 def fit(loss, params, tx: optax.GradientTransformation, batch_fn, steps: int, seed: int = 0,
         progress: bool = True, desc: str = "fine-tune", log_every: int = 10, checkpoint=None,
-        checkpoint_every: int = 0):
-    """Minimise ``loss(params, *batch_fn(step), key)`` for ``steps`` optax steps.
+        checkpoint_every: int = 0, frozen=None):
+    """Minimise ``loss(params, frozen, *batch_fn(step), key)`` for ``steps`` optax steps.
 
-    ``params`` is only what is trained (textual inversion: one embedding row; DreamBooth: the UNet).
+    ``params`` is only what is trained (textual inversion: one embedding row; DreamBooth: the UNet);
+    ``frozen``, the weights that are not, enters the compiled step as an argument (a closed-over
+    array would be baked into the program as a constant: at SD size, gigabytes more to compile).
     ``checkpoint(step, params)`` is called every ``checkpoint_every`` steps (0: never).
     Returns (params, history) with the loss averaged over every ``log_every`` steps."""
     from tqdm.auto import tqdm
@@ -265,8 +277,8 @@ def fit(loss, params, tx: optax.GradientTransformation, batch_fn, steps: int, se
     params = jax.tree.map(jnp.array, params)  # our own copy: each step donates (reuses) its buffers
 
     @partial(jax.jit, donate_argnums=(0, 1))  # memory: one set of weights and optimizer state, not two
-    def update(params, opt_state, step, *batch):
-        value, grads = jax.value_and_grad(loss)(params, *batch, jax.random.fold_in(key, step))
+    def update(params, opt_state, step, frozen, *batch):
+        value, grads = jax.value_and_grad(loss)(params, frozen, *batch, jax.random.fold_in(key, step))
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
 
@@ -274,7 +286,7 @@ def fit(loss, params, tx: optax.GradientTransformation, batch_fn, steps: int, se
     history, pending, start = {"step": [], "loss": [], "seconds": 0.0}, [], time.perf_counter()
     bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step")
     for step in bar:
-        params, opt_state, value = update(params, opt_state, step, *batch_fn(step))
+        params, opt_state, value = update(params, opt_state, step, frozen, *batch_fn(step))
         pending.append(value)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             history["step"].append(step + 1)
@@ -300,63 +312,79 @@ def _judge(images, prompts_labels):
     return {a: np.asarray(pred[a]) == np.asarray(v) for a, v in prompts_labels.items()}
 
 
+HUES = {"red": 0.0, "yellow": 53.0, "green": 128.0, "blue": 228.0}  # the model's four colours, as drawn
+
+
+def nearest_colour(images) -> np.ndarray:
+    """The name of the model's colour nearest in hue to each picture's shape ("" for no shape)."""
+    h = hue(images)
+    names = list(HUES)
+    d = np.abs((h[:, None] - np.array(list(HUES.values()))[None] + 180) % 360 - 180)
+    return np.where(np.isnan(h), "", np.array(names)[np.argmin(np.nan_to_num(d, nan=0), 1)])
+
+
 def evaluate_subject(pipe, kind: str, identifier: str, samples: int = 2, steps: int = 30,
                      guidance_scale: float = 7.5, seed: int = 0) -> tuple[dict, np.ndarray]:
     """How often prompts naming the subject give it, over all 9 positions (5 never in its pictures).
 
-    ``kind="ring"``: "a {identifier} circle <position>": fraction that are rings (:func:`is_ring`)
-    at the right place (:func:`position_index`).  ``kind="orange"``: "a {identifier} <shape>
-    <position>" for the three shapes: fraction orange (:func:`is_orange`), and with the shape and
-    position the shapes classifier reads also right.  Returns (metrics, images)."""
+    ``kind="ring"``: "a red {identifier} circle <position>": fraction that are rings
+    (:func:`is_ring`) at the right place (:func:`position_index`) and red; and the ring in the
+    three other colours ("a green {identifier} circle ..."), a context its pictures never showed.
+    ``kind="orange"``: "a {identifier} <shape> <position>" for the three shapes: fraction orange
+    (:func:`is_orange`), and with the shape and position the shapes classifier reads also right.
+    Returns (metrics, images)."""
     from ..data import ShapesDataset
 
     ds = ShapesDataset()
-    shapes = ["circle"] if kind == "ring" else list(ds.shapes)
-    combos = [(s, p) for s in shapes for p in range(len(POSITIONS))]
     positions = list(POSITIONS)
-    prompts = [f"a {identifier} {s} {where(positions[p])}" for s, p in combos]
-    images = np.concatenate([pipe(prompts, steps=steps, guidance_scale=guidance_scale, seed=seed + 1000 * r)
-                             for r in range(samples)])
-    want_pos = np.tile([p for _, p in combos], samples)
-    placed = position_index(images) == want_pos
-    if kind == "ring":  # the subject is a *red* ring: shape, colour and place
+
+    def draw(prompts):
+        return np.concatenate([pipe(prompts, steps=steps, guidance_scale=guidance_scale, seed=seed + 1000 * r)
+                               for r in range(samples)])
+
+    if kind == "ring":
+        images = draw([f"a red {identifier} circle {where(p)}" for p in positions])
+        placed = position_index(images) == np.tile(np.arange(len(positions)), samples)
         hit = is_ring(images)
-        h = hue(images)
-        red = (h <= 15) | (h >= 345)
-        out = {"subject": float(hit.mean()), "subject_and_position": float((hit & placed).mean()),
-               "subject_red_and_position": float((hit & red & placed).mean())}
-    elif kind == "orange":
-        right = _judge(images, {"shape": np.tile([ds.shapes.index(s) for s, _ in combos], samples),
-                                "position": want_pos})
-        hit = is_orange(images)
-        out = {"subject": float(hit.mean()),
-               "subject_shape_position": float((hit & right["shape"] & right["position"]).mean()),
-               "median_hue": float(np.nanmedian(hue(images)))}
-    else:
+        red = nearest_colour(images) == "red"
+        out = {"ring": float(hit.mean()), "ring_red_placed": float((hit & red & placed).mean()),
+               "position": float(placed.mean())}
+        others = [(c, p) for c in ("green", "blue", "yellow") for p in range(len(positions))]
+        recoloured = draw([f"a {c} {identifier} circle {where(positions[p])}" for c, p in others])
+        asked = np.tile([c for c, _ in others], samples)
+        out["other_colours_ring_right_colour"] = float((is_ring(recoloured) & (nearest_colour(recoloured) == asked)).mean())
+        out["n"] = len(images) + len(recoloured)
+        return out, images
+    if kind != "orange":
         raise ValueError(f"unknown subject kind {kind!r}; choose 'ring' or 'orange'")
-    out.update(position=float(placed.mean()), n=len(images))
-    return out, images
+    combos = [(s, p) for s in ds.shapes for p in range(len(positions))]
+    images = draw([f"a {identifier} {s} {where(positions[p])}" for s, p in combos])
+    want_pos = np.tile([p for _, p in combos], samples)
+    right = _judge(images, {"shape": np.tile([ds.shapes.index(s) for s, _ in combos], samples), "position": want_pos})
+    hit = is_orange(images)
+    return {"orange": float(hit.mean()), "orange_shape_position": float((hit & right["shape"] & right["position"]).mean()),
+            "median_hue": float(np.nanmedian(hue(images))), "position": float(right["position"].mean()),
+            "n": len(images)}, images
 
 
 def evaluate_class(pipe, samples: int = 1, steps: int = 30, guidance_scale: float = 7.5, seed: int = 0) -> dict:
     """The class prior around the ring subject: does "circle" still mean what it meant?
 
-    - "a circle <position>" (the class prompts), 9 positions: fraction drawn as rings (drift);
+    - "a red circle <position>" (the class prompts), 9 positions: fraction drawn as rings (drift);
     - "a <colour> circle <position>", 4 colours x 9 positions: fraction whose shape, colour and
-      position the classifier reads as asked (variety kept), and fraction drawn as rings."""
+      position the classifier reads as asked (the class's variety kept), and fraction drawn as rings."""
     from ..data import ShapesDataset
 
     ds = ShapesDataset()
     positions = list(POSITIONS)
-    plain = [f"a circle {where(p)}" for p in positions]
     combos = [(c, p) for c in range(len(ds.colors)) for p in range(len(positions))]
     coloured = [f"a {ds.colors[c]} circle {where(positions[p])}" for c, p in combos]
-    a = np.concatenate([pipe(plain, steps=steps, guidance_scale=guidance_scale, seed=seed + 1000 * r)
-                        for r in range(samples)])
     b = np.concatenate([pipe(coloured, steps=steps, guidance_scale=guidance_scale, seed=seed + 1000 * r)
                         for r in range(samples)])
     right = _judge(b, {"shape": np.zeros(len(b), int), "color": np.tile([c for c, _ in combos], samples),
                        "position": np.tile([p for _, p in combos], samples)})
-    return {"class_prompt_rings": float(is_ring(a).mean()),
+    red = np.tile([ds.colors[c] == "red" for c, _ in combos], samples)
+    rings = is_ring(b)
+    return {"class_prompt_rings": float(rings[red].mean()),
             "coloured_circles_right": float(np.logical_and.reduce(list(right.values())).mean()),
-            "coloured_circles_rings": float(is_ring(b).mean()), "n": len(a) + len(b)}
+            "coloured_circles_rings": float(rings.mean()), "class_n": len(b)}

@@ -155,10 +155,11 @@ def train_textual_inversion(pipe, subject: Subject, config: TextualInversionConf
     text_model = CLIPTextModel(work.text_config)
     diffusion = latent_loss_fn(work)
 
-    def loss(vector, z0, caption_ids, key):
-        context = text_model.apply({"params": table_with(text_params, token_id, vector)}, caption_ids,
+    def loss(vector, frozen, z0, caption_ids, key):
+        text, unet = frozen
+        context = text_model.apply({"params": table_with(text, token_id, vector)}, caption_ids,
                                    clip_skip=work.clip_skip).last_hidden_state
-        return diffusion(unet_params, z0, context, key)
+        return diffusion(unet, z0, context, key)
 
     rng = np.random.default_rng([cfg.seed, 3])
 
@@ -168,6 +169,6 @@ def train_textual_inversion(pipe, subject: Subject, config: TextualInversionConf
 
     vector, history = fit(loss, jnp.asarray(table[init[0]]), optax.adam(cfg.lr), batch, cfg.steps, cfg.seed,
                           progress, desc=f"textual inversion {cfg.token}", checkpoint=checkpoint,
-                          checkpoint_every=checkpoint_every)
+                          checkpoint_every=checkpoint_every, frozen=(text_params, unet_params))
     history["config"] = asdict(cfg)
     return np.asarray(vector, np.float32), history
