@@ -156,9 +156,9 @@ for name, model, word, storage in [("frozen model", pipe, "sks", 0), ("textual i
                  f"{drift['class_prompt_rings']:.0%}", f"{drift['coloured_circles_right']:.0%}"])
 orange_fid, _ = F.evaluate_subject(with_words, "orange", "<orange>", samples=SAMPLES, steps=SAMPLE_STEPS)
 red_fid, _ = F.evaluate_subject(pipe, "orange", "red", samples=SAMPLES, steps=SAMPLE_STEPS)
-header = ["", "bytes to keep", "red ring, right place", "ring in other colours", "'a red circle' drawn as a ring",
-          "coloured circles right"]
-print(" | ".join(header))
+header = ["", "bytes to keep", "red ring,\nright place", "ring in\nother colours", "'a red circle'\ndrawn as a ring",
+          "coloured circles\nright"]
+print(" | ".join(h.replace("\n", " ") for h in header))
 for r in rows:
     print(" | ".join(r))
 print(f"textual inversion of a colour: 'a <orange> <shape> <place>' orange in {orange_fid['orange']:.0%} "
@@ -169,7 +169,7 @@ ax.axis("off")
 t = ax.table(cellText=rows, colLabels=header, loc="center", cellLoc="center")
 t.auto_set_font_size(False)
 t.set_fontsize(8)
-t.scale(1, 1.4)
+t.scale(1, 1.9)
 ax.set_title(f"{STEPS} steps each, {SAMPLE_STEPS} DDIM steps, guidance 7.5" + (" (quick mode)" if QUICK else ""),
              fontsize=9)
 savefig(fig, "10_comparison_table.png")
