@@ -304,8 +304,7 @@ def _subject_grid(pipe, subject, identifier, path, meta, seed=0):
 
     seen = subject.prompts(identifier)
     try:  # the first caption at the places no picture showed
-        unseen = [c for c in (Subject([subject.images[0]], [subject.placed(p)]).prompts(identifier)[0] for p in POSITIONS)
-                  if c not in seen]
+        unseen = [c for c in (Subject.fill(subject.placed(p), identifier) for p in POSITIONS) if c not in seen]
     except ValueError:  # captions without a place
         unseen = []
     prompts = seen + unseen

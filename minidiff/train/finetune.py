@@ -63,9 +63,14 @@ class Subject:
             if c.count("{}") != 1:
                 raise ValueError(f"each caption needs exactly one '{{}}' where the identifier goes, got {c!r}")
 
+    @staticmethod
+    def fill(caption: str, identifier: str) -> str:
+        """A caption with the identifier in place of ``{}`` ("" drops it: the class prompt)."""
+        return " ".join(caption.replace("{}", identifier).split())
+
     def prompts(self, identifier: str) -> list[str]:
-        """The captions with the identifier in place of ``{}`` ("" drops it: the class prompts)."""
-        return [" ".join(c.replace("{}", identifier).split()) for c in self.captions]
+        """Every caption filled with the identifier (:meth:`fill`)."""
+        return [self.fill(c, identifier) for c in self.captions]
 
     def placed(self, position: str) -> str:
         """The first caption moved to another of the 3x3 places ("... in the top left" -> "... at the
