@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from _lesson import QUICK, plt, savefig
 
-from minidiff.pipeline import StableDiffusion, load_pipeline
+from minidiff.pipeline import load_pipeline
 from minidiff.train import finetune as F
 from minidiff.train.dreambooth import DreamBoothConfig, class_pictures, train_dreambooth
 from minidiff.train.textual_inversion import TextualInversionConfig, train_textual_inversion
@@ -88,12 +88,7 @@ unet_prior, h_prior = train_dreambooth(pipe, ring, db_cfg, progress=False, class
 unet_free, h_free = train_dreambooth(pipe, ring, DreamBoothConfig(steps=STEPS, prior_weight=0.0), progress=False)
 
 
-def tuned(unet):
-    return StableDiffusion(pipe.unet_config, pipe.vae_config, pipe.text_config, {**pipe.params, "unet": unet},
-                           scheduler=pipe.scheduler)
-
-
-db_prior, db_free = tuned(unet_prior), tuned(unet_free)
+db_prior, db_free = pipe.with_params(unet=unet_prior), pipe.with_params(unet=unet_free)
 
 fig, ax = plt.subplots(figsize=(6, 3.2))
 for name, h in (("TI <ring>", h_ti_ring), ("TI <orange>", h_ti_orange), ("DreamBooth + prior", h_prior),

@@ -392,7 +392,8 @@ def _dreambooth(args):
     print(f"wrote {model} ({model.stat().st_size / 2**20:.1f} MB; loss {history['loss'][0]:.4f} -> "
           f"{history['loss'][-1]:.4f}, {history['seconds']:.0f} s)")
     if not args.no_samples:
-        tuned = StableDiffusion.from_config({**params, "unet": unet}, config, name=str(model))
+        tuned = pipe.with_params(unet=unet)
+        tuned.name = str(model)
         print(f"wrote {_subject_grid(tuned, subject, cfg.identifier, out / 'samples.png', {'model': str(model)})}")
     print(f'use it: minidiff txt2img "{subject.prompts(cfg.identifier)[0]}" --model {model}')
 

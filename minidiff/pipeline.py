@@ -321,6 +321,18 @@ class StableDiffusion:
         vectors = load_embedding(path, token=token, hidden_size=self.text_config.hidden_size)
         return self.add_tokens(vectors)
 
+    def with_params(self, **parts) -> "StableDiffusion":
+        """The same pipeline (tokenizer, scheduler, clip_skip, padding, devices) with some networks'
+        weights replaced, e.g. ``pipe.with_params(unet=tuned)`` after DreamBooth."""
+        import copy
+
+        unknown = sorted(set(parts) - {"unet", "vae", "text_encoder"})
+        if unknown:
+            raise ValueError(f"a pipeline's weights are 'unet', 'vae' and 'text_encoder', not {unknown}")
+        new = copy.copy(self)
+        new.params, new._placed = {**self.params, **parts}, {}
+        return new
+
     def add_tokens(self, vectors: Mapping[str, np.ndarray]) -> list[str]:
         """Add tokens {token: (D,) embedding} to the tokenizer and the text encoder (see
         :meth:`load_textual_inversion`)."""

@@ -203,8 +203,7 @@ def test_dreambooth_learns_the_ring_and_prior_preservation_keeps_the_class(mini)
     class_rings = {}
     for prior in (1.0, 0.0):
         unet, _ = train_dreambooth(mini, subject, DreamBoothConfig(prior_weight=prior), progress=False)
-        tuned = P.StableDiffusion(mini.unet_config, mini.vae_config, mini.text_config, {**mini.params, "unet": unet},
-                                  scheduler=mini.scheduler)
+        tuned = mini.with_params(unet=unet)
         fidelity, _ = F.evaluate_subject(tuned, "ring", "sks", samples=1, steps=20)
         assert fidelity["ring_red_placed"] >= 0.6, (prior, fidelity)  # measured 89 % (9 pictures)
         class_rings[prior] = F.evaluate_class(tuned, samples=2, steps=20)["class_prompt_rings"]  # 18 pictures
@@ -317,3 +316,13 @@ def test_one_training_step_at_sd15_size(method):
         # one position is the identity softmax, so its query and key get exactly zero gradient
         assert out["unet_leaves"] > 600 and len(out["unet_unchanged"]) == 2, out["unet_unchanged"]
         assert all("mid_block" in k and "attn1" in k and ("to_q" in k or "to_k" in k) for k in out["unet_unchanged"])
+
+
+@needs_model
+def test_with_params_swaps_weights_and_keeps_everything_else(mini):
+    other = mini.with_params(unet=mini.params["unet"])
+    assert other is not mini and other.params["vae"] is mini.params["vae"]
+    assert other.tokenizer is mini.tokenizer and other.pad_token == mini.pad_token and other.scheduler == mini.scheduler
+    assert np.array_equal(other(["a red circle"], steps=2, seed=0), mini(["a red circle"], steps=2, seed=0))
+    with pytest.raises(ValueError, match="not \\['clip'\\]"):
+        mini.with_params(clip={})

@@ -39,9 +39,9 @@ FORMAT = "minidiff-textual-inversion-v1"
 def add_token_rows(text_params, text_config: CLIPTextConfig, rows) -> tuple[dict, CLIPTextConfig]:
     """The text encoder with ``rows`` (k, D) appended to its token table (ids vocab_size .. + k - 1)."""
     table = np.asarray(text_params["embeddings"]["token_embedding"]["embedding"])
-    rows = np.asarray(rows, table.dtype).reshape(-1, table.shape[1]) if np.size(rows) % table.shape[1] == 0 else None
-    if rows is None:
+    if np.size(rows) % table.shape[1]:
         raise ValueError(f"a new token's embedding must have {table.shape[1]} numbers (the text encoder's width)")
+    rows = np.asarray(rows, table.dtype).reshape(-1, table.shape[1])
     if len(table) != text_config.vocab_size:
         raise ValueError(f"the token table has {len(table)} rows but the config says vocab_size "
                          f"{text_config.vocab_size}")
@@ -132,8 +132,6 @@ def train_textual_inversion(pipe, subject: Subject, config: TextualInversionConf
 
     Returns (vector (D,) float32, history).  ``pipe`` is left unchanged (the token is added to a copy
     of its tokenizer and text encoder for the training)."""
-    import copy
-
     cfg = config or TextualInversionConfig()
     init = pipe.tokenizer.encode(cfg.init_word)
     if len(init) != 1:
@@ -145,8 +143,7 @@ def train_textual_inversion(pipe, subject: Subject, config: TextualInversionConf
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
     table = np.asarray(pipe.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"], np.float32)
 
-    work = copy.copy(pipe)  # its own tokenizer, params dict and placement: pipe stays as it was
-    work.params, work._placed = dict(pipe.params), {}
+    work = pipe.with_params()  # its own params dict and placement (add_tokens copies the tokenizer)
     work.add_tokens({cfg.token: table[init[0]]})
     token_id = work.tokenizer.encoder[cfg.token]
     ids = jnp.asarray(work.tokenize(subject.prompts(cfg.token)))
