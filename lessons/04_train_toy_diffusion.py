@@ -126,10 +126,20 @@ savefig(fig, "04_trajectories.png")
 # %% [markdown]
 # ## 4. Pictures: a class-conditional UNet on shapes
 # The 32x32 shapes of `minidiff.data.ShapesDataset`: one of 3 shapes in one of 4 colours, at a
-# random place and size.  The class (shape x colour, 12 classes) is embedded and added to the
-# timestep embedding, as Stable Diffusion's UNet does with `class_embedding`.  The network is a
-# small `UNet2DCondition` (`UNetConfig.toy` with fewer channels, so that it trains on a CPU), and
-# it predicts v.  The full run takes about 10 minutes on two CPU cores and is kept in
+# random place and size.  Two choices make this train in minutes on a CPU:
+#
+# - **Latent diffusion** (`latent=True`): the pictures are first encoded by the built-in model's
+#   VAE into 8x8x4 latents, and the UNet diffuses those (16x fewer positions than 32x32x3 pixels);
+#   samples are decoded back to pictures.  This is what Stable Diffusion does.
+# - **The class as two words** (`class_conditioning="tokens"`): class (shape, colour) becomes a
+#   2-token context, one learned vector for the shape and one for the colour, which the UNet's
+#   cross-attention reads at every resolution, as Stable Diffusion reads its caption.  The other way,
+#   one embedding per class added to the timestep embedding (diffusers' `class_embedding`), trains
+#   much slower here: measured at the same 1,369 steps, the requested shape is drawn in 54 % of
+#   samples against 74 % (63 % against 88 % with guidance 2; see the README).
+#
+# With `cond_drop=0.1` the model also learns "no class", so sampling can use classifier-free
+# guidance.  The full run takes about 10 minutes on two CPU cores and is kept in
 # `runs/lesson04_shapes` (a second run of the lesson reuses it); quick mode trains a tiny model for
 # a few steps, only to show the mechanics.
 
@@ -138,16 +148,17 @@ from pathlib import Path  # noqa: E402
 
 from minidiff.train.checkpoint import CHECKPOINT  # noqa: E402
 
-SHAPES_UNET = {"block_out_channels": [16, 32, 32], "attention": [False, False, True]}
+SHAPES = dict(cond="class", latent=True, class_conditioning="tokens", cond_drop=0.1, prediction="v")
 if QUICK:
-    shapes = TrainConfig.create("shapes", cond="class", prediction="v", steps=30, batch=8, lr=2e-3, warmup=10,
-                                log_every=5, model_kwargs={"block_out_channels": [8, 8], "attention": [False, False],
-                                                           "mid_block_attention": False, "norm_num_groups": 4})
+    shapes = TrainConfig.create("shapes", **SHAPES, steps=30, batch=8, lr=2e-3, warmup=10, log_every=5,
+                                model_kwargs={"block_out_channels": [8, 8], "attention": [False, True],
+                                              "norm_num_groups": 4, "cross_attention_dim": 8})
     shapes_trainer = Trainer(shapes)
 else:
     run_dir = Path(__file__).resolve().parent.parent / "runs" / "lesson04_shapes"
-    shapes = TrainConfig.create("shapes", cond="class", prediction="v", steps=2000, batch=32, lr=2e-3, warmup=100,
-                                lr_decay=True, model_kwargs=SHAPES_UNET, checkpoint_every=250)
+    shapes = TrainConfig.create("shapes", **SHAPES, steps=1400, batch=32, lr=1e-3, warmup=100, lr_decay=True,
+                                model_kwargs={"block_out_channels": [64, 128], "attention": [True, True]},
+                                checkpoint_every=250)
     shapes_trainer = Trainer.resume(run_dir) if (run_dir / CHECKPOINT).is_file() else Trainer(shapes, run_dir)
 start = time.perf_counter()
 shapes_trainer.train(progress=not QUICK)
@@ -157,7 +168,7 @@ print(f"step {shapes_trainer.step}, {time.perf_counter() - start:.0f} s")
 shapes_den = Denoiser(shapes, shapes_trainer.state["ema_params"])
 ds = shapes.dataset()
 k = ds.num_classes
-images = shapes_den.sample(k * (1 if QUICK else 6), seed=0, steps=10 if QUICK else 50)  # class i % k
+images = shapes_den.sample(k * (1 if QUICK else 6), seed=0, steps=10 if QUICK else 50, guidance_scale=3.0)
 pool, labels, _ = ds.sample(300, np.random.default_rng(0))
 real = pool[np.stack([np.flatnonzero(labels["class"] == c)[:2] for c in range(k)]).T.ravel()]  # 2 rows of k classes
 
@@ -165,7 +176,7 @@ top, bottom = image_grid(real, k), image_grid(images, k)
 panel = np.concatenate([top, np.full((3, top.shape[1], 3), 255, np.uint8), bottom])  # a white line between
 fig, (a, c) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [3, 1.2]})
 a.imshow(panel)
-a.set_title(f"top: data; below: samples (DDIM).  Column i is class i: {ds.class_name(0)!r}, {ds.class_name(1)!r}, ...")
+a.set_title(f"top: data; below: samples (DDIM, guidance 3).  Column i is class i: {ds.class_name(0)!r}, {ds.class_name(1)!r}, ...")
 a.axis("off")
 c.plot(shapes_trainer.history["step"], shapes_trainer.history["loss"])
 c.set(xlabel="step", ylabel="loss", yscale="log", title="shapes, v-prediction")
@@ -174,9 +185,9 @@ savefig(fig, "04_shapes.png")
 # %% [markdown]
 # How often is a sample of class "red circle" seen as a red circle?  The judge is a small CNN
 # classifier trained on the same pictures (`minidiff.train.classifier`, trained once and cached).
-# The full run reaches about 90 % (see the README for measured figures).
+# With guidance 3 the full run reaches about 90 % (see the README for the measured figures).
 
 # %%
 if not QUICK:
-    for key, value in evaluate(shapes_den, n=100 * k, steps=50).items():
+    for key, value in evaluate(shapes_den, n=100 * k, steps=50, guidance_scale=3.0).items():
         print(f"{key:30s} {value:.3g}")

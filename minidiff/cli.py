@@ -36,7 +36,7 @@ def _train(args):
             seed=args.seed, schedule=args.schedule, warmup=args.warmup, ema_decay=args.ema, cond_drop=args.cond_drop,
             sample_every=args.sample_every, checkpoint_every=args.checkpoint_every, model_kwargs=model_kwargs,
             grad_clip=args.grad_clip, patch_size=args.patch_size, min_snr_gamma=args.min_snr_gamma,
-            latent=True if args.latent else None,
+            latent=True if args.latent else None, class_conditioning=args.class_conditioning,
             lr_decay=False if args.no_lr_decay else None,
         )
         trainer = Trainer(config, out)
@@ -116,8 +116,8 @@ def _train_vqvae(args):
     from .train.vqvae import VQVAETrainConfig, VQVAETrainer, evaluate_vqvae
 
     out = _fresh_run_dir(args.out)
-    overrides = {k: v for k, v in dict(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed).items()
-                 if v is not None}
+    overrides = {k: v for k, v in dict(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                                       foreground_weight=args.foreground_weight).items() if v is not None}
     model = _json_arg(args.model_kwargs, "--model-kwargs")
     config = VQVAETrainConfig(**overrides, **({"model": {**VQVAETrainConfig().model, **model}} if model else {}))
     trainer = VQVAETrainer(config, out)
@@ -529,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patch-size", type=int, help="shapes: the UNet sees PxP pixel patches as channels (default: 1)")
     t.add_argument("--latent", action="store_true", help="shapes: diffuse the built-in model's VAE latents (8x8x4) "
                                                          "instead of the pixels (latent diffusion)")
+    t.add_argument("--class-conditioning", choices=("embedding", "tokens"),
+                   help="shapes: the class as one embedding added to the time embedding (default), or as two "
+                        "cross-attention tokens, a shape word and a colour word")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--sample-every", type=int, help="save a sample grid every N steps (0: never)")
     t.add_argument("--checkpoint-every", type=int, help="save a checkpoint every N steps (0: at the end only)")
@@ -567,6 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch", type=int, help="batch size (default: 32)")
     v.add_argument("--lr", type=float, help="peak Adam learning rate (default: 2e-3)")
     v.add_argument("--model-kwargs", help='JSON overrides of VQVAEConfig, e.g. \'{"num_codes": 256}\'')
+    v.add_argument("--foreground-weight", type=float,
+                   help="shape pixels count 1 + this in the squared error (default: see VQVAETrainConfig)")
     v.add_argument("--seed", type=int)
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_train_vqvae)

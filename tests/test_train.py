@@ -198,3 +198,36 @@ def test_latent_runs_diffuse_the_built_in_vae_latents_and_sample_pictures():
     assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
     with pytest.raises(ValueError, match="latent=True"):
         TrainConfig.create("moons", latent=True)
+
+
+def test_class_tokens_read_the_class_as_a_shape_word_and_a_colour_word():
+    """class_conditioning="tokens": class c = shape * n_colours + colour gives the context
+    [E_shape[shape], E_colour[colour]]; the "no class" label reads the extra row of both tables."""
+    from minidiff.train.diffusion import build_model
+
+    unet = {"block_out_channels": [8, 8], "attention": [False, True], "num_attention_heads": 2, "norm_num_groups": 4,
+            "cross_attention_dim": 16}
+    cfg = TrainConfig.create("shapes", cond="class", class_conditioning="tokens", batch=4, steps=2, model_kwargs=unet)
+    model = build_model(cfg)
+    ds = cfg.dataset()
+    n_s, n_c = len(ds.shapes), len(ds.colors)
+    labels = np.array([0, ds.class_index({"shape": 2, "color": 1}), cfg.num_classes], np.int32)
+    x = np.zeros((3, 32, 32, 3), np.float32)
+    params = model.init(jax.random.PRNGKey(0), x, np.zeros(3, np.int32), class_labels=labels)["params"]
+    assert params["shape_tokens"]["embedding"].shape == (n_s + 1, 16)
+    assert params["color_tokens"]["embedding"].shape == (n_c + 1, 16)
+    assert "class_embedding" not in params["inner"] and "attn2" in str(jax.tree_util.tree_structure(params["inner"]))
+
+    seen = {}
+    def capture(module, x, t, context=None, train=False):  # noqa: E306
+        seen["context"] = np.asarray(context)
+        return x
+    from minidiff.nn.unet import UNet2DCondition
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(UNet2DCondition, "__call__", capture)
+        model.apply({"params": params}, x, np.zeros(3, np.int32), class_labels=labels)
+    E_s, E_c = np.asarray(params["shape_tokens"]["embedding"]), np.asarray(params["color_tokens"]["embedding"])
+    np.testing.assert_array_equal(seen["context"][:, 0], E_s[[0, 2, n_s]])
+    np.testing.assert_array_equal(seen["context"][:, 1], E_c[[0, 1, n_c]])
+    with pytest.raises(ValueError, match="class_conditioning"):
+        TrainConfig.create("moons", cond="none", class_conditioning="tokens")

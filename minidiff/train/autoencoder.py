@@ -84,6 +84,13 @@ def random_crops(images, n: int, size: int, rng: np.random.Generator, flip: bool
     return out
 
 
+def foreground_weighted_mean(error, x, foreground_weight: float = 0.0):
+    """The mean of ``error`` (B, H, W, C) in which every pixel of x (images in [-1, 1]) that is not
+    black (some channel above -0.9) counts 1 + foreground_weight times; the plain mean at weight 0."""
+    weight = 1.0 + foreground_weight * (jnp.max(x, axis=-1, keepdims=True) > -0.9)   # (B, H, W, 1)
+    return jnp.mean(weight * error) / jnp.mean(weight)
+
+
 def vae_loss(model: AutoencoderKL, params, x, key, kl_weight: float = 1e-6, reconstruction: str = "l1",
              foreground_weight: float = 0.0):
     """(loss, aux) for a batch x in [-1, 1]; ``reconstruction`` "l1" (mean |x - x_hat|, SD's) or "l2"
@@ -101,8 +108,7 @@ def vae_loss(model: AutoencoderKL, params, x, key, kl_weight: float = 1e-6, reco
     mse = jnp.mean((x - x_hat) ** 2)                            # mean (x - x_hat)^2
     kl = jnp.mean(posterior.kl())                               # KL(q(z|x) || N(0, I)), per image
     error = {"l1": jnp.abs(x - x_hat), "l2": (x - x_hat) ** 2}[reconstruction]
-    weight = 1.0 + foreground_weight * (jnp.max(x, axis=-1, keepdims=True) > -0.9)   # (B, H, W, 1)
-    rec = jnp.mean(weight * error) / jnp.mean(weight)           # = plain mean when foreground_weight = 0
+    rec = foreground_weighted_mean(error, x, foreground_weight)
     loss = rec + kl_weight * kl / np.prod(x.shape[1:])          # ldm's loss / number of pixel values
     return loss, {"l1": l1, "mse": mse, "kl": kl, "sigma": jnp.mean(posterior.std)}
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,10 @@ class TrainConfig:
     image_size: int = 32
     patch_size: int = 1  # shapes: the UNet sees p x p pixel patches folded into channels (PatchedDenoiser)
     latent: bool = False  # shapes: diffuse the built-in model's VAE latents (8x8x4), not the pixels
+    # shapes + class: how the UNet reads the class.  "embedding": one learned vector per (shape, colour),
+    # added to the time embedding; "tokens": two context tokens, a shape word and a colour word, read by
+    # cross-attention at every resolution (as the mini SD reads its caption)
+    class_conditioning: str = "embedding"
     sample_every: int = 0  # save a sample grid every so many steps (0: never)
     checkpoint_every: int = 0  # save a checkpoint every so many steps (0: only at the end)
     log_every: int = 50  # average the loss over this many steps for the progress bar and history
@@ -136,6 +141,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.class_conditioning not in ("embedding", "tokens"):
+            raise ValueError(f"unknown class_conditioning {self.class_conditioning!r}; choose 'embedding' or 'tokens'")
+        if self.class_conditioning == "tokens" and self.data != "shapes":
+            raise ValueError("class_conditioning='tokens' reads (shape, colour) classes: it needs --data shapes")
         if self.latent and (self.data != "shapes" or self.patch_size != 1 or self.image_size != 32):
             raise ValueError("latent=True diffuses the built-in VAE's latents of 32x32 shapes: it needs --data "
                              "shapes, image size 32 and patch size 1")
@@ -253,6 +262,29 @@ class PatchedDenoiser(nn.Module):
         return depth_to_space(self.inner(space_to_depth(x, p), t, class_labels=class_labels, train=train), p)
 
 
+class ClassTokens(nn.Module):
+    """A class-conditional UNet that reads its (shape, colour) class as two words.
+
+    class c = shape * n_colours + colour becomes the context [E_shape[shape], E_colour[colour]]
+    (B, 2, width), which every Transformer2D attends to; the "no class" label (c = n_shapes *
+    n_colours) reads its own row in both tables, the classifier-free guidance "empty caption".
+    Shape and colour are learned once each, shared across the classes that have them."""
+
+    inner: nn.Module  # a UNet2DCondition with cross_attention_dim = width
+    n_shapes: int
+    n_colors: int
+    width: int
+
+    @nn.compact
+    def __call__(self, x, t, class_labels=None, train: bool = False):
+        null = class_labels == self.n_shapes * self.n_colors
+        shape = jnp.where(null, self.n_shapes, class_labels // self.n_colors)
+        colour = jnp.where(null, self.n_colors, class_labels % self.n_colors)
+        context = jnp.stack([nn.Embed(self.n_shapes + 1, self.width, name="shape_tokens")(shape),
+                             nn.Embed(self.n_colors + 1, self.width, name="color_tokens")(colour)], axis=1)
+        return self.inner(x, t, context, train=train)
+
+
 def build_model(config: TrainConfig):
     """The Flax module a config describes."""
     k = None if config.num_classes is None else config.num_classes + 1  # + the "no class" embedding
@@ -265,7 +297,14 @@ def build_model(config: TrainConfig):
     p = config.patch_size
     kwargs = {key: tuple(v) if isinstance(v, list) else v for key, v in config.model_kwargs.items()}
     channels, size = (4, config.image_size // 4) if config.latent else (3 * p * p, config.image_size // p)
-    unet = UNet2DCondition(UNetConfig.toy(in_channels=channels, sample_size=size, num_class_embeds=k, **kwargs))
+    if config.class_conditioning == "tokens" and k is not None:
+        width = kwargs.pop("cross_attention_dim", 64)
+        ds = config.dataset()
+        unet = UNet2DCondition(UNetConfig.toy(in_channels=channels, sample_size=size, cross_attention_dim=width,
+                                              **kwargs))
+        unet = ClassTokens(unet, len(ds.shapes), len(ds.colors), width)
+    else:
+        unet = UNet2DCondition(UNetConfig.toy(in_channels=channels, sample_size=size, num_class_embeds=k, **kwargs))
     return unet if p == 1 else PatchedDenoiser(unet, p)
 
 
@@ -440,9 +479,15 @@ class Trainer:
         until = cfg.steps if until is None else until
         pending = []
         bar = tqdm(total=until, initial=self.step, disable=not progress, desc=f"train {cfg.data}", unit="step")
+        # the next batch is drawn (and, with latent=True, encoded) on a second thread while this step runs
+        prefetch = ThreadPoolExecutor(1)
+        upcoming = prefetch.submit(self.batches, self.step)
         try:
             while self.step < until:
-                self.state, loss = self._train_step(self.state, *self.batches(self.step))
+                batch = upcoming.result()
+                if self.step + 1 < until:
+                    upcoming = prefetch.submit(self.batches, self.step + 1)
+                self.state, loss = self._train_step(self.state, *batch)
                 self.step += 1
                 pending.append(loss)
                 bar.update()
@@ -459,6 +504,7 @@ class Trainer:
                 bar.write(f"interrupted: saved step {self.step} to {self.save()}")
             raise
         finally:
+            prefetch.shutdown(cancel_futures=True)
             bar.close()
         if self.run_dir is not None:
             self.save()

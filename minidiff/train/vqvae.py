@@ -4,6 +4,7 @@ One step, for a batch x of images in [-1, 1]:
 
     x_hat, k, aux = VQVAE(x)                  (EMA mode: the codebook moves towards its encoder outputs)
     loss = mean (x - x_hat)^2 + aux["loss"]   (codebook loss + beta * commitment loss)
+    (with ``foreground_weight`` w, the mean counts the shape's pixels 1 + w times)
 
 then an Adam update.  Every ``restart_every`` steps, codes that no encoder output chose during
 that window are *dead*: they are moved onto randomly picked encoder outputs of the last batch
@@ -30,6 +31,7 @@ import optax
 from .. import vq
 from ..data import ShapesDataset, to_uint8, to_unit_range
 from ..nn.vqvae import VQVAE, VQVAEConfig, psnr
+from .autoencoder import foreground_weighted_mean
 from .checkpoint import load_checkpoint, save_checkpoint
 
 HELD_OUT_SEED = 10**6  # evaluation images come from this rng seed, never from a training batch's
@@ -42,6 +44,8 @@ class VQVAETrainConfig:
     lr: float = 2e-3
     warmup: int = 100
     restart_every: int = 100  # dead-code restart period (0: never)
+    # shape pixels count 1 + this in the squared error (0: the plain mean, ruled by the black background)
+    foreground_weight: float = 0.0
     seed: int = 0
     image_size: int = 32
     model: dict = field(default_factory=lambda: {"channels": [16, 32, 64], "groups": 8})
@@ -103,7 +107,8 @@ class VQVAETrainer:
             (x_hat, indices, aux), new_state = self.model.apply({"params": p, **state}, x, update=True,
                                                                 mutable=list(state))
             mse = jnp.mean((x_hat - x) ** 2)
-            return mse + aux["loss"], (new_state, indices, mse)
+            rec = foreground_weighted_mean((x_hat - x) ** 2, x, self.config.foreground_weight)
+            return rec + aux["loss"], (new_state, indices, mse)
 
         (loss, (new_state, indices, mse)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
