@@ -117,7 +117,8 @@ def _train_vqvae(args):
 
     out = _fresh_run_dir(args.out)
     overrides = {k: v for k, v in dict(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                                       foreground_weight=args.foreground_weight).items() if v is not None}
+                                       foreground_weight=args.foreground_weight,
+                                       reconstruction=args.reconstruction).items() if v is not None}
     model = _json_arg(args.model_kwargs, "--model-kwargs")
     config = VQVAETrainConfig(**overrides, **({"model": {**VQVAETrainConfig().model, **model}} if model else {}))
     trainer = VQVAETrainer(config, out)
@@ -566,12 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("train-vqvae", help="train a VQ-VAE on the shapes; print held-out PSNR and codebook use")
     v.add_argument("--out", default="runs/vqvae", help="run folder (default: runs/vqvae)")
-    v.add_argument("--steps", type=int, help="training steps (default: 2000)")
+    v.add_argument("--steps", type=int, help="training steps (default: 3000)")
     v.add_argument("--batch", type=int, help="batch size (default: 32)")
     v.add_argument("--lr", type=float, help="peak Adam learning rate (default: 2e-3)")
     v.add_argument("--model-kwargs", help='JSON overrides of VQVAEConfig, e.g. \'{"num_codes": 256}\'')
     v.add_argument("--foreground-weight", type=float,
-                   help="shape pixels count 1 + this in the squared error (default: see VQVAETrainConfig)")
+                   help="shape pixels count 1 + this in the reconstruction error (default: 10)")
+    v.add_argument("--reconstruction", choices=("l1", "l2"), help="reconstruction error (default: l1)")
     v.add_argument("--seed", type=int)
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_train_vqvae)

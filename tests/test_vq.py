@@ -248,19 +248,23 @@ def test_ema_mode_codebook_gets_no_gradient_and_follows_ema_update(rng):
         model.apply(variables, z, update=True)
 
 
-def test_vqvae_training_loss_counts_shape_pixels_1_plus_w_times():
-    """train-vqvae --foreground-weight w: the reconstruction term is the squared error averaged with
+@pytest.mark.parametrize("reconstruction", ["l1", "l2"])
+def test_vqvae_training_loss_counts_shape_pixels_1_plus_w_times(reconstruction):
+    """train-vqvae --foreground-weight w: the reconstruction term (|error| or error^2) is averaged with
     weight 1 + w on every non-black pixel (the shared rule of the autoencoders), plus the VQ losses."""
     jax = pytest.importorskip("jax")
     from minidiff.train.vqvae import VQVAETrainConfig, VQVAETrainer, shapes_batch
 
-    cfg = VQVAETrainConfig(steps=1, batch=4, foreground_weight=4.0,
+    cfg = VQVAETrainConfig(steps=1, batch=4, foreground_weight=4.0, reconstruction=reconstruction,
                            model={"channels": [8, 8, 8], "groups": 4, "num_codes": 16, "latent_dim": 4})
     trainer = VQVAETrainer(cfg)
     x, _, _ = shapes_batch(trainer.dataset, cfg.seed, 0, cfg.batch)
     loss = trainer._update(trainer.params, trainer.state, trainer.opt_state, x)[3]
     x_hat, _, aux = trainer.model.apply(trainer.variables(), x)
+    diff = np.asarray(x) - np.asarray(x_hat)
+    error = np.abs(diff) if reconstruction == "l1" else diff**2
     w = np.where((np.asarray(x) > -0.9).any(axis=-1, keepdims=True), 5.0, 1.0)
-    weighted = (w * (np.asarray(x) - np.asarray(x_hat)) ** 2).sum() / (w.sum() * 3)
     assert 0.05 < w.mean() - 1 < 3  # the batch has both shape and background pixels
-    np.testing.assert_allclose(float(loss), weighted + float(aux["loss"]), rtol=1e-4)
+    np.testing.assert_allclose(float(loss), (w * error).sum() / (w.sum() * 3) + float(aux["loss"]), rtol=1e-4)
+    with pytest.raises(ValueError, match="reconstruction"):
+        VQVAETrainConfig(reconstruction="l3")
