@@ -206,6 +206,11 @@ def _as_tuple(value):
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def split_class(index, n_colors: int):
+    """Class c = shape * n_colours + colour -> (shape, colour); NumPy or JAX (traced) arrays alike."""
+    return index // n_colors, index % n_colors
+
+
 @dataclass
 class ShapesDataset:
     """Captioned pictures of one coloured shape, drawn on the fly from a seed.
@@ -289,7 +294,7 @@ class ShapesDataset:
 
     def class_labels(self, index) -> dict[str, np.ndarray]:
         """The inverse of :meth:`class_index`: class -> {"shape": ..., "color": ...}."""
-        shape, color = np.divmod(np.asarray(index), len(self.colors))
+        shape, color = split_class(np.asarray(index), len(self.colors))
         return {"shape": shape, "color": color}
 
     def class_name(self, index: int) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from minidiff.data import (COLORS, POINT_CLOUDS, POSITIONS, SHAPES, SIZES, TOY_MIXTURE, ShapesDataset, ShapeSpec,
-                           caption, render, to_unit_range)
+                           caption, render, split_class, to_unit_range)
 
 # Written out by hand here, independently of minidiff.data, so that the captions are checked.
 PHRASES = {"top left": "in the top left", "top": "at the top", "top right": "in the top right",
@@ -181,3 +181,8 @@ def test_class_index_round_trip():
     np.testing.assert_array_equal(back["shape"], labels["shape"])
     np.testing.assert_array_equal(back["color"], labels["color"])
     assert ds.class_name(ds.class_index({"shape": 2, "color": 1})) == "green triangle"
+    # the same rule under jax.jit (ClassTokens splits traced labels with it)
+    import jax
+
+    traced = jax.jit(lambda c: split_class(c, len(ds.colors)))(k)
+    np.testing.assert_array_equal(np.stack(traced), np.stack([back["shape"], back["color"]]))

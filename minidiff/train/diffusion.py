@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..data import split_class
 from ..diffusion import InferenceSchedule, NoiseSchedule, q_sample, velocity
 from ..images import save_png, to_uint8, to_unit_range
 from ..sampling import Sampler
@@ -278,8 +279,8 @@ class ClassTokens(nn.Module):
     @nn.compact
     def __call__(self, x, t, class_labels=None, train: bool = False):
         null = class_labels == self.n_shapes * self.n_colors
-        shape = jnp.where(null, self.n_shapes, class_labels // self.n_colors)
-        colour = jnp.where(null, self.n_colors, class_labels % self.n_colors)
+        shape, colour = split_class(class_labels, self.n_colors)
+        shape, colour = jnp.where(null, self.n_shapes, shape), jnp.where(null, self.n_colors, colour)
         context = jnp.stack([nn.Embed(self.n_shapes + 1, self.width, name="shape_tokens")(shape),
                              nn.Embed(self.n_colors + 1, self.width, name="color_tokens")(colour)], axis=1)
         return self.inner(x, t, context, train=train)
