@@ -142,7 +142,7 @@ savefig(fig, "06_loss.png")
 
 # %%
 prompt = "a large yellow triangle in the top right"
-images, codes = generator.generate([prompt], seed=0, guidance_scale=3.0, return_codes=True)
+images, codes = generator.generate([prompt], seed=0, return_codes=True)  # guidance 2, the default
 black = np.asarray(generator.vqvae.apply(generator.vq_variables, -jnp.ones((1, 32, 32, 3)), method=VQVAE.encode)[1])
 frames = [0, 8, 16, 24, 32, 40, 48, 56, 64]
 partial = []
@@ -165,13 +165,15 @@ savefig(fig, "06_token_by_token.png")
 # ## 5. Guidance, and what the classifier says
 # Classifier-free guidance on the logits, $\ell = \ell_u + s(\ell_c - \ell_u)$, where $\ell_u$ reads
 # an empty caption (all pads: 10% of the training captions were dropped so the model knows it).
-# Each row one prompt, each column another seed; left s = 1 (plain sampling), right s = 3.
+# Each row one prompt, each column another seed; s = 1 is plain sampling, s = 2 the default, and
+# s = 4 shows what too much does: the extrapolated logits also favour codes that the plain model
+# finds unlikely (it never had to rank them well), and the pictures break up.
 
 # %%
 prompts = ["a small red circle in the top left", "a large blue square at the bottom",
            "a small green triangle in the center", "a large yellow circle on the right"]
-fig, axes = plt.subplots(1, 2, figsize=(12, 6.5))
-for ax, s in zip(axes, (1.0, 3.0)):
+fig, axes = plt.subplots(1, 3, figsize=(18, 6.5))
+for ax, s in zip(axes, (1.0, 2.0, 4.0)):
     imgs = generator.generate([p for p in prompts for _ in range(6)], seed=1, guidance_scale=s)
     ax.imshow(image_grid(imgs, 6))
     ax.set_title(f"guidance {s}")
@@ -179,9 +181,22 @@ for ax, s in zip(axes, (1.0, 3.0)):
 fig.suptitle("rows: " + " / ".join(prompts), fontsize=9)
 savefig(fig, "06_guidance.png")
 
+# %% [markdown]
+# The shapes classifier reads every picture drawn for the 108 evaluation prompts (each shape, colour
+# and position once): how often are position, colour and shape all as asked, at each scale?
+
 # %%
 start = time.perf_counter()
-metrics = {} if QUICK else evaluate_dalle(generator, samples_per_prompt=1, guidance_scale=3.0)  # (the judge trains ~1 min once)
+scales = (1.0, 1.5, 2.0, 3.0)
+if not QUICK:  # (the judge trains ~1 min once)
+    sweep = [evaluate_dalle(generator, samples_per_prompt=2, guidance_scale=s) for s in scales]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in ("position", "color", "shape", "joint"):
+        ax.plot(scales, [100 * m[f"accuracy_{key}"] for m in sweep], "o-", label="all three" if key == "joint" else key)
+    ax.set(xlabel="guidance scale s", ylabel="% of pictures as asked", title="prompt following vs guidance")
+    ax.legend()
+    savefig(fig, "06_guidance_sweep.png")
+metrics = {} if QUICK else sweep[scales.index(2.0)]
 metrics.update(sampling_speed(generator, n=8 if QUICK else 32))
 for key, value in metrics.items():
     print(f"  {key:24s} {value:.4g}" if isinstance(value, float) else f"  {key:24s} {value}")

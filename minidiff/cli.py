@@ -135,7 +135,7 @@ def _evaluate_vqvae(args):
 
 
 def _train_dalle(args):
-    from .train.dalle import DalleTrainConfig, DalleTrainer, evaluate_dalle
+    from .train.dalle import GUIDANCE, DalleTrainConfig, DalleTrainer, evaluate_dalle
 
     out = _fresh_run_dir(args.out)
     overrides = {k: v for k, v in dict(vqvae=args.vqvae, steps=args.steps, batch=args.batch, lr=args.lr,
@@ -146,35 +146,45 @@ def _train_dalle(args):
     trainer = DalleTrainer(DalleTrainConfig(**overrides, model=model), out)
     trainer.train(progress=not args.no_progress)
     if not args.no_eval:
-        _print_metrics(f"{out} (step {trainer.step}), guidance {args.guidance}:",
-                       evaluate_dalle(trainer.generator(), guidance_scale=args.guidance))
+        g = GUIDANCE if args.guidance is None else args.guidance
+        _print_metrics(f"{out} (step {trainer.step}), guidance {g}:", evaluate_dalle(trainer.generator(), guidance_scale=g))
 
 
 def _dalle(args):
     from .images import save_png
-    from .train.dalle import load_dalle
+    from .train.dalle import GUIDANCE, load_dalle
     from .train.diffusion import image_grid
 
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
+    g = GUIDANCE if args.guidance is None else args.guidance
     generator = load_dalle(args.checkpoint)
     images = generator.generate([args.prompt] * args.n, seed=args.seed, temperature=args.temperature,
-                                top_k=args.top_k, guidance_scale=args.guidance, use_cache=not args.no_cache)
+                                top_k=args.top_k, guidance_scale=g, use_cache=not args.no_cache)
     meta = {"prompt": args.prompt, "seed": args.seed, "n": args.n, "temperature": args.temperature,
-            "top_k": args.top_k, "guidance_scale": args.guidance, "model": args.checkpoint}
+            "top_k": args.top_k, "guidance_scale": g, "model": args.checkpoint}
     pixels = images[0] if args.n == 1 else image_grid(images, min(args.n, 8))
     print(f"wrote {save_png(args.output, pixels, meta)}")
 
 
 def _evaluate_dalle(args):
-    from .train.dalle import evaluate_dalle, load_dalle, sampling_speed
+    from .train.dalle import GUIDANCE, evaluate_dalle, load_dalle, sampling_speed
 
     generator = load_dalle(args.checkpoint)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, guidance_scale=args.guidance)
-    metrics = evaluate_dalle(generator, args.samples_per_prompt, args.seed, **sampling)
-    metrics.update(sampling_speed(generator, **sampling))
-    _print_metrics(f"{args.checkpoint}, guidance {args.guidance}, temperature {args.temperature}, "
-                   f"top-k {args.top_k}:", metrics)
+    rows = []
+    for temperature in args.temperature:
+        for g in args.guidance or [GUIDANCE]:
+            sampling = dict(temperature=temperature, top_k=args.top_k, guidance_scale=g)
+            metrics = evaluate_dalle(generator, args.samples_per_prompt, args.seed, **sampling)
+            if not rows:
+                metrics.update(sampling_speed(generator, **sampling))
+            _print_metrics(f"{args.checkpoint}, guidance {g}, temperature {temperature}, top-k {args.top_k}:", metrics)
+            rows.append((g, temperature, metrics))
+    if len(rows) > 1:
+        print("guidance  temperature  position  colour  shape  all three")
+        for g, temperature, m in rows:
+            print(f"{g:8.3g}  {temperature:11.3g}  {m['accuracy_position']:8.1%}  {m['accuracy_color']:6.1%}  "
+                  f"{m['accuracy_shape']:5.1%}  {m['accuracy_joint']:9.1%}")
 
 
 def add_convert_arguments(c: argparse.ArgumentParser):
@@ -593,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--attention", help="comma-separated per-layer masks, cycled: row, column, conv, causal "
                                        "(default: row,column)")
     t.add_argument("--model-kwargs", help='JSON overrides of DalleConfig, e.g. \'{"width": 192, "layers": 6}\'')
-    t.add_argument("--guidance", type=float, default=3.0, help="guidance scale of the final evaluation")
+    t.add_argument("--guidance", type=float, help="guidance scale of the final evaluation (default: 2)")
     t.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     t.add_argument("--seed", type=int)
     t.add_argument("--no-progress", action="store_true")
@@ -606,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=1, help="number of pictures (a grid when > 1)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-k", type=int, help="sample among the k most likely codes only")
-    g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance on the logits (1: none)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance on the logits (1: none; default: 2)")
     g.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every token")
     g.add_argument("-o", "--output", default="dalle.png")
     g.set_defaults(func=_dalle)
@@ -615,9 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", default="runs/dalle")
     g.add_argument("--samples-per-prompt", type=int, default=2)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="one or more (a table)")
     g.add_argument("--top-k", type=int)
-    g.add_argument("--guidance", type=float, default=3.0)
+    g.add_argument("--guidance", type=float, nargs="+", help="one or more (a table; default: 2)")
     g.set_defaults(func=_evaluate_dalle)
     _add_txt2img(sub)
     _add_finetune(sub)

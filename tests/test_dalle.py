@@ -175,7 +175,7 @@ def test_loss_is_the_weighted_next_token_cross_entropy():
 
 
 @pytest.mark.slow
-def test_train_vqvae_then_dalle_save_load_generate_and_the_commands(tmp_path):
+def test_train_vqvae_then_dalle_save_load_generate_and_the_commands(tmp_path, capsys):
     from minidiff.cli import main
     from PIL import Image
 
@@ -208,3 +208,9 @@ def test_train_vqvae_then_dalle_save_load_generate_and_the_commands(tmp_path):
     assert meta["prompt"] == "a blue square in the bottom right" and meta["seed"] == "0"
     assert main(["dalle", "a blue sqare", "--checkpoint", str(tmp_path / "dalle")]) == 2
     assert main(["dalle", "a blue square", "--checkpoint", str(tmp_path / "vq")]) == 2  # a VQ-VAE, not a DALL-E
+
+    capsys.readouterr()
+    assert main(["evaluate-dalle", "--checkpoint", str(tmp_path / "dalle"), "--samples-per-prompt", "1",
+                 "--guidance", "1", "2"]) == 0
+    table = capsys.readouterr().out.split("all three\n")[1].splitlines()  # one row per guidance scale
+    assert [row.split()[:2] for row in table] == [["1", "1"], ["2", "1"]] and all(row.endswith("%") for row in table)

@@ -27,6 +27,11 @@ from ..nn.vqvae import VQVAE
 from .checkpoint import load_checkpoint, save_checkpoint
 from .vqvae import VQVAETrainConfig, load_vqvae, lr_schedule, shapes_batch
 
+# The default classifier-free guidance scale on the logits.  Measured on the README's run (864 samples,
+# temperature 1): all three attributes right in 82 % at s = 1, 88 % at s = 2, 73 % at s = 3 -- past ~2
+# the extrapolated logits favour codes the plain model finds unlikely, and colour and position break.
+GUIDANCE = 2.0
+
 
 @dataclass
 class DalleTrainConfig:
@@ -153,7 +158,8 @@ class DalleGenerator:
         return codes, images
 
     def generate(self, captions, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
-                 guidance_scale: float = 1.0, use_cache: bool = True, batch: int = 128, return_codes: bool = False):
+                 guidance_scale: float = GUIDANCE, use_cache: bool = True, batch: int = 128,
+                 return_codes: bool = False):
         """uint8 images (n, H, W, 3) for n captions (one picture each; repeat a caption for more)."""
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
