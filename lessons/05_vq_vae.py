@@ -28,6 +28,7 @@
 #    nobody picks are *dead*; restarting them on live encoder outputs keeps the codebook in use.
 
 # %%
+import textwrap
 import time
 from pathlib import Path
 
@@ -186,7 +187,7 @@ x_hat, indices, _ = model.apply(variables, x)
 fig, axes = plt.subplots(3, 8, figsize=(16, 6.5))
 for i in range(8):
     axes[0, i].imshow(images[i])
-    axes[0, i].set_title(captions[i].replace("a ", "", 1), fontsize=7)
+    axes[0, i].set_title(textwrap.fill(captions[i].replace("a ", "", 1), 20), fontsize=7)
     axes[1, i].imshow(np.asarray(indices[i]), cmap="tab20")
     axes[2, i].imshow(to_uint8(np.asarray(x_hat[i])))
     axes[2, i].set_title(f"{float(psnr(jnp.clip(x_hat[i], -1, 1), x[i])):.1f} dB", fontsize=8)
