@@ -172,7 +172,7 @@ savefig(fig, "06_token_by_token.png")
 # %%
 prompts = ["a small red circle in the top left", "a large blue square at the bottom",
            "a small green triangle in the center", "a large yellow circle on the right"]
-fig, axes = plt.subplots(1, 3, figsize=(18, 6.5))
+fig, axes = plt.subplots(1, 3, figsize=(18, 4.4))
 for ax, s in zip(axes, (1.0, 2.0, 4.0)):
     imgs = generator.generate([p for p in prompts for _ in range(6)], seed=1, guidance_scale=s)
     ax.imshow(image_grid(imgs, 6))
