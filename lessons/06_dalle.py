@@ -30,7 +30,6 @@
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from _lesson import QUICK, plt, savefig

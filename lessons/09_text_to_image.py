@@ -27,7 +27,7 @@ from _lesson import QUICK, plt, savefig
 
 from minidiff.data import ShapesDataset
 from minidiff.diffusion import ddim_step, split_prediction
-from minidiff.images import to_uint8, to_unit_range
+from minidiff.images import to_unit_range
 from minidiff.nn.clip import ContrastiveCLIP
 from minidiff.nn.unet import UNet2DCondition
 from minidiff.pipeline import load_pipeline

@@ -175,7 +175,7 @@ def _evaluate_dalle(args):
     for temperature in args.temperature:
         for g in args.guidance or [GUIDANCE]:
             sampling = dict(temperature=temperature, top_k=args.top_k, guidance_scale=g)
-            metrics = evaluate_dalle(generator, args.samples_per_prompt, args.seed, **sampling)
+            metrics = evaluate_dalle(generator, args.samples_per_prompt, args.seed, not args.no_size_word, **sampling)
             if not rows:
                 metrics.update(sampling_speed(generator, **sampling))
             _print_metrics(f"{args.checkpoint}, guidance {g}, temperature {temperature}, top-k {args.top_k}:", metrics)
@@ -628,6 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, nargs="+", default=[1.0], help="one or more (a table)")
     g.add_argument("--top-k", type=int)
     g.add_argument("--guidance", type=float, nargs="+", help="one or more (a table; default: 2)")
+    g.add_argument("--no-size-word", action="store_true",
+                   help='prompts without their size word ("a red circle in the top left")')
     g.set_defaults(func=_evaluate_dalle)
     _add_txt2img(sub)
     _add_finetune(sub)

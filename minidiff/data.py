@@ -173,6 +173,12 @@ def caption(spec: ShapeSpec) -> str:
     return f"a {spec.size} {spec.color} {spec.shape} {where}"
 
 
+def without_size(text: str) -> str:
+    """The caption without its size word: "a small red circle in the top left" -> "a red circle in the
+    top left".  Text-to-image models train on both, so that a prompt need not name every attribute."""
+    return " ".join(word for word in text.split() if word not in SIZES)
+
+
 def coverage(spec: ShapeSpec, size: int = 32) -> np.ndarray:
     """float32 (size, size) in [0, 1]: the fraction of each pixel covered by the shape."""
     from PIL import Image, ImageDraw

@@ -192,6 +192,14 @@ def test_train_vqvae_then_dalle_save_load_generate_and_the_commands(tmp_path, ca
     cfg = DalleTrainConfig(vqvae=str(tmp_path / "vq"), steps=4, batch=4,
                            model={"width": 16, "layers": 2, "heads": 2, "attention": ["row", "column"]})
     trainer = DalleTrainer(cfg, tmp_path / "dalle")
+    # training captions: half without their size word (binomial, n = 400: 4 sigma = 0.1), 10 % empty
+    seq, captions = trainer.tokens(0, n=400)
+    named = np.mean([any(w in c.split() for w in ("small", "large")) for c in captions])
+    assert abs(named - (1 - cfg.size_word_drop)) < 0.1, named
+    text = seq[:, : trainer.tokenizer.length]
+    empty = (text == 0).all(axis=1)
+    assert abs(empty.mean() - cfg.cond_drop) < 4 * np.sqrt(0.09 / 400)
+    np.testing.assert_array_equal(text[~empty], trainer.tokenizer.encode(captions)[~empty])
     trainer.train(progress=False, log_every=2)
     assert np.isfinite(trainer.history["loss"]).all()
     gen = load_dalle(tmp_path / "dalle")

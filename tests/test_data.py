@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from minidiff.data import (COLORS, POINT_CLOUDS, POSITIONS, SHAPES, SIZES, TOY_MIXTURE, ShapesDataset, ShapeSpec,
-                           caption, render, split_class, to_unit_range)
+                           caption, render, split_class, to_unit_range, without_size)
 
 # Written out by hand here, independently of minidiff.data, so that the captions are checked.
 PHRASES = {"top left": "in the top left", "top": "at the top", "top right": "in the top right",
@@ -169,6 +169,15 @@ def test_bad_settings_are_clear_errors():
         ShapesDataset(shapes=["circle"], exclude=[("circle",)])
     with pytest.raises(ValueError, match="holds nothing out"):
         ShapesDataset().held_out()
+
+
+def test_without_size_drops_only_the_size_word():
+    ds = ShapesDataset()
+    for text, names in zip(ds.captions(), ds.combinations):
+        spec = ShapeSpec(*names)
+        assert without_size(text) == caption(spec).replace(f"a {spec.size} ", "a ")
+        assert spec.size in text.split() and spec.size not in without_size(text).split()
+    assert without_size("a red circle on the left") == "a red circle on the left"
 
 
 def test_class_index_round_trip():

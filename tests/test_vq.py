@@ -252,7 +252,7 @@ def test_ema_mode_codebook_gets_no_gradient_and_follows_ema_update(rng):
 def test_vqvae_training_loss_counts_shape_pixels_1_plus_w_times(reconstruction):
     """train-vqvae --foreground-weight w: the reconstruction term (|error| or error^2) is averaged with
     weight 1 + w on every non-black pixel (the shared rule of the autoencoders), plus the VQ losses."""
-    jax = pytest.importorskip("jax")
+    pytest.importorskip("jax")
     from minidiff.train.vqvae import VQVAETrainConfig, VQVAETrainer, shapes_batch
 
     cfg = VQVAETrainConfig(steps=1, batch=4, foreground_weight=4.0, reconstruction=reconstruction,

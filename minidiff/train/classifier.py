@@ -26,7 +26,7 @@ import optax
 from flax import serialization
 
 from .. import data
-from ..data import ShapeSpec, ShapesDataset, caption
+from ..data import ShapeSpec, ShapesDataset, caption, without_size
 from ..images import to_unit_range
 from ..nn.classifier import ShapesClassifier
 
@@ -159,9 +159,10 @@ def cached_classifier(dataset: ShapesDataset | None = None, steps: int = 800, ba
     return params
 
 
-def evaluation_prompts(dataset: ShapesDataset | None = None) -> tuple[list[str], dict]:
+def evaluation_prompts(dataset: ShapesDataset | None = None, size_word: bool = True) -> tuple[list[str], dict]:
     """The fixed prompt list of the text-to-image judges (DALL-E, the mini SD): every (shape, colour,
-    position) of the dataset once, sizes alternating.
+    position) of the dataset once, sizes alternating (or, with ``size_word=False``, no size named:
+    "a red circle in the top left").
 
     Returns the captions and their labels (attribute -> int array), as the classifier reads them.
     """
@@ -170,7 +171,8 @@ def evaluation_prompts(dataset: ShapesDataset | None = None) -> tuple[list[str],
     for i, (s, c, p) in enumerate(itertools.product(range(len(ds.shapes)), range(len(ds.colors)),
                                                     range(len(ds.positions)))):
         size = ds.sizes[i % len(ds.sizes)]
-        captions.append(caption(ShapeSpec(ds.shapes[s], ds.colors[c], size, ds.positions[p])))
+        text = caption(ShapeSpec(ds.shapes[s], ds.colors[c], size, ds.positions[p]))
+        captions.append(text if size_word else without_size(text))
         for name, v in (("shape", s), ("color", c), ("position", p)):
             labels[name].append(v)
     return captions, {k: np.array(v) for k, v in labels.items()}

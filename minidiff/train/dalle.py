@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ..data import CaptionTokenizer, ShapesDataset, to_uint8
+from ..data import CaptionTokenizer, ShapesDataset, to_uint8, without_size
 from ..nn import dalle
 from ..nn.vqvae import VQVAE
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -42,6 +42,7 @@ class DalleTrainConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     cond_drop: float = 0.1  # probability of training on the empty caption (for guidance)
+    size_word_drop: float = 0.5  # probability of a caption without its size word ("a red circle on the left")
     image_weight: float = 7 / 8  # DALL-E's loss weights: 1/8 text, 7/8 image
     seed: int = 0
     model: dict = field(default_factory=lambda: {"width": 128, "layers": 4, "heads": 4,
@@ -52,8 +53,9 @@ class DalleTrainConfig:
         for name in ("steps", "batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.cond_drop < 1:
-            raise ValueError(f"cond_drop must lie in [0, 1), got {self.cond_drop}")
+        for name in ("cond_drop", "size_word_drop"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "DalleTrainConfig":
@@ -89,12 +91,15 @@ class DalleTrainer:
         self._update = jax.jit(self._update_fn)
 
     def tokens(self, step: int, n: int | None = None):
-        """Training sequences for ``step``: (int32 (n, Lt + G*G), captions).  Dropped captions are all pads."""
+        """Training sequences for ``step``: (int32 (n, Lt + G*G), captions).  A fraction ``size_word_drop``
+        of the captions leave out the size word; a fraction ``cond_drop`` are dropped (all pads)."""
         cfg = self.config
         n = n or cfg.batch
         x, _, captions = shapes_batch(self.dataset, cfg.seed, step, n)
+        rng = np.random.default_rng([cfg.seed, step, 1])
+        drop, short = rng.random(n) < cfg.cond_drop, rng.random(n) < cfg.size_word_drop
+        captions = [without_size(c) if s else c for c, s in zip(captions, short)]
         text = self.tokenizer.encode(captions)
-        drop = np.random.default_rng([cfg.seed, step, 1]).random(n) < cfg.cond_drop
         text[drop] = CaptionTokenizer.PAD
         codes = np.asarray(self._encode(x)).reshape(n, -1)
         return np.concatenate([text, codes], axis=1).astype(np.int32), captions
@@ -192,12 +197,13 @@ def load_dalle(run_dir) -> DalleGenerator:
     return DalleGenerator(model, as_jnp(state["params"]), vqvae, as_jnp(state["vqvae"]), tokenizer)
 
 
-def evaluate_dalle(generator: DalleGenerator, samples_per_prompt: int = 2, seed: int = 0, **sampling) -> dict:
+def evaluate_dalle(generator: DalleGenerator, samples_per_prompt: int = 2, seed: int = 0, size_word: bool = True,
+                   **sampling) -> dict:
     """Fraction of pictures whose shape, colour and position (all three: "joint") the classifier reads
-    as the prompt's, over :func:`evaluation_prompts`; plus sampling speed with and without the cache."""
+    as the prompt's, over :func:`evaluation_prompts` (with or without their size word); plus sampling speed."""
     from .classifier import cached_classifier, evaluation_prompts, score
 
-    captions, labels = evaluation_prompts()
+    captions, labels = evaluation_prompts(size_word=size_word)
     captions = captions * samples_per_prompt
     labels = {k: np.tile(v, samples_per_prompt) for k, v in labels.items()}
     generator.generate(captions[:8], seed=seed, **sampling)  # compile

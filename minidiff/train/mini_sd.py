@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from flax import serialization
 
-from ..data import ShapesDataset, ShapeSpec
+from ..data import ShapesDataset, without_size
 from ..diffusion import NoiseSchedule
 from ..images import to_uint8, to_unit_range
 from ..nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
@@ -207,8 +207,7 @@ def prompt_captions(cfg: MiniSDConfig) -> tuple[list[str], np.ndarray]:
     in that order), then the same without the size word ("a red circle in the top left"), so that a
     prompt need not name every attribute; and for caption i, the index of its shorter form."""
     full = cfg.dataset().captions()
-    specs = [ShapeSpec(*names) for names in cfg.dataset().combinations]
-    short = [c.replace(f"a {spec.size} ", "a ", 1) for c, spec in zip(full, specs)]
+    short = [without_size(c) for c in full]
     unique = list(dict.fromkeys(short))
     return full + unique, np.array([len(full) + unique.index(c) for c in short], np.int32)
 

@@ -25,7 +25,6 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
