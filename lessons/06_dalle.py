@@ -106,7 +106,10 @@ savefig(fig, "06_what_one_token_sees.png")
 # ## 3. Training
 # `minidiff train-vqvae` then `minidiff train-dalle` (see the README for the times); the lesson
 # uses `runs/dalle` when it exists.  Quick mode trains a tiny pair for a few steps, only to show
-# the mechanics; its pictures are noise.
+# the mechanics; its pictures are noise.  Each step draws fresh pictures and encodes them to codes
+# with the frozen VQ-VAE; half the captions leave out the size word ("a red circle on the left",
+# the caption above: a model that only ever saw sizes would not know what to do with it) and 10 %
+# are empty (all pads), so the same model also learns p(image) for guidance.
 
 # %%
 if QUICK:
