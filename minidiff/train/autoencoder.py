@@ -91,6 +91,22 @@ def foreground_weighted_mean(error, x, foreground_weight: float = 0.0):
     return jnp.mean(weight * error) / jnp.mean(weight)
 
 
+RECONSTRUCTIONS = ("l1", "l2")
+
+
+def check_reconstruction(reconstruction: str):
+    if reconstruction not in RECONSTRUCTIONS:
+        raise ValueError(f"reconstruction must be 'l1' or 'l2', got {reconstruction!r}")
+
+
+def reconstruction_loss(x, x_hat, reconstruction: str = "l1", foreground_weight: float = 0.0):
+    """The autoencoders' reconstruction term: mean |x - x_hat| ("l1", SD's) or mean (x - x_hat)^2
+    ("l2"), shape pixels counted 1 + foreground_weight times (:func:`foreground_weighted_mean`)."""
+    check_reconstruction(reconstruction)
+    error = jnp.abs(x - x_hat) if reconstruction == "l1" else (x - x_hat) ** 2
+    return foreground_weighted_mean(error, x, foreground_weight)
+
+
 def vae_loss(model: AutoencoderKL, params, x, key, kl_weight: float = 1e-6, reconstruction: str = "l1",
              foreground_weight: float = 0.0):
     """(loss, aux) for a batch x in [-1, 1]; ``reconstruction`` "l1" (mean |x - x_hat|, SD's) or "l2"
@@ -107,8 +123,7 @@ def vae_loss(model: AutoencoderKL, params, x, key, kl_weight: float = 1e-6, reco
     l1 = jnp.mean(jnp.abs(x - x_hat))                           # mean |x - x_hat|
     mse = jnp.mean((x - x_hat) ** 2)                            # mean (x - x_hat)^2
     kl = jnp.mean(posterior.kl())                               # KL(q(z|x) || N(0, I)), per image
-    error = {"l1": jnp.abs(x - x_hat), "l2": (x - x_hat) ** 2}[reconstruction]
-    rec = foreground_weighted_mean(error, x, foreground_weight)
+    rec = reconstruction_loss(x, x_hat, reconstruction, foreground_weight)
     loss = rec + kl_weight * kl / np.prod(x.shape[1:])          # ldm's loss / number of pixel values
     return loss, {"l1": l1, "mse": mse, "kl": kl, "sigma": jnp.mean(posterior.std)}
 
@@ -132,8 +147,7 @@ def train_vae(images, config: AutoencoderKLConfig, steps: int = 400, batch: int 
     """
     if steps < 0 or batch < 1:
         raise ValueError(f"need steps >= 0 and batch >= 1, got steps={steps}, batch={batch}")
-    if reconstruction not in ("l1", "l2"):
-        raise ValueError(f"reconstruction must be 'l1' or 'l2', got {reconstruction!r}")
+    check_reconstruction(reconstruction)
     if crop % config.downsample_factor:
         raise ValueError(f"crop {crop} must be a multiple of the downsampling factor {config.downsample_factor}")
     images = _as_float_images(images)

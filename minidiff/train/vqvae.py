@@ -32,7 +32,7 @@ import optax
 from .. import vq
 from ..data import ShapesDataset, to_uint8, to_unit_range
 from ..nn.vqvae import VQVAE, VQVAEConfig, psnr
-from .autoencoder import foreground_weighted_mean
+from .autoencoder import check_reconstruction, reconstruction_loss
 from .checkpoint import load_checkpoint, save_checkpoint
 
 HELD_OUT_SEED = 10**6  # evaluation images come from this rng seed, never from a training batch's
@@ -62,8 +62,7 @@ class VQVAETrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.reconstruction not in ("l1", "l2"):
-            raise ValueError(f"reconstruction must be 'l1' or 'l2', got {self.reconstruction!r}")
+        check_reconstruction(self.reconstruction)
         self.model_config()  # validate the model settings now
 
     def model_config(self) -> VQVAEConfig:
@@ -114,8 +113,7 @@ class VQVAETrainer:
             (x_hat, indices, aux), new_state = self.model.apply({"params": p, **state}, x, update=True,
                                                                 mutable=list(state))
             mse = jnp.mean((x_hat - x) ** 2)
-            error = (x_hat - x) ** 2 if self.config.reconstruction == "l2" else jnp.abs(x_hat - x)
-            rec = foreground_weighted_mean(error, x, self.config.foreground_weight)
+            rec = reconstruction_loss(x, x_hat, self.config.reconstruction, self.config.foreground_weight)
             return rec + aux["loss"], (new_state, indices, mse)
 
         (loss, (new_state, indices, mse)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
