@@ -37,7 +37,8 @@ import numpy as np
 from _lesson import QUICK, plt, savefig
 
 from minidiff.diffusion import q_sample, velocity
-from minidiff.train.diffusion import Batches, Denoiser, Trainer, TrainConfig, evaluate, image_grid
+from minidiff.images import image_grid
+from minidiff.train.diffusion import Batches, Denoiser, Trainer, TrainConfig, evaluate
 
 # %% [markdown]
 # ## 1. One training example, by hand
@@ -148,7 +149,7 @@ from pathlib import Path  # noqa: E402
 
 from minidiff.train.checkpoint import CHECKPOINT  # noqa: E402
 
-SHAPES = dict(cond="class", latent=True, class_conditioning="tokens", cond_drop=0.1, prediction="v")
+SHAPES = dict(cond="class", latent=True, class_conditioning="tokens", cond_drop=0.1, prediction="v_prediction")
 if QUICK:
     shapes = TrainConfig.create("shapes", **SHAPES, steps=30, batch=8, lr=2e-3, warmup=10, log_every=5,
                                 model_kwargs={"block_out_channels": [8, 8], "attention": [False, True],

@@ -42,7 +42,7 @@ from minidiff.data import ShapesDataset, to_uint8, to_unit_range
 from minidiff.nn.quantizer import VectorQuantizer
 from minidiff.nn.vqvae import VQVAE, psnr
 from minidiff.train.checkpoint import CHECKPOINT
-from minidiff.train.diffusion import image_grid
+from minidiff.images import image_grid
 from minidiff.train.vqvae import VQVAETrainConfig, VQVAETrainer, evaluate_vqvae, load_vqvae
 
 rng = np.random.default_rng(0)

@@ -39,7 +39,7 @@ from minidiff.nn import dalle
 from minidiff.nn.vqvae import VQVAE
 from minidiff.train.checkpoint import CHECKPOINT
 from minidiff.train.dalle import DalleTrainConfig, DalleTrainer, evaluate_dalle, load_dalle, sampling_speed
-from minidiff.train.diffusion import image_grid
+from minidiff.images import image_grid
 from minidiff.train.vqvae import VQVAETrainConfig, VQVAETrainer
 
 ROOT = Path(__file__).resolve().parent.parent

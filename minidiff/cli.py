@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # short names, at the CLI edge only
+
 
 def _demo(args):
     from . import demo
@@ -32,7 +34,7 @@ def _train(args):
         except json.JSONDecodeError as e:
             raise ValueError(f"--model-kwargs is not valid JSON: {e}") from None
         config = TrainConfig.create(
-            args.data, steps=args.steps, batch=args.batch, lr=args.lr, cond=args.cond, prediction=args.prediction,
+            args.data, steps=args.steps, batch=args.batch, lr=args.lr, cond=args.cond, prediction=PREDICTION_ALIASES.get(args.prediction, args.prediction),
             seed=args.seed, schedule=args.schedule, warmup=args.warmup, ema_decay=args.ema, cond_drop=args.cond_drop,
             sample_every=args.sample_every, checkpoint_every=args.checkpoint_every, model_kwargs=model_kwargs,
             grad_clip=args.grad_clip, patch_size=args.patch_size, min_snr_gamma=args.min_snr_gamma,
@@ -64,7 +66,8 @@ def _class_label(text, denoiser):
 
 
 def _sample(args):
-    from .train.diffusion import load_denoiser, save_samples
+    from .images import save_samples
+    from .train.diffusion import load_denoiser
 
     den = load_denoiser(args.checkpoint, ema=not args.no_ema)
     label = None if args.class_label is None else _class_label(args.class_label, den)
@@ -153,7 +156,7 @@ def _train_dalle(args):
 def _dalle(args):
     from .images import save_png
     from .train.dalle import GUIDANCE, load_dalle
-    from .train.diffusion import image_grid
+    from .images import image_grid
 
     if args.n < 1:
         raise ValueError(f"--n must be at least 1, got {args.n}")
@@ -213,7 +216,7 @@ def _convert(args):
 def _txt2img(args):
     from .images import load_image, save_png
     from .pipeline import dtype_name, load_pipeline
-    from .train.diffusion import image_grid
+    from .images import image_grid
 
     # everything that can be checked before the (slow) model load
     if args.steps <= 0:
@@ -310,7 +313,7 @@ def _subject_grid(pipe, subject, identifier, path, meta, seed=0):
     """The subject's captions with the identifier, then the five positions it was never drawn at."""
     from .data import POSITIONS
     from .images import save_png
-    from .train.diffusion import image_grid
+    from .images import image_grid
     from .train.finetune import Subject
 
     seen = subject.prompts(identifier)
@@ -527,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="peak AdamW learning rate (default: 1e-3 points, 2e-3 shapes)")
     t.add_argument("--cond", choices=("none", "class"), default="none", help="class-conditional (shapes, gmm)")
     t.add_argument("--cond-drop", type=float, help="probability of dropping the class (classifier-free guidance)")
-    t.add_argument("--prediction", choices=("eps", "v"), help="predict the noise or v (default: eps points, v shapes)")
+    t.add_argument("--prediction", choices=("eps", "v", "epsilon", "v_prediction"), help="predict the noise or v (default: eps points, v shapes)")
     t.add_argument("--schedule", choices=("linear", "scaled_linear", "cosine"),
                    help="beta schedule (default: linear points, cosine shapes)")
     t.add_argument("--warmup", type=int, help="learning-rate warmup steps (default: 200 points, 100 shapes)")

@@ -75,3 +75,36 @@ def save_png(path, pixels, metadata: dict | None = None) -> Path:
         info.add_text(str(key), str(value))
     Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(path, pnginfo=info)
     return path
+
+
+def image_grid(images, columns: int | None = None, pad: int = 1) -> np.ndarray:
+    """Tile uint8 images (n, H, W, C) into one picture, row by row, ``pad`` black pixels apart."""
+    n, H, W, C = images.shape
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = -(-n // columns)
+    grid = np.zeros((rows * (H + pad) + pad, columns * (W + pad) + pad, C), np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = im
+    return grid
+
+
+def save_samples(path, samples, metadata: dict, columns: int | None = None, reference=None) -> Path:
+    """Images (n, H, W, 3) -> a PNG grid; 2-D points (n, 2) -> a scatter plot PNG (next to ``reference``
+    data if given).  ``metadata`` goes into the PNG's text chunks either way."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {str(k): str(v) for k, v in metadata.items()}
+    if samples.ndim == 4:
+        return save_png(path, image_grid(samples, columns), meta)
+    from matplotlib.figure import Figure  # no pyplot: works under any backend, leaves no open figure
+
+    panels = [("samples", samples)] + ([("data", reference)] if reference is not None else [])
+    fig = Figure(figsize=(4.5 * len(panels), 4.5))
+    axes = fig.subplots(1, len(panels), squeeze=False, sharex=True, sharey=True)
+    for ax, (title, pts) in zip(axes[0], panels):
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4)
+        ax.set_title(f"{title} (n = {len(pts)})")
+        ax.set_aspect("equal")
+    fig.savefig(path, dpi=100, bbox_inches="tight", metadata=meta)
+    return path

@@ -27,7 +27,7 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("kw", [{}, {"data": "gmm", "cond": "class", "cond_drop": 0.2, "prediction": "v"}])
+@pytest.mark.parametrize("kw", [{}, {"data": "gmm", "cond": "class", "cond_drop": 0.2, "prediction": "v_prediction"}])
 def test_stop_and_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, kw):
     cfg = tiny(**kw)
     whole = Trainer(cfg)
@@ -147,7 +147,7 @@ def test_sample_command_writes_a_scatter_plot_with_its_settings(tmp_path, capsys
 
 
 def test_patches_fold_into_channels_and_back():
-    from minidiff.train.diffusion import depth_to_space, space_to_depth
+    from minidiff.nn.denoisers import depth_to_space, space_to_depth
 
     x = np.random.default_rng(0).standard_normal((2, 8, 12, 3))
     y = space_to_depth(x, 2)
@@ -161,7 +161,7 @@ def test_class_conditional_unet_on_shapes_trains_resumes_and_samples(tmp_path):
     from PIL import Image
 
     unet = {"block_out_channels": [8, 8], "attention": [False, True], "num_attention_heads": 2, "norm_num_groups": 4}
-    cfg = TrainConfig.create("shapes", cond="class", batch=4, steps=2, warmup=1, model_kwargs=unet, prediction="v",
+    cfg = TrainConfig.create("shapes", cond="class", batch=4, steps=2, warmup=1, model_kwargs=unet, prediction="v_prediction",
                              patch_size=2, cond_drop=0.5)
     t = Trainer(cfg, tmp_path / "run")
     t.train(until=1, progress=False)

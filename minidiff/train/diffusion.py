@@ -1,19 +1,15 @@
-"""Training a diffusion model (DDPM's objective) on toy data, with optax.
+"""Training a diffusion model (DDPM's objective) on toy data: a loss and a batch source on the engine.
 
 One training step, for a batch of clean data x0 (Ho et al. 2020, Algorithm 1):
 
     t   ~ Uniform{0, ..., T-1}                         one timestep per example
     eps ~ N(0, I)
     x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps          (q_sample)
-    loss = || f_theta(x_t, t[, y]) - target ||^2,   target = eps                      (--prediction eps)
-                                                    or v = sqrt(ab) eps - sqrt(1 - ab) x0  (--prediction v)
+    loss = || f_theta(x_t, t[, y]) - target ||^2,   target = eps (prediction "epsilon"),
+           v = sqrt(ab) eps - sqrt(1 - ab) x0 ("v_prediction") or x0 ("sample")
 
-then an AdamW update (with linear warmup and gradient clipping) and an exponential moving average
-of the parameters, theta_ema <- d theta_ema + (1 - d) theta, which is what we sample from.
-
-Everything random is a pure function of (seed, step): the batch of data comes from
-``np.random.default_rng([seed, step])`` and (t, eps) from ``fold_in(key, step)``.  A run stopped
-and resumed from its checkpoint therefore takes exactly the steps an uninterrupted run takes.
+then an AdamW update and the EMA of the parameters, which is what we sample from
+(:mod:`minidiff.train.engine`).  The batch of step s comes from ``np.random.default_rng([seed, s])``.
 
     trainer = Trainer(TrainConfig.create("moons", steps=5000), run_dir="runs/moons")
     trainer.train()                                   # tqdm bar, sample grids, checkpoints
@@ -23,58 +19,60 @@ and resumed from its checkpoint therefore takes exactly the steps an uninterrupt
 from __future__ import annotations
 
 import dataclasses
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from ..data import split_class
 from ..diffusion import InferenceSchedule, NoiseSchedule, q_sample, velocity
-from ..images import save_png, to_uint8, to_unit_range
+from ..diffusion.samplers import PREDICTION_TYPES
+from ..images import save_samples, to_uint8, to_unit_range
+from ..nn.denoisers import ClassTokens, PatchedDenoiser
+from ..nn.mlp import MLPDenoiser
+from ..nn.unet import UNet2DCondition, UNetConfig
 from ..sampling import Sampler
-from .checkpoint import load_checkpoint, save_checkpoint
+from .engine import Engine, make_optimizer, read_run
 
 POINT_DATA = {"gmm": "mixture", "mixture": "mixture", "moons": "moons", "swissroll": "swissroll"}
 DATASETS = ("shapes", *POINT_DATA)
-PREDICTIONS = {"eps": "epsilon", "v": "v_prediction"}  # --prediction -> minidiff.diffusion's prediction_type
 
 # Per-data defaults (a field left at None in TrainConfig.create takes these).  Shapes: a UNetConfig.toy
-# with half its channels and attention only at 8x8 (5x cheaper per step: ~0.27 s at batch 32 on 2 CPU
-# cores), v-prediction and the cosine schedule (they train much faster than eps + linear at this size).
+# with half its channels and attention only at 8x8, v-prediction and the cosine schedule (they train
+# much faster than eps + linear at this size).
 _DEFAULTS = {
     "points": dict(model="mlp", steps=10_000, batch=512, lr=1e-3, warmup=200, lr_decay=True,
                    sample_every=2000, checkpoint_every=2000),
-    "shapes": dict(model="unet", steps=2000, batch=32, lr=2e-3, warmup=100, lr_decay=True, prediction="v",
+    "shapes": dict(model="unet", steps=2000, batch=32, lr=2e-3, warmup=100, lr_decay=True, prediction="v_prediction",
                    schedule="cosine", model_kwargs={"block_out_channels": [16, 32, 32], "attention": [False, False, True]},
                    sample_every=500, checkpoint_every=250),
 }
 
 
-def diffusion_loss(model_fn, x0, alpha_bar, key, prediction: str = "eps", min_snr_gamma: float | None = None):
+def diffusion_loss(model_fn, x0, alpha_bar, key, prediction: str = "epsilon", min_snr_gamma: float | None = None):
     """The simple DDPM loss at uniformly random timesteps (Ho et al. 2020, Algorithm 1), mean over the batch.
 
     ``model_fn(x_t, t)`` is the network; ``alpha_bar`` the (T,) table of alpha_bar_t; ``prediction``
-    "eps" (target eps) or "v" (target v = sqrt(ab) eps - sqrt(1 - ab) x0).  ``min_snr_gamma``: Min-SNR
-    weighting (Hang et al. 2023), every t weighs like an x0 loss capped at gamma.  Used by every
-    trainer here: the toy models, the mini Stable Diffusion, textual inversion and DreamBooth.
+    "epsilon" (target eps), "v_prediction" (target v = sqrt(ab) eps - sqrt(1 - ab) x0) or "sample"
+    (target x0).  ``min_snr_gamma``: Min-SNR weighting (Hang et al. 2023), every t weighs like an x0
+    loss capped at gamma.  Used by every diffusion trainer: the toy models, the mini Stable Diffusion,
+    textual inversion and DreamBooth.
     """
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTION_TYPES)}")
     k_t, k_eps = jax.random.split(key)
     t = jax.random.randint(k_t, (x0.shape[0],), 0, alpha_bar.shape[0])
     eps = jax.random.normal(k_eps, x0.shape)
     ab = alpha_bar[t]
     x_t = q_sample(x0, ab, eps)  # x_t = sqrt(ab) x0 + sqrt(1 - ab) eps
-    target = eps if prediction == "eps" else velocity(x0, eps, ab)
+    target = {"epsilon": eps, "sample": x0}.get(prediction) if prediction != "v_prediction" else velocity(x0, eps, ab)
     out = model_fn(x_t, t)
     per_example = jnp.mean((out.astype(jnp.float32) - target).reshape(len(x0), -1) ** 2, axis=1)
-    if min_snr_gamma:  # weight min(SNR, gamma) / SNR (eps) or / (SNR + 1) (v)
+    if min_snr_gamma:  # weight min(SNR, gamma) / SNR (eps), / (SNR + 1) (v), / 1 (x0)
         snr = ab / (1 - ab)
-        per_example = per_example * jnp.minimum(snr, min_snr_gamma) / (snr if prediction == "eps" else snr + 1)
+        norm = {"epsilon": snr, "v_prediction": snr + 1, "sample": 1.0}[prediction]
+        per_example = per_example * jnp.minimum(snr, min_snr_gamma) / norm
     return jnp.mean(per_example)
 
 
@@ -87,7 +85,7 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)  # MLPDenoiser fields / UNetConfig.toy overrides
     cond: str = "none"  # "none" or "class" (shapes: shape x colour; gmm: the mixture component)
     cond_drop: float = 0.0  # probability of training with the "no class" label (classifier-free guidance)
-    prediction: str = "eps"  # "eps" or "v"
+    prediction: str = "epsilon"  # "epsilon", "v_prediction" or "sample"
     schedule: str = "linear"  # beta schedule (minidiff.diffusion.make_betas)
     num_train_timesteps: int = 1000
     steps: int = 10_000
@@ -131,8 +129,8 @@ class TrainConfig:
             raise ValueError(f"unknown model {self.model!r}; choose 'mlp' or 'unet'")
         if (self.model == "unet") != (self.data == "shapes"):
             raise ValueError(f"model {self.model!r} does not fit data {self.data!r} (points: mlp, shapes: unet)")
-        if self.prediction not in PREDICTIONS:
-            raise ValueError(f"unknown prediction {self.prediction!r}; choose 'eps' or 'v'")
+        if self.prediction not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTION_TYPES)}")
         if self.cond not in ("none", "class"):
             raise ValueError(f"unknown conditioning {self.cond!r}; choose 'none' or 'class'")
         if self.cond == "class" and self.data not in ("shapes", "gmm", "mixture"):
@@ -154,10 +152,6 @@ class TrainConfig:
                              f"got {self.patch_size}")
 
     @property
-    def prediction_type(self) -> str:
-        return PREDICTIONS[self.prediction]
-
-    @property
     def num_classes(self) -> int | None:
         """Number of real classes (the model has one more embedding: index num_classes = no class)."""
         if self.cond == "none":
@@ -174,23 +168,17 @@ class TrainConfig:
         return NoiseSchedule.from_name(self.schedule, self.num_train_timesteps)
 
 
-_VAE: dict = {}
+def builtin_pipeline():
+    """The built-in model's pipeline (``minidiff/assets``), loaded once: its VAE gives the latent space of
+    ``latent=True`` runs (32x32x3 pictures <-> 8x8x4 latents of unit spread)."""
+    from ..pipeline import load_pipeline
+
+    if not _BUILTIN:
+        _BUILTIN.append(load_pipeline())
+    return _BUILTIN[0]
 
 
-def builtin_vae():
-    """(AutoencoderKL module, params) of the built-in model (``minidiff/assets``): the latent space of
-    ``latent=True`` runs.  Its encoder maps 32x32x3 pictures to 8x8x4 latents (scaled to unit spread)."""
-    if not _VAE:
-        from ..nn.autoencoder import AutoencoderKL
-        from ..pipeline import load_pipeline
-
-        pipe = load_pipeline()
-        model = AutoencoderKL(pipe.vae_config)
-        params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pipe.params["vae"])
-        _VAE.update(model=model, params=params, shape=(8, 8, pipe.vae_config.latent_channels),
-                    encode=jax.jit(lambda p, x: model.apply({"params": p}, x, method=AutoencoderKL.latents_from_images)),
-                    decode=jax.jit(lambda p, z: model.apply({"params": p}, z, method=AutoencoderKL.images_from_latents)))
-    return _VAE
+_BUILTIN: list = []
 
 
 def _toy_mixture():
@@ -217,10 +205,9 @@ class Batches:
         rng = np.random.default_rng([cfg.seed, step])
         if self.shapes is not None:
             images, labels, _ = self.shapes.sample(n, rng)
-            x0, y = to_unit_range(images), labels["class"]  # uint8 -> [-1, 1]
-            if cfg.latent:  # z_0 = E(x_0): the VAE's posterior mean, scaled
-                vae = builtin_vae()
-                x0 = vae["encode"](vae["params"], x0)
+            y = labels["class"]
+            # z_0 = E(x_0), the VAE's posterior mean (scaled), or the pixels in [-1, 1]
+            x0 = builtin_pipeline().encode_images(images) if cfg.latent else to_unit_range(images)
         elif POINT_DATA[cfg.data] == "mixture":
             x0, y = _toy_mixture().sample(n, rng)  # the same draws as data.gaussian_mixture, plus components
         else:
@@ -236,64 +223,11 @@ class Batches:
 # ---------------------------------------------------------------------------------------------
 
 
-def space_to_depth(x, p: int):
-    """(B, H, W, C) -> (B, H/p, W/p, p*p*C): every p x p patch of pixels becomes one position."""
-    B, H, W, C = x.shape
-    return x.reshape(B, H // p, p, W // p, p, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, H // p, W // p, p * p * C)
-
-
-def depth_to_space(x, p: int):
-    """The inverse of :func:`space_to_depth`."""
-    B, h, w, D = x.shape
-    C = D // (p * p)
-    return x.reshape(B, h, w, p, p, C).transpose(0, 1, 3, 2, 4, 5).reshape(B, h * p, w * p, C)
-
-
-class PatchedDenoiser(nn.Module):
-    """An image denoiser run on p x p patches folded into channels (Hoogeboom et al. 2023,
-    "simple diffusion"): x (B, H, W, C) -> (B, H/p, W/p, p^2 C) -> network -> back.  Only a
-    rearrangement of pixels, so the diffusion itself is unchanged; the network works on p^2 fewer
-    positions, which on a CPU buys p^2 more channels for the same cost."""
-
-    inner: nn.Module
-    patch_size: int
-
-    def __call__(self, x, t, class_labels=None, train: bool = False):
-        p = self.patch_size
-        return depth_to_space(self.inner(space_to_depth(x, p), t, class_labels=class_labels, train=train), p)
-
-
-class ClassTokens(nn.Module):
-    """A class-conditional UNet that reads its (shape, colour) class as two words.
-
-    class c = shape * n_colours + colour becomes the context [E_shape[shape], E_colour[colour]]
-    (B, 2, width), which every Transformer2D attends to; the "no class" label (c = n_shapes *
-    n_colours) reads its own row in both tables, the classifier-free guidance "empty caption".
-    Shape and colour are learned once each, shared across the classes that have them."""
-
-    inner: nn.Module  # a UNet2DCondition with cross_attention_dim = width
-    n_shapes: int
-    n_colors: int
-    width: int
-
-    @nn.compact
-    def __call__(self, x, t, class_labels=None, train: bool = False):
-        null = class_labels == self.n_shapes * self.n_colors
-        shape, colour = split_class(class_labels, self.n_colors)
-        shape, colour = jnp.where(null, self.n_shapes, shape), jnp.where(null, self.n_colors, colour)
-        context = jnp.stack([nn.Embed(self.n_shapes + 1, self.width, name="shape_tokens")(shape),
-                             nn.Embed(self.n_colors + 1, self.width, name="color_tokens")(colour)], axis=1)
-        return self.inner(x, t, context, train=train)
-
-
 def build_model(config: TrainConfig):
     """The Flax module a config describes."""
     k = None if config.num_classes is None else config.num_classes + 1  # + the "no class" embedding
     if config.model == "mlp":
-        from ..nn.mlp import MLPDenoiser
-
         return MLPDenoiser(num_class_embeds=k, **config.model_kwargs)
-    from ..nn.unet import UNet2DCondition, UNetConfig
 
     p = config.patch_size
     kwargs = {key: tuple(v) if isinstance(v, list) else v for key, v in config.model_kwargs.items()}
@@ -328,7 +262,7 @@ class Denoiser:
     def data_shape(self) -> tuple[int, ...]:
         s = self.config.image_size
         if self.config.latent:
-            return builtin_vae()["shape"]
+            return (s // 4, s // 4, builtin_pipeline().vae_config.latent_channels)
         return (s, s, 3) if self.config.data == "shapes" else (2,)
 
     def sampler(self, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, spacing: str = "leading") -> Sampler:
@@ -338,7 +272,7 @@ class Denoiser:
         key = (sampler, int(steps), float(eta), spacing)
         if key not in self._samplers:
             isc = InferenceSchedule.create(self.config.noise_schedule(), int(steps), spacing)
-            self._samplers[key] = Sampler(self, isc, sampler, eta, self.config.prediction_type,
+            self._samplers[key] = Sampler(self, isc, sampler, eta, self.config.prediction,
                                           clip_x0=1.0 if self.config.data == "shapes" and not self.config.latent
                                           else None)
         return self._samplers[key]
@@ -369,39 +303,26 @@ class Denoiser:
         x = s(self.params if params is None else params, jax.random.PRNGKey(seed), (n, *self.data_shape),
               cond=cond, uncond=uncond, guidance_scale=1.0 if guidance_scale is None else guidance_scale)
         if self.config.latent:  # x_0 = D(z_0)
-            vae = builtin_vae()
-            x = vae["decode"](vae["params"], x)
+            return builtin_pipeline().decode(x)
         x = np.asarray(x)
         return to_uint8(x) if self.config.data == "shapes" else x
 
 
 def load_denoiser(run_dir, ema: bool = True) -> Denoiser:
     """The model saved in ``run_dir`` (its EMA parameters unless ``ema=False``)."""
-    state, config, _ = load_checkpoint(run_dir)
+    state, config, _ = read_run(run_dir, "diffusion")
     return Denoiser(TrainConfig.from_dict(config), state["ema_params" if ema else "params"], int(state["step"]))
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# Training: a loss and a batch source on the engine
 # ---------------------------------------------------------------------------------------------
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warmup (then constant, or cosine decay to lr/10), after global-norm clipping."""
-    if config.lr_decay:
-        from .vqvae import lr_schedule  # warmup capped at half the run (a short run never fails on it)
-
-        lr = lr_schedule(config.lr, config.warmup, config.steps)
-    else:
-        lr = optax.linear_schedule(0.0, config.lr, max(config.warmup, 1))  # stays at lr after the warmup
-    clip = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip else []
-    return optax.chain(*clip, optax.adamw(lr, weight_decay=config.weight_decay))
-
-
 class Trainer:
-    """Runs :class:`TrainConfig` step by step; saves checkpoints and sample grids into ``run_dir``.
+    """Trains :class:`TrainConfig` on the engine; saves checkpoints and sample grids into ``run_dir``.
 
-    ``state`` is a dict pytree: step, params, ema_params, opt_state, key (the run's base key).
+    ``state`` is the engine's: step, params, ema_params, opt_state, key (the run's base key).
     """
 
     def __init__(self, config: TrainConfig, run_dir=None):
@@ -409,46 +330,46 @@ class Trainer:
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.denoiser = Denoiser(config)
         self.batches = Batches(config)
-        self.tx = make_optimizer(config)
         self.alpha_bar = jnp.asarray(config.noise_schedule().alpha_bar, jnp.float32)  # alpha_bar_t, t = 0..T-1
-        self.history: dict[str, list] = {"step": [], "loss": []}
-        self.state = self._init_state()
-        self.step = 0
-        self._train_step = jax.jit(self._update)
+        init_key, key = jax.random.split(jax.random.PRNGKey(config.seed))
+        tx = make_optimizer(config.lr, config.steps, config.warmup, config.lr_decay, config.weight_decay,
+                            config.grad_clip)
+        samples = [(config.sample_every, lambda e: self.save_samples(
+            self.run_dir / "samples" / f"step_{e.step:06d}.png"))] if self.run_dir is not None else []
+        self.engine = Engine(self.loss, self.batches, self._init_params(init_key), tx, steps=config.steps, key=key,
+                             ema_decay=config.ema_decay, run_dir=run_dir, config=dataclasses.asdict(config),
+                             kind="diffusion", checkpoint_every=config.checkpoint_every, log_every=config.log_every,
+                             callbacks=samples, desc=f"train {config.data}")
 
-    # --- state ---
-
-    def _init_state(self):
-        init_key, key = jax.random.split(jax.random.PRNGKey(self.config.seed))
+    def _init_params(self, key):
         x0, y = self.batches(0, n=2)
         init = jax.jit(lambda k: self.denoiser.module.init(k, x0, jnp.zeros(2, jnp.int32), class_labels=y))
-        # init runs once: compiling it without XLA's optimisations is 3x faster (UNet: 17 s -> 5 s on 2 cores)
-        params = init.lower(init_key).compile({"xla_backend_optimization_level": 0})(init_key)["params"]
-        return {"step": jnp.int32(0), "params": params, "ema_params": params, "opt_state": self.tx.init(params),
-                "key": key}
+        # init runs once: compiling it without XLA's optimisations is several times faster
+        return init.lower(key).compile({"xla_backend_optimization_level": 0})(key)["params"]
 
     @classmethod
     def resume(cls, run_dir, steps: int | None = None, **changes) -> "Trainer":
         """Rebuild a run from ``run_dir/checkpoint.msgpack``; ``steps`` (or other fields) may be changed."""
-        _, config, _ = load_checkpoint(run_dir)
+        _, config, _ = read_run(run_dir, "diffusion")
         config = TrainConfig.from_dict({**config, **({} if steps is None else {"steps": steps}), **changes})
         trainer = cls(config, run_dir)
-        state, _, meta = load_checkpoint(run_dir, target=trainer.state)
-        trainer.state = jax.tree.map(jnp.asarray, state)
-        trainer.step = int(state["step"])
-        trainer.history = meta.get("history", trainer.history)
+        trainer.engine.restore()
         return trainer
 
+    state = property(lambda self: self.engine.state)
+    step = property(lambda self: self.engine.step)
+    history = property(lambda self: self.engine.history)
+
+    def train(self, until: int | None = None, progress: bool = True) -> dict:
+        """Train up to step ``until`` (default: config.steps).  Ctrl-C saves a checkpoint first."""
+        return self.engine.train(until, progress)
+
     def save(self) -> Path:
-        if self.run_dir is None:
-            raise ValueError("this Trainer has no run_dir to save into")
-        meta = {"history": self.history, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
-        return save_checkpoint(self.run_dir, self.state, dataclasses.asdict(self.config), meta)
+        return self.engine.save()
 
-    # --- one step ---
-
-    def loss(self, params, x0, y, key):
+    def loss(self, params, batch, key, frozen=None):
         """The simple DDPM loss (:func:`diffusion_loss`), with the class dropped at rate cond_drop."""
+        x0, y = batch
         cfg = self.config
         k_loss, k_drop, k_dropout = jax.random.split(key, 3)
         if y is not None and cfg.cond_drop > 0:  # sometimes train without the class: y = "no class"
@@ -458,65 +379,7 @@ class Trainer:
             return self.denoiser.module.apply({"params": params}, x_t, t, class_labels=y, train=True,
                                               rngs={"dropout": k_dropout})
 
-        return diffusion_loss(model_fn, x0, self.alpha_bar, k_loss, cfg.prediction, cfg.min_snr_gamma)
-
-    def _update(self, state, x0, y):
-        step = state["step"]
-        loss, grads = jax.value_and_grad(self.loss)(state["params"], x0, y, jax.random.fold_in(state["key"], step))
-        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        # EMA with a warmup: d = min(ema_decay, (1 + step) / (10 + step)), theta_ema <- d theta_ema + (1 - d) theta
-        d = jnp.minimum(self.config.ema_decay, (1.0 + step) / (10.0 + step))
-        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema_params"], params)
-        return {**state, "step": step + 1, "params": params, "ema_params": ema, "opt_state": opt_state}, loss
-
-    # --- the loop ---
-
-    def train(self, until: int | None = None, progress: bool = True) -> dict:
-        """Train up to step ``until`` (default: config.steps).  Ctrl-C saves a checkpoint first."""
-        from tqdm.auto import tqdm
-
-        cfg = self.config
-        until = cfg.steps if until is None else until
-        pending = []
-        bar = tqdm(total=until, initial=self.step, disable=not progress, desc=f"train {cfg.data}", unit="step")
-        # the next batch is drawn (and, with latent=True, encoded) on a second thread while this step runs
-        prefetch = ThreadPoolExecutor(1)
-        upcoming = prefetch.submit(self.batches, self.step)
-        try:
-            while self.step < until:
-                batch = upcoming.result()
-                if self.step + 1 < until:
-                    upcoming = prefetch.submit(self.batches, self.step + 1)
-                self.state, loss = self._train_step(self.state, *batch)
-                self.step += 1
-                pending.append(loss)
-                bar.update()
-                if self.step % cfg.log_every == 0 or self.step == until:
-                    self._log(pending, bar)
-                    pending = []
-                if self.run_dir is not None and cfg.sample_every and self.step % cfg.sample_every == 0:
-                    self.save_samples(self.run_dir / "samples" / f"step_{self.step:06d}.png")
-                if self.run_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save()
-        except KeyboardInterrupt:
-            if self.run_dir is not None:
-                self._log(pending, bar)
-                bar.write(f"interrupted: saved step {self.step} to {self.save()}")
-            raise
-        finally:
-            prefetch.shutdown(cancel_futures=True)
-            bar.close()
-        if self.run_dir is not None:
-            self.save()
-        return self.history
-
-    def _log(self, losses, bar):
-        if losses:
-            loss = float(np.mean(jax.device_get(losses)))
-            self.history["step"].append(self.step)
-            self.history["loss"].append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}")
+        return diffusion_loss(model_fn, x0, self.alpha_bar, k_loss, cfg.prediction, cfg.min_snr_gamma), {}
 
     def save_samples(self, path, n: int | None = None, seed: int = 0, sampler: str = "ddim", steps: int = 50) -> Path:
         """A grid (images) or scatter plot (points) of samples from the EMA parameters."""
@@ -573,45 +436,7 @@ def evaluate(denoiser: Denoiser, n: int | None = None, sampler: str = "ddim", st
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Pictures of samples
-# ---------------------------------------------------------------------------------------------
-
-
-def image_grid(images, columns: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tile uint8 images (n, H, W, C) into one picture, row by row, ``pad`` black pixels apart."""
-    n, H, W, C = images.shape
-    columns = columns or int(np.ceil(np.sqrt(n)))
-    rows = -(-n // columns)
-    grid = np.zeros((rows * (H + pad) + pad, columns * (W + pad) + pad, C), np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = im
-    return grid
-
-
-def save_samples(path, samples, metadata: dict, columns: int | None = None, reference=None) -> Path:
-    """Images -> a PNG grid; 2-D points -> a scatter plot PNG (next to ``reference`` data if given).
-    ``metadata`` goes into the PNG's text chunks either way."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {str(k): str(v) for k, v in metadata.items()}
-    if samples.ndim == 4:
-        return save_png(path, image_grid(samples, columns), meta)
-    from matplotlib.figure import Figure  # no pyplot: works under any backend, leaves no open figure
-
-    panels = [("samples", samples)] + ([("data", reference)] if reference is not None else [])
-    fig = Figure(figsize=(4.5 * len(panels), 4.5))
-    axes = fig.subplots(1, len(panels), squeeze=False, sharex=True, sharey=True)
-    for ax, (title, pts) in zip(axes[0], panels):
-        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4)
-        ax.set_title(f"{title} (n = {len(pts)})")
-        ax.set_aspect("equal")
-    fig.savefig(path, dpi=100, bbox_inches="tight", metadata=meta)
-    return path
-
-
 def read_history(run_dir) -> dict:
     """The loss history saved with a run: {"step": [...], "loss": [...]}."""
-    return load_checkpoint(run_dir)[2].get("history", {"step": [], "loss": []})
+    return read_run(run_dir, "diffusion")[2].get("history", {"step": [], "loss": []})
 

@@ -1,0 +1,230 @@
+"""The one training loop: every model in minidiff is a loss function and a batch source run by it.
+
+The training state is a dict pytree, saved whole with every checkpoint::
+
+    {"step": int32, "params": trained weights, "opt_state": optax state, "key": the run's base key,
+     "ema_params": EMA copy (when ema_decay is set), "model_state": mutable collections (VQ-VAE)}
+
+One step, for the batch of step s (``batches(s)``, a pure function of s)::
+
+    (L, aux), g = value_and_grad(loss)(params, batch, fold_in(key, s), frozen)
+    params      <- optax update of params with g             (warmup, schedule, clipping: make_optimizer)
+    theta_ema   <- d theta_ema + (1 - d) theta,   d = min(ema_decay, (1 + s) / (10 + s))    (EMA with warmup)
+
+Everything random is a function of (seed, step), so a run stopped at any step and resumed from its
+checkpoint takes exactly the steps an uninterrupted run takes.  ``frozen`` (networks that are not
+trained) enters the compiled step as an argument: a closed-over array would be baked into the
+program as a constant.  Checkpoints are written atomically every ``checkpoint_every`` steps, at the
+end, and on Ctrl-C; the next batch is drawn on a second thread while the step runs.
+
+    engine = Engine(loss, batches, params, make_optimizer(1e-3, steps=1000, warmup=100), steps=1000,
+                    run_dir="runs/x", config=asdict(cfg), kind="x")
+    engine.train()                       # or engine.restore() first, to continue a saved run
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .checkpoint import load_checkpoint, save_checkpoint
+
+
+def make_optimizer(lr: float, steps: int, warmup: int = 0, decay: bool = True, weight_decay: float = 0.0,
+                   grad_clip: float | None = None, kind: str = "adamw") -> optax.GradientTransformation:
+    """AdamW (or Adafactor) after optional global-norm clipping, with the learning rate
+
+        eta(s) = lr * s / warmup                     for s < warmup   (linear warmup from 0)
+               = lr/10 + (lr - lr/10) * (1 + cos(pi * (s - warmup) / (steps - warmup))) / 2    (``decay``)
+               = lr                                  otherwise (constant after the warmup)
+
+    The warmup is capped at half the run with ``decay`` (a short run never fails on it)."""
+    if not lr > 0:
+        raise ValueError(f"the learning rate must be positive, got {lr}")
+    if decay:
+        warmup = max(1, min(warmup, steps // 2))
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr / 10)
+    elif warmup > 0:
+        schedule = optax.linear_schedule(0.0, lr, warmup)  # stays at lr after the warmup
+    else:
+        schedule = lr
+    if kind == "adamw":  # two moments per weight
+        step = optax.adamw(schedule, weight_decay=weight_decay)
+    elif kind == "adafactor":  # factored second moments, no first: about half AdamW's memory
+        step = optax.adafactor(schedule, multiply_by_parameter_scale=False)
+    else:
+        raise ValueError(f"unknown optimizer {kind!r}; choose 'adamw' or 'adafactor'")
+    return optax.chain(optax.clip_by_global_norm(grad_clip), step) if grad_clip else step
+
+
+def ema_update(ema, params, step, decay: float):
+    """theta_ema <- d theta_ema + (1 - d) theta with d = min(decay, (1 + step) / (10 + step)):
+    the average forgets its random start quickly, then settles to ``decay``."""
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: d * e + (1 - d) * p, ema, params)
+
+
+def copy_tree(tree):
+    """Our own device copy (each step donates, i.e. reuses, the buffers of the state it is given)."""
+    return jax.tree.map(jnp.array, tree)
+
+
+class Engine:
+    """Runs ``loss`` on ``batches`` with ``optimizer`` for ``steps`` steps; see the module docstring.
+
+    - ``loss(params, batch, key, frozen) -> (L, aux)``; with ``model_state`` it is called as
+      ``loss(params, batch, key, frozen, model_state)`` and returns the new state as ``aux["model_state"]``.
+      Scalar entries of aux are averaged into the history next to the loss.
+    - ``batches(step) -> tuple`` of arrays, a pure function of the step.
+    - ``constrain(params) -> params``: applied after every update (e.g. CLIP's temperature clip).
+    - ``callbacks``: ``[(every, fn)]``, ``fn(engine)`` after every ``every``-th step (sample grids,
+      dead-code restarts); it may change ``engine.state``.
+    - ``attachments``: arrays saved with every checkpoint but not trained (DALL-E's VQ-VAE).
+    """
+
+    def __init__(self, loss: Callable, batches: Callable, params, optimizer: optax.GradientTransformation, *,
+                 steps: int, key=None, frozen=None, model_state=None, ema_decay: float | None = None,
+                 constrain: Callable | None = None, run_dir=None, config: dict | None = None, kind: str = "",
+                 checkpoint_every: int = 0, log_every: int = 50, callbacks=(), attachments=None,
+                 desc: str | None = None):
+        if steps < 1:
+            raise ValueError(f"steps must be positive, got {steps}")
+        self.loss, self.batches, self.tx, self.steps = loss, batches, optimizer, int(steps)
+        self.frozen, self.constrain, self.ema_decay = frozen, constrain, ema_decay
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.config, self.kind, self.attachments = config or {}, kind, attachments
+        self.checkpoint_every, self.log_every, self.callbacks = checkpoint_every, log_every, list(callbacks)
+        self.desc = desc or f"train {kind}".strip()
+        params = copy_tree(params)
+        state = {"step": jnp.int32(0), "params": params, "opt_state": optimizer.init(params),
+                 "key": jax.random.PRNGKey(0) if key is None else key}
+        if ema_decay is not None:
+            state["ema_params"] = copy_tree(params)
+        if model_state is not None:
+            state["model_state"] = copy_tree(model_state)
+        self.state = state
+        self.history: dict[str, list] = {"step": [], "loss": []}
+        self._step = jax.jit(self._update, donate_argnums=0)
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    @property
+    def params(self):
+        return self.state["params"]
+
+    # --- one step ---
+
+    def _update(self, state, frozen, batch):
+        step = state["step"]
+        key = jax.random.fold_in(state["key"], step)
+        extra = (state["model_state"],) if "model_state" in state else ()
+        (value, aux), grads = jax.value_and_grad(lambda p: self.loss(p, batch, key, frozen, *extra),
+                                                 has_aux=True)(state["params"])
+        aux = dict(aux)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        if self.constrain is not None:
+            params = self.constrain(params)
+        new = {**state, "step": step + 1, "params": params, "opt_state": opt_state}
+        if "model_state" in state:
+            new["model_state"] = aux.pop("model_state")
+        if "ema_params" in state:
+            new["ema_params"] = ema_update(state["ema_params"], params, step, self.ema_decay)
+        return new, value, aux
+
+    # --- the loop ---
+
+    def train(self, until: int | None = None, progress: bool = True) -> dict:
+        """Train up to step ``until`` (default: ``steps``).  Ctrl-C writes a checkpoint, then re-raises."""
+        from tqdm.auto import tqdm
+
+        until = self.steps if until is None else min(until, self.steps)
+        pending: list = []
+        bar = tqdm(total=self.steps, initial=self.step, disable=not progress, desc=self.desc, unit="step")
+        prefetch = ThreadPoolExecutor(1)  # draws the next batch while this step runs
+        upcoming = prefetch.submit(self.batches, self.step)
+        try:
+            while self.step < until:
+                batch = upcoming.result()
+                if self.step + 1 < until:
+                    upcoming = prefetch.submit(self.batches, self.step + 1)
+                self.state, value, aux = self._step(self.state, self.frozen, tuple(batch))
+                pending.append((value, aux))
+                bar.update()
+                step = self.step
+                if step % self.log_every == 0 or step == until:
+                    self._log(pending, bar)
+                    pending = []
+                for every, fn in self.callbacks:
+                    if every and step % every == 0:
+                        fn(self)
+                if self.run_dir is not None and self.checkpoint_every and step % self.checkpoint_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            if self.run_dir is not None:
+                self._log(pending, bar)
+                bar.write(f"interrupted: saved step {self.step} to {self.save()}")
+            raise
+        finally:
+            prefetch.shutdown(cancel_futures=True)
+            bar.close()
+        if self.run_dir is not None:
+            self.save()
+        return self.history
+
+    def _log(self, pending, bar):
+        if not pending:
+            return
+        values, auxes = zip(*jax.device_get(pending))
+        self.history["step"].append(self.step)
+        self.history["loss"].append(float(np.mean(values)))
+        for name in auxes[0]:
+            if np.ndim(auxes[0][name]) == 0:
+                self.history.setdefault(name, []).append(float(np.mean([a[name] for a in auxes])))
+        if not np.isfinite(self.history["loss"][-1]):
+            raise FloatingPointError(f"{self.desc}: the loss became {self.history['loss'][-1]} at step {self.step} "
+                                     "(lower the learning rate)")
+        bar.set_postfix(loss=f"{self.history['loss'][-1]:.4f}")
+
+    # --- checkpoints ---
+
+    def save(self) -> Path:
+        """Write the whole training state (and the attachments) to ``run_dir`` atomically."""
+        if self.run_dir is None:
+            raise ValueError("this run has no run_dir to save into")
+        state = {**self.state, "attachments": self.attachments} if self.attachments is not None else self.state
+        meta = {"history": self.history, "kind": self.kind, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
+        return save_checkpoint(self.run_dir, jax.device_get(state), self.config, meta)
+
+    def restore(self, run_dir=None) -> "Engine":
+        """Continue from the checkpoint in ``run_dir`` (default: this run's): the state and history."""
+        run_dir = run_dir or self.run_dir
+        template = {**self.state, "attachments": self.attachments} if self.attachments is not None else self.state
+        state, _, meta = load_checkpoint(run_dir, target=jax.device_get(template))
+        if meta.get("kind", self.kind) != self.kind:
+            raise ValueError(f"{run_dir} holds a {meta.get('kind')!r} run, not {self.kind!r}")
+        state = jax.tree.map(jnp.asarray, state)
+        if self.attachments is not None:
+            self.attachments = state.pop("attachments")
+        self.state = state
+        self.history = meta.get("history", self.history)
+        return self
+
+
+def read_run(run_dir, kind: str | None = None) -> tuple[dict, dict, dict]:
+    """(state, config, meta) of a saved run as plain dicts of NumPy arrays; ``kind`` checks what it is."""
+    state, config, meta = load_checkpoint(run_dir)
+    if kind is not None and meta.get("kind") != kind:
+        raise ValueError(f"{run_dir} does not hold a {kind} run (it holds {meta.get('kind') or 'something else'!r})")
+    return state, config, meta
+
+
