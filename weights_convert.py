@@ -7,7 +7,7 @@ SRC: a diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), or one
 original (ldm) layout: .safetensors, or .ckpt (read with torch.load(weights_only=True) only).
 Writes DST (the Flax parameters, flattened: unet/..., vae/..., text_encoder/...) and DST with
 .json (model configs, prediction type, schedule, source, EMA use); prints what was found, used
-and skipped.  Load the result with ``minidiff.weights.load_converted(DST)``.  The same command is
+and skipped.  Load the result with ``minidiff.convert.load_converted(DST)``.  The same command is
 ``minidiff convert``.
 """
 

@@ -93,8 +93,8 @@ words = [pipe.tokenizer.decode([int(i)]).strip() or "<start>" for i in ids[:n_to
 words[0], words[-1] = "<start>", "<end>"
 print("ids:", ids[:n_tokens + 2], "...")
 print("pieces:", words)
-context = np.asarray(pipe.encode_prompts([prompt]))[0]  # (77, 64)
-uncontext = np.asarray(pipe.encode_prompts([""]))[0]
+context = np.asarray(pipe.encode_text([prompt]))[0]  # (77, 64)
+uncontext = np.asarray(pipe.encode_text([""]))[0]
 print("context", context.shape, "| the empty prompt's context is the unconditional branch")
 
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.2))

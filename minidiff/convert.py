@@ -4,19 +4,14 @@
     read_checkpoint(src)         the same in memory: (params, StableDiffusionConfig)
     load_converted(dst)          (params {"unet", "vae", "text_encoder"}, StableDiffusionConfig)
 
-What ``src`` may be (DESIGN.md, "Checkpoints that users actually have"):
+``src`` may be a diffusers folder (``unet/ vae/ text_encoder/`` with ``config.json`` files,
+``scheduler/``, ``tokenizer/``) or a single file in the original ldm layout (``.safetensors``, or
+``.ckpt`` read with ``torch.load(weights_only=True)`` only), in float32, float16 or bfloat16, with
+or without an EMA copy of the UNet (used when present, and said so).  ``minidiff.tensorfiles``
+reads the files, ``minidiff.weights`` maps the names and shapes.
 
-* a diffusers folder: ``unet/ vae/ text_encoder/`` (``*.safetensors``, or legacy ``*.bin``), with
-  ``config.json`` files (-> our model configs), ``scheduler/scheduler_config.json`` (prediction
-  type, beta schedule) and ``tokenizer/`` (the pad token);
-* a single file in the original ldm layout (``minidiff.weights`` maps its names), ``.safetensors``
-  (read with safetensors' NumPy API: no torch) or ``.ckpt`` (``torch.load(weights_only=True)``
-  only: a pickle that asks for anything but tensors is refused, never run);
-* float32, float16 or bfloat16 tensors (converted to the requested dtype), with or without EMA
-  copies of the UNet (used when present, and said so).
-
-The weights do not tell SD 1.x from 2.x by a label, but by evidence: the text encoder (OpenAI CLIP
-under ``cond_stage_model.transformer.`` vs OpenCLIP under ``cond_stage_model.model.``), the
+The weights tell SD 1.x from 2.x by evidence, not a label: the text encoder (OpenAI CLIP under
+``cond_stage_model.transformer.`` vs OpenCLIP under ``cond_stage_model.model.``), the
 Transformer2D's ``proj_in`` (1x1 conv vs linear) and the context width (``attn2.to_k``: 768 vs
 1024).  What the weights cannot say comes from the family: heads (SD 1.x: 8 per block; SD 2.x:
 width / 64), and, without a scheduler config, the prediction type (SD 2.x: assumed v, with a note).
@@ -29,189 +24,19 @@ prediction type, schedule, pad token, source, dtype, EMA, and notes on what was 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from .sdconfig import SD_SCHEDULER, SchedulerConfig, StableDiffusionConfig, config_from_dict
+from .tensorfiles import memmap_safetensors, machine_eps, open_safetensors, output_dtype, read_json, read_tensors
 from .weights import (LDM_CLIP, LDM_EMA, LDM_OPENCLIP, LDM_UNET, LDM_VAE, _Shapes, clip_text_config_from_transformers,
                       clip_text_config_from_weights, clip_text_state_dict, ldm_unet_key, ldm_vae_key,
                       openclip_text_state_dict, torch_to_flax, unet_config_from_diffusers, unet_config_from_ldm,
                       vae_config_from_diffusers, vae_config_from_ldm, vae_key_map)
-
-
-# --- reading checkpoint files ---------------------------------------------------------------------
-
-
-class LazyTensor:
-    """A tensor in a checkpoint file: its shape and dtype, read only when ``np.asarray`` asks for it
-    (so that a conversion holds one source tensor at a time, and reads nothing it does not use)."""
-
-    __slots__ = ("shape", "dtype", "_read")
-
-    def __init__(self, shape, dtype, read):
-        self.shape, self.dtype, self._read = tuple(shape), np.dtype(dtype), read
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def __array__(self, dtype=None, copy=None):
-        a = self._read()
-        return a if dtype is None else a.astype(dtype)
-
-    def rows(self, start: int, stop: int) -> "LazyTensor":
-        """Rows start..stop-1 (the thirds of a fused q/k/v matrix)."""
-        return LazyTensor((stop - start, *self.shape[1:]), self.dtype, lambda: np.asarray(self)[start:stop])
-
-    def __repr__(self) -> str:
-        return f"LazyTensor(shape={self.shape}, dtype={self.dtype})"
-
-
-def _bfloat16():
-    import ml_dtypes  # comes with jax; NumPy itself has no bfloat16
-
-    return np.dtype(ml_dtypes.bfloat16)
-
-
-DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": None}
-
-
-def output_dtype(name: str) -> np.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name] or _bfloat16()
-
-
-def _safe_open(path: Path, pread: bool = True):
-    from safetensors import safe_open
-
-    try:
-        return safe_open(str(path), framework="np", **({"backend": "pread"} if pread else {}))
-    except TypeError:  # safetensors < 0.8: no backend argument (tensors are copied out of an mmap)
-        return safe_open(str(path), framework="np")
-
-
-def read_safetensors(path) -> dict[str, LazyTensor]:
-    """The tensors of a ``.safetensors`` file, read lazily with safetensors' NumPy API (no torch).
-    bfloat16 comes back as ``ml_dtypes.bfloat16``.  ``ValueError`` if the file is not a complete
-    safetensors file."""
-    path = Path(path)
-    try:
-        f = _safe_open(path)
-        keys = list(f.keys())
-    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for broken files
-        size = path.stat().st_size
-        raise ValueError(f"{path} is not a readable .safetensors file ({size:,} bytes): {e} "
-                         "(a truncated download, or not a safetensors file)") from None
-    out = {}
-    for k in keys:
-        s = f.get_slice(k)
-        code = s.get_dtype()
-        dtype = _bfloat16() if code == "BF16" else _SAFETENSORS_DTYPES.get(code)
-        if dtype is None:
-            raise ValueError(f"{path}: tensor {k} has the unsupported dtype {code}")
-        read = (lambda k=k: _read_bf16(f, path, k)) if code == "BF16" else (lambda k=k: f.get_tensor(k))
-        out[k] = LazyTensor(s.get_shape(), dtype, read)
-    return out
-
-
-def _read_bf16(f, path: Path, key: str) -> np.ndarray:
-    """A bfloat16 tensor: safetensors >= 0.8 returns it; older versions cannot, so read its bytes
-    (the format: 8-byte little-endian header length, JSON header with data_offsets, then the data)."""
-    try:
-        return f.get_tensor(key)
-    except Exception:
-        with open(path, "rb") as raw:
-            n = int.from_bytes(raw.read(8), "little")
-            entry = json.loads(raw.read(n))[key]
-            start, stop = entry["data_offsets"]
-            raw.seek(8 + n + start)
-            data = np.frombuffer(raw.read(stop - start), np.uint16)
-        return data.view(_bfloat16()).reshape(entry["shape"])
-
-
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise ImportError("reading a .ckpt / .bin checkpoint (a PyTorch pickle) needs torch, which is not "
-                          "installed: pip install torch (CPU is enough), or use a .safetensors file") from None
-    return torch
-
-
-def _torch_array(t):
-    torch = _torch()
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: reinterpret the bits
-        return t.view(torch.int16).numpy().view(_bfloat16())
-    return t.numpy()
-
-
-def read_torch_pickle(path) -> tuple[dict[str, LazyTensor], dict]:
-    """The tensors of a PyTorch checkpoint (``.ckpt``, ``pytorch_model.bin``), loaded ONLY with
-    ``torch.load(weights_only=True)``: its restricted unpickler builds tensors and plain containers
-    and refuses any other object, so a pickle cannot run code (a plain unpickler would run whatever
-    the file asks for).  The file is memory-mapped where torch can.  A Lightning ``state_dict``
-    wrapper is unwrapped.  Returns (tensors, other top-level entries such as ``global_step``)."""
-    import pickle
-    import warnings
-
-    torch = _torch()
-    path = Path(path)
-    try:
-        with warnings.catch_warnings():  # "Detected pickle protocol 4": a refusal is reported below anyway
-            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                obj = torch.load(path, map_location="cpu", weights_only=True)  # a bare pickle: no mmap
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-        if found:
-            what = f"the object {found[1]}"
-        else:
-            what = "something other than tensors and plain containers" + (f" ({detail[1].strip()})" if detail else "")
-        raise ValueError(f"{path}: refused to load: its pickle asks for {what}, and a pickle can run code. minidiff "
-                         "reads .ckpt/.bin files only with torch.load(weights_only=True), which builds tensors and "
-                         "plain containers only. If you trust the file, re-save its state_dict as .safetensors.") from None
-    except Exception as e:  # truncated zip, not a pickle at all, ...
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({path.stat().st_size:,} bytes): "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    extra = {}
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        extra = {k: v for k, v in obj.items() if k != "state_dict" and isinstance(v, (int, float, str))}
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict (name -> tensor)")
-    tensors = {}
-    for k, v in obj.items():
-        if isinstance(v, torch.Tensor):
-            tensors[k] = LazyTensor(tuple(v.shape), _torch_array(v[:0] if v.ndim else v).dtype,
-                                    lambda v=v: _torch_array(v))
-    return tensors, extra
-
-
-def read_tensors(path) -> tuple[dict[str, LazyTensor], dict]:
-    """One checkpoint file by its extension: ``.safetensors``, or a torch pickle (``.ckpt``, ``.bin``,
-    ``.pt``, ``.pth``).  Returns (tensors, extra top-level entries)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        return read_safetensors(path), {}
-    if path.suffix in (".ckpt", ".bin", ".pt", ".pth"):
-        return read_torch_pickle(path)
-    raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}: expected a .safetensors or .ckpt file, "
-                     "or a diffusers model folder")
-
 
 _WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 
@@ -236,18 +61,6 @@ def _find_weights(folder: Path, stem: str) -> list[Path]:
     raise FileNotFoundError(f"no weights in {folder}: expected {stem}.safetensors (or .bin)")
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} should hold a JSON object")
-    return config
-
-
 # --- Stable Diffusion checkpoints -> one converted file -------------------------------------------
 
 # What tells SD 1.x and SD 2.x apart, and what each implies that the weights do not say.
@@ -260,9 +73,6 @@ FAMILIES = {
                 prediction_type="v_prediction"),
 }
 
-# SD's training schedule and sampler settings (the scheduler_config.json of the public SD 1.x / 2.x models)
-SD_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
-                "steps_offset": 1, "set_alpha_to_one": False, "timestep_spacing": "leading", "clip_sample": False}
 _DIFFUSERS_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
 _PREDICTIONS = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction",
                 "sample": "sample"}
@@ -275,66 +85,6 @@ SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
 # other non-weight entries of single files, recognised and skipped by name
 _SKIPPED = {"model_ema.decay": "EMA bookkeeping", "model_ema.num_updates": "EMA bookkeeping",
             "logvar": "training-loss buffer", "lvlb_weights": "training-loss buffer"}
-
-
-@dataclass
-class StableDiffusionConfig:
-    """Everything a pipeline needs besides the weights: the three model configs, what the UNet
-    predicts, the training schedule and sampler settings, the tokenizer's pad id, and where the
-    weights came from.  Saved as JSON next to the converted weights."""
-
-    family: str  # "sd1" or "sd2"
-    unet: Any  # UNetConfig
-    vae: Any  # AutoencoderKLConfig (its scaling_factor: latents = z * 0.18215)
-    text_encoder: Any  # CLIPTextConfig
-    prediction_type: str = "epsilon"  # "epsilon", "v_prediction" or "sample"
-    scheduler: dict = field(default_factory=lambda: dict(SD_SCHEDULER))
-    pad_token_id: int = 49407  # SD 1.x pads prompts with the end token, SD 2.x with "!" (id 0)
-    dtype: str = "float32"
-    ema: bool | None = None  # True: the UNet is the checkpoint's EMA copy; None: the file had none to choose
-    source: dict = field(default_factory=dict)
-    notes: list = field(default_factory=list)
-
-    @property
-    def scaling_factor(self) -> float:
-        return self.vae.scaling_factor
-
-    def noise_schedule(self):
-        """The training schedule as a ``minidiff.diffusion.NoiseSchedule``."""
-        return _noise_schedule(self.scheduler)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "StableDiffusionConfig":
-        from .nn.autoencoder import AutoencoderKLConfig
-        from .nn.clip import CLIPTextConfig
-        from .nn.unet import UNetConfig
-
-        def build(config_cls, values):
-            known = {f.name for f in fields(config_cls)}
-            unknown = set(values) - known
-            if unknown:
-                raise ValueError(f"unknown {config_cls.__name__} fields in the converted config: {sorted(unknown)}")
-            return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-        d = dict(d)
-        try:
-            d["unet"] = build(UNetConfig, d["unet"])
-            d["vae"] = build(AutoencoderKLConfig, d["vae"])
-            d["text_encoder"] = build(CLIPTextConfig, d["text_encoder"])
-            return cls(**d)
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"not a minidiff converted-model config: {e}") from None
-
-
-def _noise_schedule(scheduler: Mapping):
-    from .diffusion.schedule import NoiseSchedule
-
-    s = scheduler
-    kw = {} if s["beta_schedule"] == "cosine" else dict(beta_start=s["beta_start"], beta_end=s["beta_end"])
-    return NoiseSchedule.from_name(s["beta_schedule"], s["num_train_timesteps"], **kw)
 
 
 def _family(evidence: dict, requested: str | None, where: str) -> str:
@@ -390,7 +140,7 @@ def _prediction(requested: str | None, from_scheduler: str | None, family: str, 
 
 def _scheduler_from_diffusers(path: Path, notes: list) -> tuple[dict, str | None]:
     """(our scheduler dict, prediction_type) from ``scheduler/scheduler_config.json``."""
-    c = _read_json(path)
+    c = read_json(path)
     if c.get("trained_betas") is not None:
         raise ValueError(f"{path}: trained_betas (a hand-made schedule) is not supported")
     name = c.get("beta_schedule", "linear")
@@ -426,15 +176,6 @@ def ldm_schedule_buffers(schedule) -> dict[str, np.ndarray]:
     }
 
 
-def _eps(dtype) -> float:
-    """Machine epsilon (np.finfo does not know bfloat16)."""
-    if dtype == _bfloat16():
-        import ml_dtypes
-
-        return float(ml_dtypes.finfo(dtype).eps)
-    return float(np.finfo(dtype).eps)
-
-
 def check_schedule(buffers: Mapping[str, np.ndarray], scheduler: Mapping, where: str) -> str:
     """Compare a single file's schedule buffers with the schedule ``scheduler`` describes; returns a
     note with the largest relative difference, raises ``ValueError`` beyond what the buffers' float
@@ -442,7 +183,7 @@ def check_schedule(buffers: Mapping[str, np.ndarray], scheduler: Mapping, where:
     would be wrong)."""
     from .diffusion.schedule import NoiseSchedule
 
-    want = ldm_schedule_buffers(_noise_schedule(scheduler))
+    want = ldm_schedule_buffers(SchedulerConfig.from_diffusers(scheduler).noise_schedule())
     worst, worst_name, tol = 0.0, None, 0.0
     for name, w in buffers.items():
         got = np.asarray(w)
@@ -450,7 +191,7 @@ def check_schedule(buffers: Mapping[str, np.ndarray], scheduler: Mapping, where:
             raise ValueError(f"{where}: the schedule buffer {name} has shape {got.shape}, but the "
                              f"{scheduler['num_train_timesteps']}-step schedule has {want[name].shape}")
         err = float(np.max(np.abs(got.astype(np.float64) - want[name]) / np.maximum(np.abs(want[name]), 1e-6)))
-        tol = max(tol, 1e-5, 4 * _eps(got.dtype))
+        tol = max(tol, 1e-5, 4 * machine_eps(got.dtype))
         if err > worst:
             worst, worst_name = err, name
     described = f"{scheduler['beta_schedule']} ({scheduler['beta_start']}..{scheduler['beta_end']}, " \
@@ -668,9 +409,9 @@ def _read_diffusers_folder(folder: Path, requested, prediction, dtype, notes) ->
         if not (folder / part).is_dir():
             raise ValueError(f"{folder} is a folder but not a diffusers Stable Diffusion folder: {part}/ is missing "
                              "(expected unet/, vae/, text_encoder/ with config.json and weights)")
-    unet_cfg = unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"), f"{folder}/unet/config.json")
-    vae_cfg = vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"), f"{folder}/vae/config.json")
-    text_cfg = clip_text_config_from_transformers(_read_json(folder / "text_encoder" / "config.json"),
+    unet_cfg = unet_config_from_diffusers(read_json(folder / "unet" / "config.json"), f"{folder}/unet/config.json")
+    vae_cfg = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"), f"{folder}/vae/config.json")
+    text_cfg = clip_text_config_from_transformers(read_json(folder / "text_encoder" / "config.json"),
                                                   f"{folder}/text_encoder/config.json")
     evidence = {"text": "openclip" if text_cfg.hidden_act == "gelu" else "clip",
                 "linear": unet_cfg.use_linear_projection, "context": unet_cfg.cross_attention_dim}
@@ -722,9 +463,9 @@ def _pad_token_id(folder: Path) -> int | None:
     if pad is None:
         return None
     if (folder / "vocab.json").is_file():
-        vocab = _read_json(folder / "vocab.json")
+        vocab = read_json(folder / "vocab.json")
     elif (folder / "tokenizer.json").is_file():
-        fast = _read_json(folder / "tokenizer.json")
+        fast = read_json(folder / "tokenizer.json")
         vocab = dict(fast.get("model", {}).get("vocab", {}))
         vocab.update({t["content"]: t["id"] for t in fast.get("added_tokens", []) if isinstance(t, dict)})
     else:
@@ -769,6 +510,20 @@ def read_checkpoint(src, *, config: str | None = None, prediction: str | None = 
 # --- the converted file: one .safetensors of the flattened Flax tree, plus a JSON config -----------
 
 FORMAT = "minidiff-sd-v1"
+
+
+def is_converted(path) -> bool:
+    """Whether ``path`` is a converted model: a .safetensors file marked so in its metadata, or the
+    .json config next to one."""
+    path = Path(path)
+    if path.suffix == ".json":
+        return True
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        return (open_safetensors(path).metadata() or {}).get("format") == FORMAT
+    except Exception:  # not readable as safetensors: let the checkpoint reader say why
+        return False
 
 
 def config_path(weights_path) -> Path:
@@ -849,37 +604,18 @@ def load_converted(path, mmap: bool = True) -> tuple[dict, StableDiffusionConfig
     if not path.is_file():
         raise FileNotFoundError(f"converted weights not found: {path}")
     try:
-        f = _safe_open(path)  # checks the header, and that the file holds all the data it announces
+        f = open_safetensors(path)  # checks the header, and that the file holds all the data it announces
         meta = f.metadata() or {}
-        flat = _memmap_safetensors(path) if mmap else {k: f.get_tensor(k) for k in f.keys()}
+        flat = memmap_safetensors(path) if mmap else {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise ValueError(f"{path} is not a readable .safetensors file: {e}") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a minidiff converted model (metadata format {meta.get('format')!r}); "
                          "convert a checkpoint first: weights_convert.py SRC DST")
     sidecar = config_path(path)
-    config = StableDiffusionConfig.from_dict(_read_json(sidecar) if sidecar.is_file() else json.loads(meta["config"]))
+    config = config_from_dict(StableDiffusionConfig, read_json(sidecar) if sidecar.is_file() else json.loads(meta["config"]),
+                              f"converted-model ({sidecar.name if sidecar.is_file() else path.name})")
     params = unflatten_dict(flat, sep="/")
     if set(params) != {"unet", "vae", "text_encoder"}:
         raise ValueError(f"{path} holds {sorted(params)}, expected unet, vae and text_encoder")
     return params, config
-
-
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-                       "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Read-only views of every tensor of a (validated) safetensors file, memory-mapped.  The format:
-    an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, the data."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    data = np.memmap(path, np.uint8, mode="r", offset=8 + n)
-    out = {}
-    for name, entry in header.items():
-        dtype = _bfloat16() if entry["dtype"] == "BF16" else np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]])
-        start, stop = entry["data_offsets"]
-        out[name] = np.asarray(data[start:stop]).view(dtype).reshape(entry["shape"])  # a view, not a copy
-    return out

@@ -8,45 +8,22 @@
         x   = ddim_step / ddpm_step(x, eps, alpha_bar_t, alpha_bar_prev, z)
     images = VAE.images_from_latents(x_0)  ──► uint8 (n, H, W, 3)
 
-Nothing here re-derives a formula: the guided output is :func:`minidiff.sampling.guided_output`,
-the loop :func:`minidiff.sampling.reverse_chain` (which calls the NumPy-written
-``minidiff.diffusion.ddim_step`` / ``ddpm_step`` on traced arrays), the noising of img2img
-``minidiff.diffusion.q_sample``, and the latent scaling lives in the VAE's ``latents_from_images`` /
-``images_from_latents``.
+The guidance is :func:`minidiff.sampling.guided_output`, the loop :func:`minidiff.sampling.reverse_chain`
+(around the NumPy-written ``minidiff.diffusion`` steps), the latent scaling the VAE's
+``latents_from_images`` / ``images_from_latents``.  The step tables, noise keys, text embeddings
+and guidance scale are arguments of the compiled loop: a new prompt, seed or guidance scale reuses
+it; a new shape or static choice (sampler, eta, dtype, devices) compiles again (``pipe.traces``).
 
-Compiled once.  The coefficient tables (timesteps, alpha_bar_t, alpha_bar_prev) and the per-step
-noise keys come from the NumPy :class:`~minidiff.diffusion.InferenceSchedule` and enter the compiled
-loop as *arguments*, as do the text embeddings, the seed's key and the guidance scale.  A new
-prompt, seed, negative prompt or guidance scale therefore reuses the compiled program; only a new
-shape (batch size, image size, number of steps run) or a new static choice (sampler, eta, dtype,
-number of devices) compiles again.  ``pipe.traces`` counts how often each part was traced.
+Randomness: ``k_T, z_keys = noise_keys(jax.random.key(seed), N)`` as in
+:class:`minidiff.sampling.Sampler`; x_T ~ N(0, I) from k_T, the DDPM / eta noise z_i from z_keys[i].
 
-Randomness.  ``key = jax.random.key(seed)``; ``k_T, z_keys = noise_keys(key, steps)`` as in
-:class:`minidiff.sampling.Sampler`: x_T ~ N(0, I) from k_T (img2img: the noise added to the image's
-latents), z_i from z_keys[i] (DDPM, and DDIM with eta > 0).  With the same arguments a pipeline
-returns bit-identical images on the same machine; txt2img latents equal those of
-``Sampler(...)(params, key, shape, cond=..., uncond=...)`` for the same key.
+img2img (SDEdit): the init image's latents x_0 are noised with q(x_t | x_0) to the timestep of step
+N - k, k = round(strength * N), and the last k steps run (diffusers: int(strength * N)).
 
-img2img (SDEdit, Meng et al. 2022).  The init image is encoded (the posterior mean of the VAE,
-times the scaling factor), noised to the timestep of step N - k with q(x_t | x_0), where
-k = round(strength * N), and only the last k steps run.  strength = 1 starts from (almost) pure
-noise at t_0; a strength so small that k = 0 returns the VAE's reconstruction of the image.
-(diffusers uses int(strength * N), which for 0.6 * 30 = 17.999... runs 17 steps; here 18.)
-
-Several devices.  With D > 1 JAX devices (GPUs, TPU cores, or CPU devices forced with
-``XLA_FLAGS=--xla_force_host_platform_device_count=8``) the batch of n images is sharded across
-the largest d <= D that divides n: ``NamedSharding`` over a 1-D mesh ("batch"), parameters
-replicated; jit partitions the same program (GSPMD), so the images are those of one device.
-
-Precision.  ``dtype="bfloat16"`` casts the network parameters to bfloat16 and runs the UNet, the
-text encoder and the VAE in bfloat16 (normalisation statistics in float32, as Flax does); every
-network returns float32, and the sampler arithmetic (the step coefficients, x_t) stays float32.
-
-The progress bar.  ``progress=True`` shows a tqdm bar over the steps while the compiled loop runs:
-the scan body calls ``jax.debug.callback`` with the step index after each step (a host callback; on
-an accelerator this costs a tiny device-to-host transfer per step).  The callback is one fixed
-method of the pipeline, compiled in always, that advances the bar if one is open; callbacks are
-unordered, so it moves the bar to the largest index seen.
+Several devices: the batch is sharded over the largest d <= D devices dividing n (a 1-D mesh
+"batch", parameters replicated).  ``dtype="bfloat16"`` runs the networks in bfloat16; their
+outputs and the sampler arithmetic stay float32.  ``progress=True``: a tqdm bar advanced by a
+``jax.debug.callback`` after each step.
 """
 
 from __future__ import annotations
@@ -54,7 +31,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -62,19 +38,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .diffusion import InferenceSchedule, NoiseSchedule, q_sample
-from .diffusion.samplers import PREDICTION_TYPES, SPACINGS
+from .convert import is_converted, load_converted, read_checkpoint
+from .diffusion import q_sample
+from .embeddings import load_embedding
 from .images import to_uint8
 from .nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
-from .nn.clip import CLIPTextConfig, CLIPTextModel
+from .nn.clip import CLIPTextConfig, CLIPTextModel, add_token_rows
 from .nn.unet import UNet2DCondition, UNetConfig
 from .sampling import guided_output, noise_keys, reverse_chain
+from .sdconfig import SchedulerConfig, StableDiffusionConfig, config_from_dict
 from .tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 
 SAMPLERS = ("ddim", "ddpm")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-# The built-in mini model (not shipped yet): weights + config side by side.
+# The built-in mini model: weights + config side by side.
 MINI_MODEL = Path(__file__).parent / "assets" / "mini_sd.safetensors"
 
 
@@ -90,51 +68,6 @@ def dtype_name(dtype) -> str:
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose float32 or bfloat16")
     return name
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """How the sampler walks the training noise schedule (SD 1.x/2.x: these defaults; SD 2.x 768-v:
-    prediction_type="v_prediction")."""
-
-    beta_schedule: str = "scaled_linear"
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    num_train_timesteps: int = 1000
-    prediction_type: str = "epsilon"
-    spacing: str = "leading"
-    steps_offset: int = 1
-    set_alpha_to_one: bool = False
-
-    def __post_init__(self):
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"unknown prediction_type {self.prediction_type!r}; "
-                             f"choose one of {', '.join(PREDICTION_TYPES)}")
-        if self.spacing not in SPACINGS:
-            raise ValueError(f"unknown timestep spacing {self.spacing!r}; choose one of {', '.join(SPACINGS)}")
-
-    def noise_schedule(self) -> NoiseSchedule:
-        betas = {} if self.beta_schedule == "cosine" else dict(beta_start=self.beta_start, beta_end=self.beta_end)
-        return NoiseSchedule.from_name(self.beta_schedule, self.num_train_timesteps, **betas)
-
-    def inference_schedule(self, steps: int) -> InferenceSchedule:
-        return InferenceSchedule.create(self.noise_schedule(), steps, self.spacing, self.steps_offset,
-                                        self.set_alpha_to_one)
-
-
-def _dataclass_from(cls, value, what: str):
-    """A config dataclass from an instance or a dict of its fields (lists become tuples)."""
-    if value is None or isinstance(value, cls):
-        return value
-    if is_dataclass(value):
-        value = {f.name: getattr(value, f.name) for f in fields(value)}
-    if not isinstance(value, Mapping):
-        raise ValueError(f"the {what} config must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ValueError(f"the {what} config has unknown fields {unknown}; {cls.__name__} takes {sorted(known)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
 
 
 # --- the compiled parts ---------------------------------------------------------------------------
@@ -230,31 +163,12 @@ class StableDiffusion:
     traces = TRACES  # how often each compiled part was traced, all pipelines together (tests count recompiles)
 
     @classmethod
-    def from_config(cls, params, config, **kwargs) -> "StableDiffusion":
-        """From what ``minidiff.weights.load_converted`` / ``read_checkpoint`` return: the params and a
-        ``StableDiffusionConfig`` (or a dict with its fields: "unet", "vae", "text_encoder" configs or
-        dicts of their fields; optional "prediction_type", "scheduler" (diffusers-style dict),
-        "pad_token_id", "clip_skip")."""
-        if is_dataclass(config):
-            config = {f.name: getattr(config, f.name) for f in fields(config)}
-        if not isinstance(config, Mapping):
-            raise ValueError(f"a model config must be a dict or StableDiffusionConfig, got {type(config).__name__}")
-        missing = sorted({"unet", "vae", "text_encoder"} - set(config))
-        if missing:
-            raise ValueError(f"the model config lacks {missing}")
-        sched = dict(config.get("scheduler") or {})
-        if "timestep_spacing" in sched:  # the diffusers name
-            sched["spacing"] = sched.pop("timestep_spacing")
-        known = {f.name for f in fields(SchedulerConfig)}
-        sched = {k: v for k, v in sched.items() if k in known}  # (clip_sample etc.: not used by SD)
-        if config.get("prediction_type"):
-            sched["prediction_type"] = config["prediction_type"]
-        kwargs.setdefault("clip_skip", int(config.get("clip_skip") or 0))
-        kwargs.setdefault("pad_token", config.get("pad_token_id", config.get("pad_token")))
-        return cls(_dataclass_from(UNetConfig, config["unet"], "UNet"),
-                   _dataclass_from(AutoencoderKLConfig, config["vae"], "VAE"),
-                   _dataclass_from(CLIPTextConfig, config["text_encoder"], "text encoder"),
-                   params, scheduler=SchedulerConfig(**sched), **kwargs)
+    def from_config(cls, params, config: StableDiffusionConfig | Mapping, **kwargs) -> "StableDiffusion":
+        """From what ``minidiff.convert.load_converted`` / ``read_checkpoint`` return: the params and a
+        ``StableDiffusionConfig`` (or a dict of its fields).  Keyword arguments go to the constructor."""
+        config = config_from_dict(StableDiffusionConfig, config, "model")
+        kwargs.setdefault("pad_token", config.pad_token_id)
+        return cls(config.unet, config.vae, config.text_encoder, params, scheduler=config.scheduler_config(), **kwargs)
 
     # --- sizes ------------------------------------------------------------------------------------
 
@@ -304,20 +218,30 @@ class StableDiffusion:
     def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
         return self.tokenizer(list(prompts), CONTEXT_LENGTH, self.pad_token)
 
-    def encode_prompts(self, prompts: Sequence[str], dtype="float32") -> jax.Array:
-        """Text embeddings (P, 77, D), float32: the UNet's cross-attention context."""
-        dtype = dtype_name(dtype)
-        shardings = self._sharding(len(prompts))
-        return _text_fn(self._place(dtype, shardings)["text_encoder"], _put(jnp.asarray(self.tokenize(prompts)),
-                        shardings), config=self.text_config, clip_skip=self.clip_skip, dtype=dtype)
+    def encode_text(self, prompts: Sequence[str]) -> jax.Array:
+        """The frozen text encoder's states (n, 77, D), float32: the UNet's cross-attention context.
+        The weights are used as they are (float32 NumPy arrays in place, not copied: the pipeline's
+        own device copy, made for sampling, is not needed)."""
+        return _text_fn(float32_params(self.params["text_encoder"]), jnp.asarray(self.tokenize(list(prompts))),
+                        config=self.text_config, clip_skip=self.clip_skip, dtype="float32")
+
+    def encode_images(self, images) -> jax.Array:
+        """The VAE latents (n, H/f, W/f, c), float32, of uint8 images (n, H, W, 3): the posterior
+        mean times the scaling factor.  H and W must be multiples of the VAE's factor f.  Weights
+        used in place, as by :meth:`encode_text`."""
+        images = np.asarray(images)
+        f = self.vae_factor
+        if images.ndim != 4 or images.shape[1] % f or images.shape[2] % f:
+            raise ValueError(f"pictures must be (n, H, W, 3) with H and W multiples of {f} for this model, got "
+                             f"{images.shape}")
+        return _image_fn(float32_params(self.params["vae"]), jnp.asarray(_init_pixels(images, len(images), 1)),
+                         config=self.vae_config, dtype="float32")
 
     def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
         """Teach this pipeline the word(s) of a textual-inversion embedding file (minidiff's, or
         diffusers' ``learned_embeds.safetensors``): new tokenizer tokens and new rows of the text
         encoder's token table; nothing else changes, so prompts without them give the same images.
         ``token`` renames a single-vector embedding.  Returns the tokens added."""
-        from .train.textual_inversion import load_embedding
-
         vectors = load_embedding(path, token=token, hidden_size=self.text_config.hidden_size)
         return self.add_tokens(vectors)
 
@@ -337,8 +261,6 @@ class StableDiffusion:
         """Add tokens {token: (D,) embedding} to the tokenizer and the text encoder (see
         :meth:`load_textual_inversion`)."""
         import copy
-
-        from .train.textual_inversion import add_token_rows
 
         tokenizer = copy.deepcopy(self.tokenizer)  # a tokenizer may be shared by several pipelines
         ids = tokenizer.add_tokens(list(vectors))
@@ -490,6 +412,13 @@ def _finite(x) -> bool:
         return False
 
 
+def float32_params(tree):
+    """A parameter tree as float32 JAX arrays (float32 NumPy arrays are used in place where JAX can;
+    the built-in model's file is float16)."""
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32) if np.issubdtype(np.asarray(a).dtype, np.floating)
+                        else jnp.asarray(a), tree)
+
+
 def _put(x, shardings):
     if x is None or shardings is None:
         return x
@@ -528,52 +457,20 @@ def _init_pixels(init_image, n_prompts: int, m: int) -> np.ndarray:
 # --- loading --------------------------------------------------------------------------------------
 
 
-def is_converted(path) -> bool:
-    """Whether ``path`` is a minidiff converted model (``minidiff.weights.convert`` output: a
-    .safetensors file marked in its metadata, or the .json config next to one)."""
-    from . import weights
-
-    path = Path(path)
-    if path.suffix == ".json":
-        return True
-    if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "np") as f:
-            return (f.metadata() or {}).get("format") == getattr(weights, "FORMAT", "minidiff-sd-v1")
-    except Exception:  # not readable as safetensors: let the checkpoint reader say why
-        return False
-
-
 def load_model(path=None):
     """(params, StableDiffusionConfig, path) of a converted minidiff file, a diffusers folder or a
     single-file checkpoint (converted in memory); ``path=None``: the built-in mini model."""
-    from . import weights
-
-    if path is None:
-        if not MINI_MODEL.is_file():
-            raise ValueError(f"no model given, and this version ships no built-in mini model ({MINI_MODEL.name}): "
-                             "pass --model PATH (a converted .safetensors, a diffusers folder or a single-file "
-                             "checkpoint)")
-        path = MINI_MODEL
-    path = Path(path)
+    path = Path(path or MINI_MODEL)
     if not path.exists():
         raise ValueError(f"model not found: {path}")
-    converted = is_converted(path)
-    loader = getattr(weights, "load_converted" if converted else "read_checkpoint", None)
-    if loader is None:  # the converter is not in this version of minidiff.weights
-        raise ValueError(f"cannot load {path}: minidiff.weights has no "
-                         f"{'load_converted' if converted else 'read_checkpoint'} in this version")
-    params, config = loader(path)
+    params, config = (load_converted if is_converted(path) else read_checkpoint)(path)
     return params, config, path
 
 
 def load_pipeline(path=None, **kwargs) -> StableDiffusion:
-    """A pipeline from a converted minidiff file (``minidiff.weights.load_converted``), or from a
+    """A pipeline from a converted minidiff file (``minidiff.convert.load_converted``), or from a
     diffusers folder or a single-file checkpoint (``.safetensors`` / ``.ckpt``), converted in memory
-    on the fly (``minidiff.weights.read_checkpoint``).  ``path=None``: the built-in mini model
+    on the fly (``minidiff.convert.read_checkpoint``).  ``path=None``: the built-in mini model
     (``minidiff/assets/mini_sd.safetensors`` + ``.json``).  Keyword arguments go to StableDiffusion."""
     params, config, path = load_model(path)
     kwargs.setdefault("name", str(path))

@@ -17,8 +17,8 @@ This module holds the pure name and shape logic:
   ``openclip_text_state_dict`` (SD 2.x's fused q/k/v);
 * model configs from diffusers' ``config.json`` files or from the shapes of an ldm checkpoint.
 
-Reading files, detecting SD 1.x / 2.x, EMA, the schedule check and the converted format live in
-``minidiff.convert`` (``convert``, ``read_checkpoint``, ``load_converted``; also reachable here).
+Reading files is ``minidiff.tensorfiles``; detecting SD 1.x / 2.x, EMA, the schedule check and the
+converted format are ``minidiff.convert``.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], template, what: str = "m
                   names: Mapping[str, str] | None = None):
     """Fill the Flax tree ``template`` (a nested dict of arrays or ShapeDtypeStructs) from a
     PyTorch-style ``state_dict`` (name -> NumPy array, or anything with ``.shape`` that ``np.asarray``
-    reads, such as a ``minidiff.convert.LazyTensor``).  Every leaf comes out C-contiguous in ``dtype``.
+    reads, such as a ``minidiff.tensorfiles.LazyTensor``).  Every leaf comes out C-contiguous in ``dtype``.
     Raises ``ValueError`` naming the missing, unexpected or mis-shaped tensors; ``names`` (optional)
     gives the name a renamed tensor had in its file, for those messages."""
     names = names or {}
@@ -265,7 +265,7 @@ def ldm_vae_key(key: str, num_blocks: int) -> str:
     return key
 
 
-def openclip_text_state_dict(state_dict: Mapping[str, np.ndarray], keep_layers: int) -> dict:
+def openclip_text_state_dict(state_dict: Mapping[str, np.ndarray], keep_layers: int) -> tuple[dict, dict, list]:
     """OpenCLIP's text tower (SD 2.x single files, names without ``cond_stage_model.model.``) in the
     ``minidiff.nn.clip`` layout:
 
@@ -279,8 +279,8 @@ def openclip_text_state_dict(state_dict: Mapping[str, np.ndarray], keep_layers: 
 
     Blocks N >= ``keep_layers`` are left out (SD 2.x conditions on the penultimate layer: diffusers,
     and ``CLIPTextConfig.sd2()``, keep 23 of the 24), as are ``text_projection`` and ``logit_scale``
-    (CLIP's contrastive head, unused by SD).  Returns (state dict, the names left out).  A fused
-    tensor may be a ``minidiff.convert.LazyTensor``: its thirds are then read when converted.
+    (CLIP's contrastive head, unused by SD).  A fused tensor may be a
+    ``minidiff.tensorfiles.LazyTensor``: its thirds are then read when converted.
 
     Returns (state dict, {new name: OpenCLIP name}, the names left out)."""
     out, origin, left_out = {}, {}, []
@@ -501,14 +501,3 @@ def clip_text_config_from_weights(tensors: Mapping, hidden_act: str, prefix: str
         vocab_size=vocab, hidden_size=width, intermediate_size=shape("encoder.layers.0.mlp.fc1.weight")[0],
         num_hidden_layers=len(shape.indices(r"encoder\.layers\.(\d+)\.")), num_attention_heads=width // 64,
         max_position_embeddings=shape("embeddings.position_embedding.weight")[0], hidden_act=hidden_act)
-
-
-_CONVERTER = ("convert", "read_checkpoint", "load_converted", "save_converted", "StableDiffusionConfig")
-
-
-def __getattr__(name):  # minidiff.weights.convert etc.: the converter, imported on first use
-    if name in _CONVERTER:
-        from . import convert as converter
-
-        return getattr(converter, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,7 +23,8 @@ from flax.traverse_util import flatten_dict
 
 import sd_fixtures as fx
 from minidiff.diffusion.schedule import NoiseSchedule
-from minidiff.convert import convert, ldm_schedule_buffers, load_converted, read_checkpoint, read_torch_pickle
+from minidiff.convert import convert, ldm_schedule_buffers, load_converted, read_checkpoint
+from minidiff.tensorfiles import read_torch_pickle
 from minidiff.weights import ldm_unet_key, ldm_vae_key, openclip_text_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]

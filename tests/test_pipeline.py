@@ -24,6 +24,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: E402
 
 from minidiff import pipeline as P  # noqa: E402
 from minidiff.cli import main  # noqa: E402
+from minidiff.convert import save_converted  # noqa: E402
 from minidiff.diffusion import InferenceSchedule, ddim_step  # noqa: E402
 from minidiff.images import to_uint8  # noqa: E402
 from minidiff.nn.autoencoder import AutoencoderKL, AutoencoderKLConfig  # noqa: E402
@@ -31,6 +32,7 @@ from minidiff.nn.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from minidiff.nn.unet import UNet2DCondition, UNetConfig  # noqa: E402
 from minidiff.pipeline import StableDiffusion  # noqa: E402
 from minidiff.sampling import noise_keys  # noqa: E402
+from minidiff.sdconfig import StableDiffusionConfig, config_from_dict  # noqa: E402
 
 TEXT = CLIPTextConfig.toy(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 UNET = UNetConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, attention=(True, True),
@@ -126,7 +128,7 @@ def manual(pipe):
     """The chain computed by hand: NumPy float64 DDIM steps around separate (unbatched) UNet calls."""
     unet = jax.jit(UNet2DCondition(UNET).apply)
     params = {"params": pipe.params["unet"]}
-    ctx = {p: np.asarray(pipe.encode_prompts([p] * 2)) for p in ("", "blurry", *PROMPTS)}
+    ctx = {p: np.asarray(pipe.encode_text([p] * 2)) for p in ("", "blurry", *PROMPTS)}
 
     def run(seed, guidance, negative=""):
         isc = InferenceSchedule.stable_diffusion(3)
@@ -180,6 +182,24 @@ def photo():
     """A smooth 16x16 test picture, uint8."""
     yy, xx = np.mgrid[0:16, 0:16] / 15.0
     return (np.stack([xx, yy, 1 - xx * yy], -1) * 255).round().astype(np.uint8)
+
+
+def test_encode_text_and_encode_images(pipe, photo):
+    """encode_text: CLIP's last states of the tokenized prompts; encode_images: the VAE posterior's
+    mean times the scaling factor, of the pixels in [-1, 1]."""
+    ids = pipe.tokenize(PROMPTS)
+    want = CLIPTextModel(TEXT).apply({"params": pipe.params["text_encoder"]}, ids).last_hidden_state
+    got = pipe.encode_text(PROMPTS)
+    assert got.shape == (2, 77, 32) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    vae = AutoencoderKL(VAE)
+    pixels = photo[None].astype(np.float32) / 127.5 - 1
+    mean = vae.apply({"params": pipe.params["vae"]}, pixels, method=AutoencoderKL.encode).mean
+    got = pipe.encode_images(photo[None])
+    assert got.shape == (1, 8, 8, 4) and got.dtype == np.float32
+    np.testing.assert_allclose(got, mean * VAE.scaling_factor, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"H and W multiples of 2 for this model, got \(1, 15, 16, 3\)"):
+        pipe.encode_images(photo[None, :15])
 
 
 def test_img2img_runs_round_strength_times_steps(pipe, photo):
@@ -316,8 +336,6 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, capsys, photo):
     _one_line_error(capsys, run + ["--init-image", str(tmp_path / "in.png"), "--strength", "1.5"], "(0, 1]")
     _one_line_error(capsys, run + ["--init-image", str(tmp_path / "in.png"), "--strength", "0"], "(0, 1]")
     _one_line_error(capsys, run + ["--strength", "0.5"], "give an --init-image")
-    if not P.MINI_MODEL.is_file():
-        _one_line_error(capsys, run, "ships no built-in mini model")
     assert not (tmp_path / "out.png").exists()
 
 
@@ -330,14 +348,27 @@ def test_cli_error_has_no_traceback(tmp_path):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """The tiny model written as a converted minidiff file (weights.save_converted)."""
-    weights = pytest.importorskip("minidiff.weights")
-    if not hasattr(weights, "save_converted"):
-        pytest.skip("minidiff.weights has no save_converted / load_converted")
+    """The tiny model written as a converted minidiff file (convert.save_converted)."""
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    config = weights.StableDiffusionConfig(family="sd1", unet=UNET, vae=VAE, text_encoder=TEXT)
-    weights.save_converted(random_params(), config, path)
+    save_converted(random_params(), StableDiffusionConfig(family="sd1", unet=UNET, vae=VAE, text_encoder=TEXT), path)
     return path
+
+
+def test_config_from_dict_builds_nested_configs_and_names_unknown_fields(converted, tmp_path):
+    config = StableDiffusionConfig(family="sd1", unet=UNET, vae=VAE, text_encoder=TEXT)
+    d = json.loads(json.dumps(config.to_dict()))  # as read from a file: tuples are lists
+    assert config_from_dict(StableDiffusionConfig, d) == config
+    assert config_from_dict(StableDiffusionConfig, config) is config
+    with pytest.raises(ValueError, match=r"the model unet config has unknown field\(s\) heads, width; "
+                                         r"UNetConfig takes sample_size, in_channels, "):
+        config_from_dict(StableDiffusionConfig, {**d, "unet": {**d["unet"], "width": 1, "heads": 2}}, "model")
+    with pytest.raises(ValueError, match=r"StableDiffusionConfig lacks the field\(s\) family, text_encoder"):
+        config_from_dict(StableDiffusionConfig, {"unet": d["unet"], "vae": d["vae"]})
+    # a converted model's JSON with a field minidiff does not know is an error naming it
+    (tmp_path / "m.safetensors").write_bytes(converted.read_bytes())
+    (tmp_path / "m.json").write_text(json.dumps({**d, "vae": {**d["vae"], "colour": "red"}}))
+    with pytest.raises(ValueError, match=r"vae config has unknown field\(s\) colour"):
+        P.load_pipeline(tmp_path / "m.safetensors")
 
 
 def test_cli_writes_a_png_with_its_settings(converted, tmp_path, capsys, pipe):

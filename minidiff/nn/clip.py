@@ -282,3 +282,27 @@ class ContrastiveCLIP(nn.Module):
 
     def __call__(self, ids, images):
         return self.encode_text(ids), self.encode_image(images), self.logit_scale
+
+
+# --- new tokens (textual inversion): rows of the token table ------------------------------------------
+
+
+def add_token_rows(text_params, text_config: CLIPTextConfig, rows) -> tuple[dict, CLIPTextConfig]:
+    """The text encoder with ``rows`` (k, D) appended to its token table (ids vocab_size .. + k - 1)."""
+    table = np.asarray(text_params["embeddings"]["token_embedding"]["embedding"])
+    if np.size(rows) % table.shape[1]:
+        raise ValueError(f"a new token's embedding must have {table.shape[1]} numbers (the text encoder's width)")
+    rows = np.asarray(rows, table.dtype).reshape(-1, table.shape[1])
+    if len(table) != text_config.vocab_size:
+        raise ValueError(f"the token table has {len(table)} rows but the config says vocab_size "
+                         f"{text_config.vocab_size}")
+    embeddings = {**text_params["embeddings"], "token_embedding": {"embedding": np.concatenate([table, rows])}}
+    return {**text_params, "embeddings": embeddings}, replace(text_config, vocab_size=len(table) + len(rows))
+
+
+def table_with(text_params, token_id: int, vector):
+    """The text encoder's parameters with row ``token_id`` of the token table set to ``vector``:
+    the only place the trained vector enters the model (works on traced arrays)."""
+    table = text_params["embeddings"]["token_embedding"]["embedding"]
+    embeddings = {**text_params["embeddings"], "token_embedding": {"embedding": table.at[token_id].set(vector)}}
+    return {**text_params, "embeddings": embeddings}
