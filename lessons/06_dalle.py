@@ -118,9 +118,9 @@ if QUICK:
     vq_dir = Path(tempfile.mkdtemp()) / "vqvae"
     VQVAETrainer(VQVAETrainConfig(steps=10, batch=8, model={"channels": [8, 16, 16], "groups": 4, "num_codes": 64,
                                                             "latent_dim": 8}), vq_dir).train(progress=False)
-    trainer = DalleTrainer(DalleTrainConfig(vqvae=str(vq_dir), steps=10, batch=8,
+    trainer = DalleTrainer(DalleTrainConfig(vqvae=str(vq_dir), steps=10, batch=8, log_every=5,
                                             model={"width": 32, "layers": 2, "heads": 2}))
-    trainer.train(progress=False, log_every=5)
+    trainer.train(progress=False)
     generator, history = trainer.generator(), trainer.history
 elif (ROOT / "runs" / "dalle" / CHECKPOINT).is_file():
     from minidiff.train.checkpoint import load_checkpoint

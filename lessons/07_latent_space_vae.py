@@ -188,7 +188,7 @@ cfg = AutoencoderKLConfig.toy(sample_size=32, block_out_channels=(16, 32, 64), l
 steps = 10 if QUICK else 400
 start = time.perf_counter()
 params, history = train_vae(train_photos, cfg, steps=steps, batch=8 if QUICK else 16, crop=32, lr=2e-3,
-                            kl_weight=1e-6, reconstruction="l2", log_every=1 if QUICK else 10, verbose=not QUICK)
+                            kl_weight=1e-6, reconstruction="l2", log_every=1 if QUICK else 10, progress=not QUICK)
 train_seconds = time.perf_counter() - start
 print(f"toy VAE: {count(params):,} parameters, f = {cfg.downsample_factor}; {steps} steps in {train_seconds:.0f} s "
       f"(compile included); last batch MSE {history['mse'][-1]:.4f}, posterior sigma {history['sigma'][-1]:.3f}")

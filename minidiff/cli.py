@@ -344,7 +344,8 @@ def _write_history(out: Path, history: dict, extra: dict):
 def _textual_inversion(args):
     from .pipeline import load_pipeline
     from .train.finetune import load_subject
-    from .train.textual_inversion import TextualInversionConfig, save_embedding, train_textual_inversion
+    from .embeddings import save_embedding
+    from .train.textual_inversion import TextualInversionConfig, train_textual_inversion
 
     subject = load_subject(args.subject, caption=args.caption)
     cfg = TextualInversionConfig(**_given(token=args.token, init_word=args.init_word, steps=args.steps, lr=args.lr,

@@ -16,8 +16,9 @@ from minidiff.cli import main
 from minidiff.data import ShapesDataset, ShapeSpec, render
 from minidiff.tokenizer import CLIPTokenizer
 from minidiff.train import finetune as F
-from minidiff.train.textual_inversion import (TextualInversionConfig, load_embedding, save_embedding, table_with,
-                                              train_textual_inversion)
+from minidiff.embeddings import load_embedding, save_embedding
+from minidiff.nn.clip import table_with
+from minidiff.train.textual_inversion import TextualInversionConfig, train_textual_inversion
 
 needs_model = pytest.mark.skipif(not P.MINI_MODEL.is_file(), reason="no built-in model in this checkout")
 

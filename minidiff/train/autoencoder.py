@@ -21,15 +21,16 @@ Every entry point takes arrays (photos as uint8 (H, W, 3) or float in [-1, 1]), 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ..images import to_unit_range
 from ..nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from .engine import Engine, make_optimizer
 
 
 def _as_float_images(images) -> list[np.ndarray]:
@@ -130,9 +131,10 @@ def vae_loss(model: AutoencoderKL, params, x, key, kl_weight: float = 1e-6, reco
 
 def train_vae(images, config: AutoencoderKLConfig, steps: int = 400, batch: int = 16, crop: int = 32,
               lr: float = 1e-3, kl_weight: float = 1e-6, reconstruction: str = "l1", seed: int = 0, params=None,
-              log_every: int = 10, verbose: bool = False, foreground_weight: float = 0.0,
-              init_logvar: float | None = None):
-    """Train ``AutoencoderKL(config)`` on random crops of ``images`` with Adam (lr warm-up, cosine decay).
+              log_every: int = 10, progress: bool = False, foreground_weight: float = 0.0,
+              init_logvar: float | None = None, run_dir=None):
+    """Train ``AutoencoderKL(config)`` on random crops of ``images`` on the engine: Adam after
+    gradient clipping, the learning rate warmed up then cosine-decayed.
 
     ``foreground_weight``: see :func:`vae_loss`.  ``init_logvar``: start the posterior's log-variance
     there (the logvar half of quant_conv's bias) instead of at 0.  With logvar 0 the sampled z carries
@@ -142,8 +144,9 @@ def train_vae(images, config: AutoencoderKLConfig, steps: int = 400, batch: int 
     changes where training starts, not what it aims at.
 
     Returns ``(params, history)``; history holds lists ``step``, ``loss``, ``l1``, ``mse``, ``kl``,
-    ``sigma`` (the batch's values every ``log_every`` steps and at the last) and ``seconds``.  Pass
-    ``params`` to continue training.  The run is a pure function of its arguments and ``seed``.
+    ``sigma`` (means over every ``log_every`` steps) and ``seconds``.  Pass ``params`` to continue
+    training; ``run_dir`` keeps checkpoints (a stopped run continues from it).  The batch of step s
+    is drawn from default_rng([seed, s]): the run is a pure function of its arguments.
     """
     if steps < 0 or batch < 1:
         raise ValueError(f"need steps >= 0 and batch >= 1, got steps={steps}, batch={batch}")
@@ -152,8 +155,6 @@ def train_vae(images, config: AutoencoderKLConfig, steps: int = 400, batch: int 
         raise ValueError(f"crop {crop} must be a multiple of the downsampling factor {config.downsample_factor}")
     images = _as_float_images(images)
     model = AutoencoderKL(config)
-    rng = np.random.default_rng(seed)
-    key = jax.random.PRNGKey(seed)
     if params is None:
         params = init_params(config, seed)
         if init_logvar is not None:
@@ -161,31 +162,22 @@ def train_vae(images, config: AutoencoderKLConfig, steps: int = 400, batch: int 
                 raise ValueError("init_logvar sets quant_conv's bias, but this config has use_quant_conv=False")
             C = config.latent_channels
             params["quant_conv"]["bias"] = params["quant_conv"]["bias"].at[C:].set(init_logvar)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(50, steps // 10)), max(steps, 2), lr / 10)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
-    opt_state = tx.init(params)
 
-    @jax.jit
-    def update(params, opt_state, x, key):
-        loss_and_grad = jax.value_and_grad(vae_loss, argnums=1, has_aux=True)
-        (loss, aux), grads = loss_and_grad(model, params, x, key, kl_weight, reconstruction, foreground_weight)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, aux
+    if steps == 0:
+        return params, {"step": [], "loss": [], "seconds": 0.0}
 
-    history = {"step": [], "loss": [], "l1": [], "mse": [], "kl": [], "sigma": [], "seconds": 0.0}
+    def batches(step):
+        return (random_crops(images, batch, crop, np.random.default_rng([seed, step])),)
+
+    def loss(params, batch, key, frozen=None):
+        return vae_loss(model, params, batch[0], key, kl_weight, reconstruction, foreground_weight)
+
+    settings = dict(config=dataclasses.asdict(config), steps=steps, batch=batch, crop=crop, lr=lr, kl_weight=kl_weight,
+                    reconstruction=reconstruction, seed=seed, foreground_weight=foreground_weight,
+                    init_logvar=init_logvar, images=len(images))
+    engine = Engine(loss, batches, params, make_optimizer(lr, steps, warmup=min(50, steps // 10), grad_clip=1.0),
+                    steps=steps, key=jax.random.PRNGKey(seed), run_dir=run_dir, config=settings, kind="vae",
+                    log_every=log_every, desc="train VAE").resume_or_start()
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-        key, sub = jax.random.split(key)
-        params, opt_state, loss, aux = update(params, opt_state, random_crops(images, batch, crop, rng), sub)
-        if step % log_every == 0 or step == steps:
-            history["step"].append(step)
-            history["loss"].append(float(loss))
-            for name in ("l1", "mse", "kl", "sigma"):
-                history[name].append(float(aux[name]))
-            if verbose:
-                print(f"step {step:5d}  loss {float(loss):.4f}  L1 {float(aux['l1']):.4f}  MSE {float(aux['mse']):.4f}"
-                      f"  KL {float(aux['kl']):.0f}"
-                      f"  sigma {float(aux['sigma']):.3f}  ({time.perf_counter() - start:.0f} s)")
-    history["seconds"] = time.perf_counter() - start
-    return params, history
-
+    history = engine.train(progress=progress)
+    return engine.params, {**history, "seconds": time.perf_counter() - start}

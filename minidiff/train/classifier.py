@@ -15,7 +15,6 @@ import hashlib
 import itertools
 import json
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,8 +28,10 @@ from .. import data
 from ..data import ShapeSpec, ShapesDataset, caption, without_size
 from ..images import to_unit_range
 from ..nn.classifier import ShapesClassifier
+from .checkpoint import atomic_write
+from .engine import Engine, make_optimizer
 
-RECIPE_VERSION = 1  # bump when the architecture or the training recipe changes: old caches are ignored
+RECIPE_VERSION = 2  # bump when the architecture or the training recipe changes: old caches are ignored
 
 
 def heads_for(dataset: ShapesDataset) -> tuple[tuple[str, int], ...]:
@@ -40,43 +41,37 @@ def heads_for(dataset: ShapesDataset) -> tuple[tuple[str, int], ...]:
 
 def train_classifier(dataset: ShapesDataset, steps: int = 800, batch: int = 128, seed: int = 0,
                      lr: float = 2e-3, weight_decay: float = 1e-4, pool: int = 20_000,
-                     verbose: bool = False) -> dict:
+                     progress: bool = False, run_dir=None) -> dict:
     """Train a :class:`ShapesClassifier` on ``dataset``; returns its params (``variables["params"]``).
 
     The training images are a fixed pool of ``pool`` pictures drawn once (with the seed), from which
-    each step takes a random batch; the loss is the sum of the heads' cross-entropies, minimised by
-    AdamW with a warm-up then cosine-decaying learning rate.
+    step s takes the batch default_rng([seed, 2, s]) picks; the loss is the sum of the heads'
+    cross-entropies, minimised on the engine by AdamW with a warm-up then cosine-decaying learning rate.
     """
-    rng = np.random.default_rng(seed)
-    images, labels, _ = dataset.sample(pool, rng)
+    images, labels, _ = dataset.sample(pool, np.random.default_rng(seed))
     heads = heads_for(dataset)
     x_pool = to_unit_range(images)                                   # float32 (pool, H, W, 3) in [-1, 1]
     y_pool = np.stack([labels[name] for name, _ in heads], axis=1)   # int (pool, n_heads)
-
     model = ShapesClassifier(heads)
-    params = model.init(jax.random.key(seed), x_pool[:1])["params"]
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=min(100, steps // 10), decay_steps=steps)
-    tx = optax.adamw(schedule, weight_decay=weight_decay)
-    opt_state = tx.init(params)
 
-    def loss_fn(p, x, y):
-        logits = model.apply({"params": p}, x)
+    def batches(step):
+        idx = np.random.default_rng([seed, 2, step]).integers(pool, size=batch)
+        return x_pool[idx], y_pool[idx]
+
+    def loss(params, batch, key, frozen=None):
+        x, y = batch
+        logits = model.apply({"params": params}, x)
         return sum(optax.softmax_cross_entropy_with_integer_labels(logits[name], y[:, k]).mean()
-                   for k, (name, _) in enumerate(heads))
+                   for k, (name, _) in enumerate(heads)), {}
 
-    @jax.jit
-    def train_step(p, opt_state, x, y):
-        loss, grads = jax.value_and_grad(loss_fn)(p, x, y)
-        updates, opt_state = tx.update(grads, opt_state, p)
-        return optax.apply_updates(p, updates), opt_state, loss
-
-    start = time.perf_counter()
-    for i in range(steps):
-        idx = rng.integers(pool, size=batch)
-        params, opt_state, loss = train_step(params, opt_state, x_pool[idx], y_pool[idx])
-        if verbose and (i % 100 == 0 or i == steps - 1):
-            print(f"step {i:5d}  loss {float(loss):.4f}  ({time.perf_counter() - start:.1f} s)")
-    return jax.device_get(params)
+    params = model.init(jax.random.key(seed), x_pool[:1])["params"]
+    tx = make_optimizer(lr, steps, warmup=min(100, steps // 10), weight_decay=weight_decay)
+    settings = dict(dataset=dataset.settings(), steps=steps, batch=batch, seed=seed, lr=lr,
+                    weight_decay=weight_decay, pool=pool)
+    engine = Engine(loss, batches, params, tx, steps=steps, run_dir=run_dir, config=settings, kind="classifier",
+                    log_every=100, desc="train classifier").resume_or_start()
+    engine.train(progress=progress)
+    return jax.device_get(engine.params)
 
 
 @functools.lru_cache(maxsize=8)
@@ -112,12 +107,7 @@ def score(params, images, labels: dict) -> dict[str, float]:
 
 def save_params(path, params) -> Path:
     """Write a parameter tree as msgpack (flax.serialization)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(serialization.msgpack_serialize(jax.device_get(params)))
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
-    return path
+    return atomic_write(path, serialization.msgpack_serialize(jax.device_get(params)))
 
 
 def load_params(path) -> dict:
@@ -137,7 +127,7 @@ def cache_dir() -> Path:
 
 
 def cached_classifier(dataset: ShapesDataset | None = None, steps: int = 800, batch: int = 128, seed: int = 0,
-                      verbose: bool = False) -> dict:
+                      progress: bool = False) -> dict:
     """A classifier trained on ``dataset``'s attributes, trained once and then loaded from the cache.
 
     It is trained on *all* combinations (the dataset's exclude/include are dropped), so that it can
@@ -154,7 +144,7 @@ def cached_classifier(dataset: ShapesDataset | None = None, steps: int = 800, ba
             return load_params(path)
         except ValueError:
             pass  # a damaged cache file: train again and overwrite it
-    params = train_classifier(dataset, steps=steps, batch=batch, seed=seed, verbose=verbose)
+    params = train_classifier(dataset, steps=steps, batch=batch, seed=seed, progress=progress)
     save_params(path, params)
     return params
 

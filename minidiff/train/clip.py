@@ -16,17 +16,18 @@ CLIP ViT-L/14 does; the image tower is only a teacher and is not shipped.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ..data import ShapesDataset
 from ..images import to_unit_range
 from ..nn.clip import CLIPTextConfig, ContrastiveCLIP
 from ..tokenizer import CONTEXT_LENGTH, CLIPTokenizer
+from .engine import Engine, make_optimizer
 
 
 def clip_loss(text_emb, image_emb, logit_scale, same):
@@ -43,49 +44,41 @@ def clip_loss(text_emb, image_emb, logit_scale, same):
 
 def train_clip(dataset: ShapesDataset, text_config: CLIPTextConfig | None = None, steps: int = 600,
                batch: int = 128, lr: float = 1e-3, seed: int = 0, embed_dim: int = 64,
-               tokenizer: CLIPTokenizer | None = None, progress: bool = True) -> tuple[dict, dict]:
-    """Train :class:`ContrastiveCLIP` on ``dataset``'s pictures and captions with AdamW.
+               tokenizer: CLIPTokenizer | None = None, progress: bool = True, run_dir=None) -> tuple[dict, dict]:
+    """Train :class:`ContrastiveCLIP` on ``dataset``'s pictures and captions on the engine (AdamW,
+    warmup then cosine decay; exp(s) clipped at 100 after every update, as CLIP does).
 
     Returns (params, history): params["text_model"] is the text encoder for the UNet; history has
-    ``step``, ``loss`` and ``seconds``.  Pure function of its arguments.
+    ``step``, ``loss`` and ``seconds``.  The batch of step s is drawn from default_rng([seed, 1, s]):
+    a pure function of the arguments; ``run_dir`` keeps checkpoints (a stopped run continues).
     """
-    from tqdm.auto import tqdm
-
     text_config = text_config or CLIPTextConfig.toy()
     tokenizer = tokenizer or CLIPTokenizer.from_bpe_gz()
     model = ContrastiveCLIP(text_config, embed_dim=embed_dim)
-    rng = np.random.default_rng([seed, 1])
-    images, _, captions = dataset.sample(2, rng)
-    ids = tokenizer(captions, CONTEXT_LENGTH)
-    params = model.init(jax.random.PRNGKey(seed), ids, to_unit_range(images))["params"]
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(100, steps // 10)), max(steps, 2), lr / 10)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=1e-4))
-    opt_state = tx.init(params)
 
-    @jax.jit
-    def update(params, opt_state, ids, x, same):
-        def loss_fn(p):
-            return clip_loss(*model.apply({"params": p}, ids, x), same)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        params["logit_scale"] = jnp.minimum(params["logit_scale"], np.log(100.0))  # CLIP clips exp(s) at 100
-        return params, opt_state, loss
-
-    history = {"step": [], "loss": [], "seconds": 0.0}
-    start = time.perf_counter()
-    for step in tqdm(range(1, steps + 1), desc="train CLIP", disable=not progress, unit="step"):
-        images, _, captions = dataset.sample(batch, rng)
+    def batches(step):
+        images, _, captions = dataset.sample(batch, np.random.default_rng([seed, 1, step]))
         captions = np.asarray(captions)
         same = (captions[:, None] == captions[None, :]).astype(np.float32)
-        params, opt_state, loss = update(params, opt_state, tokenizer(list(captions), CONTEXT_LENGTH),
-                                         to_unit_range(images), same)
-        if step % 25 == 0 or step == steps:
-            history["step"].append(step)
-            history["loss"].append(float(loss))
-    history["seconds"] = time.perf_counter() - start
-    return jax.device_get(params), history
+        return tokenizer(list(captions), CONTEXT_LENGTH), to_unit_range(images), same
+
+    def loss(params, batch, key, frozen=None):
+        ids, x, same = batch
+        return clip_loss(*model.apply({"params": params}, ids, x), same), {}
+
+    def constrain(params):  # CLIP clips exp(s) at 100
+        return {**params, "logit_scale": jnp.minimum(params["logit_scale"], np.log(100.0))}
+
+    ids, x, _ = batches(0)
+    params = model.init(jax.random.PRNGKey(seed), ids[:2], x[:2])["params"]
+    settings = dict(dataset=dataset.settings(), text=dataclasses.asdict(text_config), steps=steps, batch=batch, lr=lr,
+                    seed=seed, embed_dim=embed_dim)
+    tx = make_optimizer(lr, steps, warmup=min(100, steps // 10), weight_decay=1e-4, grad_clip=1.0)
+    engine = Engine(loss, batches, params, tx, steps=steps, constrain=constrain, run_dir=run_dir, config=settings,
+                    kind="clip", log_every=25, desc="train CLIP").resume_or_start()
+    start = time.perf_counter()
+    history = engine.train(progress=progress)
+    return jax.device_get(engine.params), {**history, "seconds": time.perf_counter() - start}
 
 
 def retrieval_accuracy(params, dataset: ShapesDataset, n: int = 512, seed: int = 1, text_config=None,

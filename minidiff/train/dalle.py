@@ -19,13 +19,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ..data import CaptionTokenizer, ShapesDataset, to_uint8, without_size
 from ..nn import dalle
 from ..nn.vqvae import VQVAE
-from .checkpoint import load_checkpoint, save_checkpoint
-from .vqvae import VQVAETrainConfig, load_vqvae, lr_schedule, shapes_batch
+from .engine import Engine, make_optimizer, read_run
+from .vqvae import VQVAETrainConfig, load_vqvae, shapes_batch
 
 # The default classifier-free guidance scale on the logits.  Measured on the README's run (432 samples,
 # temperature 1): all three attributes right in 81 % at s = 1, 88 % at s = 2, 70 % at s = 3 -- past ~2
@@ -48,6 +47,7 @@ class DalleTrainConfig:
     model: dict = field(default_factory=lambda: {"width": 128, "layers": 4, "heads": 4,
                                                  "attention": ["row", "column"]})
     checkpoint_every: int = 500
+    log_every: int = 50
 
     def __post_init__(self):
         for name in ("steps", "batch"):
@@ -73,22 +73,29 @@ def model_config(model: dict, tokenizer: CaptionTokenizer, vqvae: VQVAE, image_s
 
 
 class DalleTrainer:
+    """The transformer's loss and token batches on the engine; the frozen VQ-VAE travels with every
+    checkpoint (an attachment), so that the run folder alone can generate."""
+
     def __init__(self, config: DalleTrainConfig, run_dir=None):
-        self.config, self.run_dir = config, None if run_dir is None else Path(run_dir)
-        self.vqvae, self.vq_variables, self.vq_config = load_vqvae(config.vqvae)
+        self.config = config
+        self.vqvae, vq_variables, self.vq_config = load_vqvae(config.vqvae)
         self.tokenizer = CaptionTokenizer()
         self.model = dalle.DalleTransformer(model_config(config.model, self.tokenizer, self.vqvae,
                                                          self.vq_config.image_size))
         self.dataset = ShapesDataset(size=self.vq_config.image_size, seed=config.seed)
-        lr = lr_schedule(config.lr, config.warmup, config.steps)
-        self.optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr, weight_decay=config.weight_decay))
         c = self.model.config
-        self.params = self.model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, c.seq_len), jnp.int32))["params"]
-        self.opt_state = self.optimizer.init(self.params)
-        self.step = 0
-        self.history = {"step": [], "loss": [], "text": [], "image": []}
-        self._encode = jax.jit(lambda x: self.vqvae.apply(self.vq_variables, x, method=VQVAE.encode)[1])
-        self._update = jax.jit(self._update_fn)
+        params = self.model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, c.seq_len), jnp.int32))["params"]
+        tx = make_optimizer(config.lr, config.steps, config.warmup, weight_decay=config.weight_decay, grad_clip=1.0)
+        self._encode = jax.jit(lambda v, x: self.vqvae.apply(v, x, method=VQVAE.encode)[1])
+        self.engine = Engine(self.loss, lambda step: (self.tokens(step)[0],), params, tx, steps=config.steps,
+                             key=jax.random.PRNGKey(config.seed + 1), run_dir=run_dir,
+                             config=dataclasses.asdict(config), kind="dalle", checkpoint_every=config.checkpoint_every,
+                             log_every=config.log_every, attachments={"vqvae": vq_variables},
+                             info={"vqvae_config": dataclasses.asdict(self.vq_config)})
+
+    @property
+    def vq_variables(self):
+        return self.engine.attachments["vqvae"]
 
     def tokens(self, step: int, n: int | None = None):
         """Training sequences for ``step``: (int32 (n, Lt + G*G), captions).  A fraction ``size_word_drop``
@@ -101,48 +108,29 @@ class DalleTrainer:
         captions = [without_size(c) if s else c for c, s in zip(captions, short)]
         text = self.tokenizer.encode(captions)
         text[drop] = CaptionTokenizer.PAD
-        codes = np.asarray(self._encode(x)).reshape(n, -1)
+        codes = np.asarray(self._encode(self.vq_variables, x)).reshape(n, -1)
         return np.concatenate([text, codes], axis=1).astype(np.int32), captions
 
-    def _update_fn(self, params, opt_state, tokens, key):
-        def loss(p):
-            return dalle.loss_fn(self.model, p, tokens, self.config.image_weight, train=True, rngs={"dropout": key})
+    def loss(self, params, batch, key, frozen=None):
+        (tokens,) = batch
+        return dalle.loss_fn(self.model, params, tokens, self.config.image_weight, train=True, rngs={"dropout": key})
 
-        (value, parts), grads = jax.value_and_grad(loss, has_aux=True)(params)
-        updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value, parts
+    @classmethod
+    def resume(cls, run_dir, steps: int | None = None) -> "DalleTrainer":
+        _, config, _ = read_run(run_dir, "dalle")
+        trainer = cls(DalleTrainConfig.from_dict({**config, **({} if steps is None else {"steps": steps})}), run_dir)
+        trainer.engine.restore()
+        return trainer
 
-    def train(self, progress: bool = True, log_every: int = 50) -> dict:
-        from tqdm.auto import tqdm
+    step = property(lambda self: self.engine.step)
+    params = property(lambda self: self.engine.params)
+    history = property(lambda self: self.engine.history)
 
-        cfg = self.config
-        key = jax.random.PRNGKey(cfg.seed + 1)
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train dalle", unit="step")
-        try:
-            while self.step < cfg.steps:
-                tokens, _ = self.tokens(self.step)
-                self.params, self.opt_state, loss, parts = self._update(
-                    self.params, self.opt_state, tokens, jax.random.fold_in(key, self.step))
-                self.step += 1
-                bar.update()
-                if self.step % log_every == 0 or self.step == cfg.steps:
-                    for name, value in (("loss", loss), ("text", parts["text"]), ("image", parts["image"])):
-                        self.history[name].append(float(value))
-                    self.history["step"].append(self.step)
-                    bar.set_postfix(loss=f"{float(loss):.3f}", image=f"{float(parts['image']):.3f}")
-                if self.run_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save()
-        finally:
-            bar.close()
-        if self.run_dir is not None:
-            self.save()
-        return self.history
+    def train(self, until: int | None = None, progress: bool = True) -> dict:
+        return self.engine.train(until, progress)
 
     def save(self) -> Path:
-        state = {"step": self.step, "params": self.params, "vqvae": self.vq_variables}
-        return save_checkpoint(self.run_dir, jax.device_get(state), dataclasses.asdict(self.config),
-                               {"history": self.history, "kind": "dalle",
-                                "vqvae_config": dataclasses.asdict(self.vq_config)})
+        return self.engine.save()
 
     def generator(self) -> "DalleGenerator":
         return DalleGenerator(self.model, self.params, self.vqvae, self.vq_variables, self.tokenizer)
@@ -185,16 +173,14 @@ class DalleGenerator:
 
 def load_dalle(run_dir) -> DalleGenerator:
     """The generator saved by ``minidiff train-dalle``."""
-    state, config, meta = load_checkpoint(run_dir)
-    if meta.get("kind") != "dalle":
-        raise ValueError(f"{run_dir} does not hold a DALL-E model (made by `minidiff train-dalle`)")
+    state, config, meta = read_run(run_dir, "dalle")
     cfg = DalleTrainConfig.from_dict(config)
     vq_cfg = VQVAETrainConfig.from_dict(meta["vqvae_config"])
     vqvae = VQVAE(vq_cfg.model_config())
     tokenizer = CaptionTokenizer()
     model = dalle.DalleTransformer(model_config(cfg.model, tokenizer, vqvae, vq_cfg.image_size))
     as_jnp = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
-    return DalleGenerator(model, as_jnp(state["params"]), vqvae, as_jnp(state["vqvae"]), tokenizer)
+    return DalleGenerator(model, as_jnp(state["params"]), vqvae, as_jnp(state["attachments"]["vqvae"]), tokenizer)
 
 
 def evaluate_dalle(generator: DalleGenerator, samples_per_prompt: int = 2, seed: int = 0, size_word: bool = True,

@@ -21,13 +21,15 @@ trades recomputation for activation memory.  See the README for what fits where.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import jax
 import numpy as np
-import optax
 
-from .finetune import Subject, encode_captions, encode_subject, fit, float32, latent_loss_fn
+from ..pipeline import float32_params
+from .engine import Engine, make_optimizer
+from .finetune import Subject, checkpoint_callbacks, latent_loss_fn
 
 
 @dataclass
@@ -56,11 +58,12 @@ def class_pictures(pipe, subject: Subject, cfg: DreamBoothConfig, progress: bool
 
 
 def train_dreambooth(pipe, subject: Subject, config: DreamBoothConfig | None = None, progress: bool = True,
-                     class_set=None, checkpoint=None, checkpoint_every: int = 0):
+                     class_set=None, checkpoint=None, checkpoint_every: int = 0, run_dir=None):
     """Fine-tune the pipeline's UNet on the subject.  Returns (UNet params as float32 NumPy, history).
 
     ``class_set``: (images, prompts) to use as the prior-preservation pictures instead of drawing
-    them (:func:`class_pictures`).  ``pipe`` is not changed."""
+    them (:func:`class_pictures`).  ``checkpoint(step, unet)`` is called every ``checkpoint_every``
+    steps; ``run_dir`` keeps the engine's checkpoints (a stopped run continues).  ``pipe`` is not changed."""
     cfg = config or DreamBoothConfig()
     for name in ("steps", "batch"):
         if getattr(cfg, name) < 1:
@@ -73,34 +76,32 @@ def train_dreambooth(pipe, subject: Subject, config: DreamBoothConfig | None = N
     if prior and class_set is None:
         class_set = class_pictures(pipe, subject, cfg, progress)
 
-    z_inst = encode_subject(pipe, subject.images)
-    c_inst = encode_captions(pipe, subject.prompts(cfg.identifier))  # the frozen text encoder: once
+    z_inst = pipe.encode_images(subject.images)
+    c_inst = pipe.encode_text(subject.prompts(cfg.identifier))  # the frozen text encoder: once
     if prior:
-        z_class, c_class = encode_subject(pipe, class_set[0]), encode_captions(pipe, class_set[1])
+        z_class, c_class = pipe.encode_images(class_set[0]), pipe.encode_text(class_set[1])
     diffusion = latent_loss_fn(pipe, remat=cfg.remat)
 
-    def loss(unet_params, frozen, z, c, zc, cc, key):  # (frozen: nothing; the text states are computed)
+    def loss(unet_params, batch, key, frozen=None):
+        z, c, zc, cc = batch
         k_inst, k_class = jax.random.split(key)
         instance = diffusion(unet_params, z, c, k_inst)
-        return instance + cfg.prior_weight * diffusion(unet_params, zc, cc, k_class) if prior else instance
+        return (instance + cfg.prior_weight * diffusion(unet_params, zc, cc, k_class) if prior else instance), {}
 
-    rng = np.random.default_rng([cfg.seed, 5])
-
-    def batch(step):
+    def batches(step):
+        rng = np.random.default_rng([cfg.seed, 5, step])
         i = rng.integers(len(z_inst), size=cfg.batch)
         if not prior:
             return z_inst[i], c_inst[i], None, None
         j = rng.integers(len(z_class), size=cfg.batch)
         return z_inst[i], c_inst[i], z_class[j], c_class[j]
 
-    if cfg.optimizer == "adamw":  # two moments per weight: the UNet 4x in memory with the gradients
-        step = optax.adamw(cfg.lr, weight_decay=1e-2)
-    elif cfg.optimizer == "adafactor":  # factored second moments, no first: about 2x
-        step = optax.adafactor(cfg.lr, multiply_by_parameter_scale=False)
-    else:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose 'adamw' or 'adafactor'")
-    tx = optax.chain(optax.clip_by_global_norm(1.0), step)
-    params, history = fit(loss, float32(pipe.params["unet"]), tx, batch, cfg.steps, cfg.seed, progress,
-                          desc=f"dreambooth {cfg.identifier}", checkpoint=checkpoint, checkpoint_every=checkpoint_every)
-    history["config"] = asdict(cfg)
-    return jax.tree.map(lambda a: np.asarray(a, np.float32), params), history
+    # AdamW keeps two moments per weight (the UNet 4x in memory with the gradients), Adafactor about 2x
+    tx = make_optimizer(cfg.lr, cfg.steps, decay=False, weight_decay=1e-2, grad_clip=1.0, kind=cfg.optimizer)
+    engine = Engine(loss, batches, float32_params(pipe.params["unet"]), tx, steps=cfg.steps,
+                    key=jax.random.PRNGKey(cfg.seed), run_dir=run_dir, config={**asdict(cfg), "model": pipe.name},
+                    kind="dreambooth", log_every=10, callbacks=checkpoint_callbacks(checkpoint, checkpoint_every, cfg.steps),
+                    desc=f"dreambooth {cfg.identifier}").resume_or_start()
+    start = time.perf_counter()
+    history = {**engine.train(progress=progress), "seconds": time.perf_counter() - start, "config": asdict(cfg)}
+    return jax.tree.map(lambda a: np.asarray(a, np.float32), engine.params), history

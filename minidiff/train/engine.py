@@ -24,6 +24,7 @@ end, and on Ctrl-C; the next batch is drawn on a second thread while the step ru
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 
 
 def make_optimizer(lr: float, steps: int, warmup: int = 0, decay: bool = True, weight_decay: float = 0.0,
@@ -83,23 +84,28 @@ class Engine:
       ``loss(params, batch, key, frozen, model_state)`` and returns the new state as ``aux["model_state"]``.
       Scalar entries of aux are averaged into the history next to the loss.
     - ``batches(step) -> tuple`` of arrays, a pure function of the step.
+    - ``checkpoint_every``: steps between checkpoints into ``run_dir`` (0: only at the end and on
+      Ctrl-C; default: every tenth of the run).
     - ``constrain(params) -> params``: applied after every update (e.g. CLIP's temperature clip).
     - ``callbacks``: ``[(every, fn)]``, ``fn(engine)`` after every ``every``-th step (sample grids,
       dead-code restarts); it may change ``engine.state``.
-    - ``attachments``: arrays saved with every checkpoint but not trained (DALL-E's VQ-VAE).
+    - ``attachments``: arrays saved with every checkpoint but not trained (DALL-E's VQ-VAE);
+      ``info``: JSON-able facts saved with them (its settings).
     """
 
     def __init__(self, loss: Callable, batches: Callable, params, optimizer: optax.GradientTransformation, *,
                  steps: int, key=None, frozen=None, model_state=None, ema_decay: float | None = None,
                  constrain: Callable | None = None, run_dir=None, config: dict | None = None, kind: str = "",
-                 checkpoint_every: int = 0, log_every: int = 50, callbacks=(), attachments=None,
-                 desc: str | None = None):
+                 checkpoint_every: int | None = None, log_every: int = 50, callbacks=(), attachments=None,
+                 info: dict | None = None, desc: str | None = None):
         if steps < 1:
             raise ValueError(f"steps must be positive, got {steps}")
         self.loss, self.batches, self.tx, self.steps = loss, batches, optimizer, int(steps)
         self.frozen, self.constrain, self.ema_decay = frozen, constrain, ema_decay
         self.run_dir = None if run_dir is None else Path(run_dir)
-        self.config, self.kind, self.attachments = config or {}, kind, attachments
+        self.config, self.kind, self.attachments, self.info = config or {}, kind, attachments, info or {}
+        if checkpoint_every is None:  # with a run folder: every tenth of the run
+            checkpoint_every = max(1, steps // 10) if run_dir is not None else 0
         self.checkpoint_every, self.log_every, self.callbacks = checkpoint_every, log_every, list(callbacks)
         self.desc = desc or f"train {kind}".strip()
         params = copy_tree(params)
@@ -111,6 +117,7 @@ class Engine:
             state["model_state"] = copy_tree(model_state)
         self.state = state
         self.history: dict[str, list] = {"step": [], "loss": []}
+        self._pending: list = []  # (loss, scalar aux) of the steps since the last history row
         self._step = jax.jit(self._update, donate_argnums=0)
 
     @property
@@ -148,7 +155,6 @@ class Engine:
         from tqdm.auto import tqdm
 
         until = self.steps if until is None else min(until, self.steps)
-        pending: list = []
         bar = tqdm(total=self.steps, initial=self.step, disable=not progress, desc=self.desc, unit="step")
         prefetch = ThreadPoolExecutor(1)  # draws the next batch while this step runs
         upcoming = prefetch.submit(self.batches, self.step)
@@ -158,12 +164,11 @@ class Engine:
                 if self.step + 1 < until:
                     upcoming = prefetch.submit(self.batches, self.step + 1)
                 self.state, value, aux = self._step(self.state, self.frozen, tuple(batch))
-                pending.append((value, aux))
+                self._pending.append((value, {k: v for k, v in aux.items() if np.ndim(v) == 0}))
                 bar.update()
                 step = self.step
-                if step % self.log_every == 0 or step == until:
-                    self._log(pending, bar)
-                    pending = []
+                if step % self.log_every == 0 or step == self.steps:
+                    self._log(bar)
                 for every, fn in self.callbacks:
                     if every and step % every == 0:
                         fn(self)
@@ -171,7 +176,6 @@ class Engine:
                     self.save()
         except KeyboardInterrupt:
             if self.run_dir is not None:
-                self._log(pending, bar)
                 bar.write(f"interrupted: saved step {self.step} to {self.save()}")
             raise
         finally:
@@ -181,15 +185,14 @@ class Engine:
             self.save()
         return self.history
 
-    def _log(self, pending, bar):
-        if not pending:
-            return
-        values, auxes = zip(*jax.device_get(pending))
+    def _log(self, bar):
+        """One history row: the means over the steps since the last one."""
+        values, auxes = zip(*jax.device_get(self._pending))
+        self._pending = []
         self.history["step"].append(self.step)
         self.history["loss"].append(float(np.mean(values)))
         for name in auxes[0]:
-            if np.ndim(auxes[0][name]) == 0:
-                self.history.setdefault(name, []).append(float(np.mean([a[name] for a in auxes])))
+            self.history.setdefault(name, []).append(float(np.mean([a[name] for a in auxes])))
         if not np.isfinite(self.history["loss"][-1]):
             raise FloatingPointError(f"{self.desc}: the loss became {self.history['loss'][-1]} at step {self.step} "
                                      "(lower the learning rate)")
@@ -202,21 +205,36 @@ class Engine:
         if self.run_dir is None:
             raise ValueError("this run has no run_dir to save into")
         state = {**self.state, "attachments": self.attachments} if self.attachments is not None else self.state
-        meta = {"history": self.history, "kind": self.kind, "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
+        pending = [(float(v), {k: float(x) for k, x in a.items()}) for v, a in jax.device_get(self._pending)]
+        meta = {**self.info, "history": self.history, "pending": pending, "kind": self.kind,
+                "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
         return save_checkpoint(self.run_dir, jax.device_get(state), self.config, meta)
 
     def restore(self, run_dir=None) -> "Engine":
-        """Continue from the checkpoint in ``run_dir`` (default: this run's): the state and history."""
+        """Continue from the checkpoint in ``run_dir`` (default: this run's): the state and history.
+        The saved configuration must be this run's (the number of steps may differ)."""
         run_dir = run_dir or self.run_dir
         template = {**self.state, "attachments": self.attachments} if self.attachments is not None else self.state
-        state, _, meta = load_checkpoint(run_dir, target=jax.device_get(template))
+        state, config, meta = load_checkpoint(run_dir, target=jax.device_get(template))
         if meta.get("kind", self.kind) != self.kind:
             raise ValueError(f"{run_dir} holds a {meta.get('kind')!r} run, not {self.kind!r}")
+        mine = json.loads(json.dumps(self.config))  # tuples as lists, as read back from the file
+        changed = sorted(k for k in set(config) | set(mine) if k != "steps" and config.get(k) != mine.get(k))
+        if changed:
+            raise ValueError(f"{run_dir} was trained with other settings ({', '.join(changed)}): continue it with "
+                             "the same settings, or start a new run elsewhere")
         state = jax.tree.map(jnp.asarray, state)
         if self.attachments is not None:
             self.attachments = state.pop("attachments")
         self.state = state
         self.history = meta.get("history", self.history)
+        self._pending = [(np.float32(v), {k: np.float32(x) for k, x in a.items()}) for v, a in meta.get("pending", [])]
+        return self
+
+    def resume_or_start(self) -> "Engine":
+        """Restore ``run_dir``'s checkpoint if it holds one (a stopped run continues), else start afresh."""
+        if self.run_dir is not None and (self.run_dir / CHECKPOINT).is_file():
+            self.restore()
         return self
 
 

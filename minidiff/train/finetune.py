@@ -1,6 +1,6 @@
 """What textual inversion and DreamBooth share: a few pictures of a subject with captions, the latent
-diffusion loss of a Stable Diffusion pipeline, a small optax loop, and statistics that say whether
-a picture shows the subject.
+diffusion loss of a Stable Diffusion pipeline (trained on :mod:`minidiff.train.engine`), and
+statistics that say whether a picture shows the subject.
 
 A *subject* is a handful of pictures and one caption each, with ``{}`` where the identifier goes:
 "a {} circle in the top left".  Textual inversion fills it with a new token ("a <ring> circle ...",
@@ -19,15 +19,11 @@ on the VAE's latents of the pictures, with the UNet reading the caption's text s
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ..data import COLORS, POSITIONS, ShapeSpec, _composite, coverage
 from ..images import load_image, save_png
@@ -212,22 +208,14 @@ def position_index(images, size: int | None = None) -> np.ndarray:
     return out
 
 
-# --- the loss and the loop --------------------------------------------------------------------------
-
-def prediction_of(pipe) -> str:
-    """The loss target of a pipeline's UNet: "eps" or "v" (as :func:`diffusion_loss` names them)."""
-    kind = pipe.scheduler.prediction_type
-    if kind not in ("epsilon", "v_prediction"):
-        raise ValueError(f"fine-tuning needs a UNet that predicts epsilon or v, this one predicts {kind!r}")
-    return "eps" if kind == "epsilon" else "v"
-
+# --- the loss ----------------------------------------------------------------------------------------
 
 def latent_loss_fn(pipe, dtype=jnp.float32, remat: bool = False):
     """``loss(unet_params, z0, context, key)``: the diffusion loss of the pipeline's UNet on latents
-    z0 (B, h, w, c) with text states ``context`` (B, 77, D)."""
+    z0 (B, h, w, c) with text states ``context`` (B, 77, D), against the target its scheduler names."""
     unet = UNet2DCondition(pipe.unet_config, dtype, remat=remat)
     alpha_bar = jnp.asarray(pipe.scheduler.noise_schedule().alpha_bar, jnp.float32)
-    prediction = prediction_of(pipe)
+    prediction = pipe.scheduler.prediction_type
 
     def loss(unet_params, z0, context, key):
         return diffusion_loss(lambda z_t, t: unet.apply({"params": unet_params}, z_t, t, context), z0, alpha_bar,
@@ -236,74 +224,11 @@ def latent_loss_fn(pipe, dtype=jnp.float32, remat: bool = False):
     return loss
 
 
-def float32(tree):
-    """A parameter tree as float32 JAX arrays (the built-in model's file is float16)."""
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32) if np.issubdtype(np.asarray(a).dtype, np.floating)
-                        else jnp.asarray(a), tree)
-
-
-def encode_subject(pipe, images) -> jax.Array:
-    """The VAE latents of uint8 pictures (the posterior mean times the scaling factor), float32.
-
-    Runs the pipeline's compiled encoder on its weights as they are (float32 NumPy arrays are used
-    in place, not copied: at SD size the pipeline's own device copy would cost another 4 GB)."""
-    from ..pipeline import _image_fn, _init_pixels
-
-    images = np.asarray(images)
-    size = pipe.vae_factor
-    if images.ndim != 4 or images.shape[1] % size or images.shape[2] % size:
-        raise ValueError(f"pictures must be (n, H, W, 3) with H and W multiples of {size} for this model, got "
-                         f"{images.shape}")
-    return _image_fn(float32(pipe.params["vae"]), jnp.asarray(_init_pixels(images, len(images), 1)),
-                     config=pipe.vae_config, dtype="float32")
-
-
-def encode_captions(pipe, prompts) -> jax.Array:
-    """The frozen text encoder's states (n, 77, D) of the prompts, float32 (weights used in place)."""
-    from ..pipeline import _text_fn
-
-    return _text_fn(float32(pipe.params["text_encoder"]), jnp.asarray(pipe.tokenize(list(prompts))),
-                    config=pipe.text_config, clip_skip=pipe.clip_skip, dtype="float32")
-
-
-def fit(loss, params, tx: optax.GradientTransformation, batch_fn, steps: int, seed: int = 0,
-        progress: bool = True, desc: str = "fine-tune", log_every: int = 10, checkpoint=None,
-        checkpoint_every: int = 0, frozen=None):
-    """Minimise ``loss(params, frozen, *batch_fn(step), key)`` for ``steps`` optax steps.
-
-    ``params`` is only what is trained (textual inversion: one embedding row; DreamBooth: the UNet);
-    ``frozen``, the weights that are not, enters the compiled step as an argument (a closed-over
-    array would be baked into the program as a constant: at SD size, gigabytes more to compile).
-    ``checkpoint(step, params)`` is called every ``checkpoint_every`` steps (0: never).
-    Returns (params, history) with the loss averaged over every ``log_every`` steps."""
-    from tqdm.auto import tqdm
-
-    key = jax.random.PRNGKey(seed)
-    params = jax.tree.map(jnp.array, params)  # our own copy: each step donates (reuses) its buffers
-
-    @partial(jax.jit, donate_argnums=(0, 1))  # memory: one set of weights and optimizer state, not two
-    def update(params, opt_state, step, frozen, *batch):
-        value, grads = jax.value_and_grad(loss)(params, frozen, *batch, jax.random.fold_in(key, step))
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    opt_state = tx.init(params)
-    history, pending, start = {"step": [], "loss": [], "seconds": 0.0}, [], time.perf_counter()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step")
-    for step in bar:
-        params, opt_state, value = update(params, opt_state, step, frozen, *batch_fn(step))
-        pending.append(value)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            history["step"].append(step + 1)
-            history["loss"].append(float(np.mean(jax.device_get(pending))))
-            pending = []
-            bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
-        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            checkpoint(step + 1, params)
-    history["seconds"] = time.perf_counter() - start
-    if not np.all(np.isfinite(history["loss"])):
-        raise FloatingPointError(f"{desc}: the loss became {history['loss'][-1]} (lower the learning rate)")
-    return params, history
+def checkpoint_callbacks(checkpoint, every: int, steps: int) -> list:
+    """``checkpoint(step, params)`` every ``every`` steps before the last, as engine callbacks."""
+    if checkpoint is None or not every:
+        return []
+    return [(every, lambda e: checkpoint(e.step, e.params) if e.step < steps else None)]
 
 
 # --- measuring: the subject, and the class around it -----------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,7 +36,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import serialization
 
 from ..data import ShapesDataset, without_size
@@ -47,6 +47,7 @@ from ..nn.unet import UNet2DCondition, UNetConfig
 from ..tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 from .autoencoder import train_vae
 from .checkpoint import atomic_write
+from .engine import Engine, make_optimizer
 from .clip import retrieval_accuracy, train_clip
 from .diffusion import diffusion_loss
 
@@ -124,14 +125,14 @@ def _load(path: Path):
 
 # --- stage 1: the autoencoder ---------------------------------------------------------------------
 
-def train_mini_vae(cfg: MiniSDConfig, progress: bool = True) -> tuple[dict, AutoencoderKLConfig, dict]:
+def train_mini_vae(cfg: MiniSDConfig, progress: bool = True, run_dir=None) -> tuple[dict, AutoencoderKLConfig, dict]:
     """(params, config, history): the autoencoder as trained, before :func:`whiten_latents`."""
     images = cfg.dataset().sample(4096, np.random.default_rng([cfg.seed, 10]))[0]
     config = cfg.vae_config()
     params, history = train_vae(images, config, steps=cfg.vae_steps, batch=cfg.vae_batch, crop=cfg.image_size,
-                                lr=cfg.vae_lr, seed=cfg.seed, verbose=progress,
+                                lr=cfg.vae_lr, seed=cfg.seed, progress=progress,
                                 foreground_weight=cfg.vae_foreground_weight,
-                                init_logvar=cfg.vae_init_logvar)
+                                init_logvar=cfg.vae_init_logvar, run_dir=run_dir)
     return params, config, history
 
 
@@ -212,58 +213,41 @@ def prompt_captions(cfg: MiniSDConfig) -> tuple[list[str], np.ndarray]:
     return full + unique, np.array([len(full) + unique.index(c) for c in short], np.int32)
 
 
-def train_mini_unet(cfg: MiniSDConfig, latents, caption_index, contexts, progress: bool = True, shorter=None):
-    """Train the UNet on (latent, caption) pairs; ``contexts`` (P + 1, 77, D): every caption's text
-    states, the last row the empty prompt's.  ``shorter[i]``: the row of caption i without its size
-    word, used instead of it in a fraction ``cfg.size_word_drop`` of the pairs.  Returns (EMA params, history)."""
-    from tqdm.auto import tqdm
-
-    config = cfg.unet_config()
-    model = UNet2DCondition(config)
+def train_mini_unet(cfg: MiniSDConfig, latents, caption_index, contexts, progress: bool = True, shorter=None,
+                    run_dir=None):
+    """Train the UNet on (latent, caption) pairs on the engine; ``contexts`` (P + 1, 77, D): every
+    caption's text states, the last row the empty prompt's (they enter the compiled step as frozen
+    arguments).  ``shorter[i]``: the row of caption i without its size word, used instead of it in a
+    fraction ``cfg.size_word_drop`` of the pairs.  Step s trains on the pairs default_rng([seed, 31, s])
+    picks.  Returns (EMA params, history)."""
+    model = UNet2DCondition(cfg.unet_config())
     alpha_bar = jnp.asarray(NoiseSchedule.from_name(SCHEDULER["beta_schedule"], 1000).alpha_bar, jnp.float32)
     contexts = jnp.asarray(contexts)
+    shorter = jnp.arange(len(contexts)) if shorter is None else jnp.asarray(shorter)
     empty = contexts.shape[0] - 1
+
+    def batches(step):
+        idx = np.random.default_rng([cfg.seed, 31, step]).integers(len(latents), size=cfg.unet_batch)
+        return latents[idx], caption_index[idx]
+
+    def loss(params, batch, key, frozen):
+        (x0, cap), (contexts, shorter) = batch, frozen
+        k_drop, k_short, k_loss = jax.random.split(key, 3)
+        cap = jnp.where(jax.random.bernoulli(k_short, cfg.size_word_drop, cap.shape), shorter[cap], cap)
+        cap = jnp.where(jax.random.bernoulli(k_drop, cfg.cond_drop, cap.shape), empty, cap)  # "" for CFG
+        return diffusion_loss(lambda x_t, t: model.apply({"params": params}, x_t, t, contexts[cap]), x0, alpha_bar,
+                              k_loss, PREDICTION), {}
+
     key = jax.random.PRNGKey(cfg.seed)
     params = jax.jit(model.init)(key, jnp.zeros((1, *latents.shape[1:])), jnp.zeros(1, jnp.int32),
                                  contexts[:1])["params"]
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.unet_lr, 200, max(cfg.unet_steps, 201), cfg.unet_lr / 10)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
-    state = {"params": params, "ema": params, "opt": tx.init(params)}
-
-    @jax.jit
-    def update(state, x0, cap, step):
-        k = jax.random.fold_in(key, step)
-        k_drop, k_short, k_loss = jax.random.split(k, 3)
-        if shorter is not None:
-            cap = jnp.where(jax.random.bernoulli(k_short, cfg.size_word_drop, cap.shape), shorter[cap], cap)
-        cap = jnp.where(jax.random.bernoulli(k_drop, cfg.cond_drop, cap.shape), empty, cap)  # "" for CFG
-        ctx = contexts[cap]
-
-        def loss_fn(p):
-            return diffusion_loss(lambda x_t, t: model.apply({"params": p}, x_t, t, ctx), x0, alpha_bar, k_loss,
-                                  PREDICTION)
-
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        d = jnp.minimum(cfg.ema_decay, (1.0 + step) / (10.0 + step))  # EMA with warmup, as the toy trainer
-        ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
-        return {"params": params, "ema": ema, "opt": opt}, loss
-
-    rng = np.random.default_rng([cfg.seed, 31])
-    history, pending, start = {"step": [], "loss": [], "seconds": 0.0}, [], time.perf_counter()
-    bar = tqdm(range(cfg.unet_steps), desc="train UNet", disable=not progress, unit="step")
-    for step in bar:
-        idx = rng.integers(len(latents), size=cfg.unet_batch)
-        state, loss = update(state, latents[idx], caption_index[idx], step)
-        pending.append(loss)
-        if (step + 1) % 50 == 0 or step + 1 == cfg.unet_steps:
-            history["step"].append(step + 1)
-            history["loss"].append(float(np.mean(jax.device_get(pending))))
-            pending = []
-            bar.set_postfix(loss=f"{history['loss'][-1]:.4f}")
-    history["seconds"] = time.perf_counter() - start
-    return jax.device_get(state["ema"]), history
+    tx = make_optimizer(cfg.unet_lr, cfg.unet_steps, warmup=200, grad_clip=1.0)
+    engine = Engine(loss, batches, params, tx, steps=cfg.unet_steps, key=key, frozen=(contexts, shorter),
+                    ema_decay=cfg.ema_decay, run_dir=run_dir, config=stage_settings(cfg)["unet"], kind="mini-sd-unet",
+                    desc="train UNet").resume_or_start()
+    start = time.perf_counter()
+    history = engine.train(progress=progress)
+    return jax.device_get(engine.state["ema_params"]), {**history, "seconds": time.perf_counter() - start}
 
 
 # --- all three, and the model file ----------------------------------------------------------------
@@ -279,8 +263,8 @@ def stage_settings(cfg: MiniSDConfig) -> dict:
 
 def train_mini_sd(cfg: MiniSDConfig | None = None, out="runs/mini_sd", progress: bool = True,
                   check_vae: bool = True) -> Path:
-    """Train the three stages (each stage's result is kept in ``out`` and reused if present, so an
-    interrupted run continues at the stage it was in) and write ``out/mini_sd.safetensors`` + .json.
+    """Train the three stages (each stage's result is kept in ``out`` and reused if present, and each
+    stage checkpoints into ``out/runs``, so an interrupted run continues where it was) and write ``out/mini_sd.safetensors`` + .json.
     ``check_vae``: score the autoencoder's reconstructions with the shapes classifier
     (:func:`reconstruction_accuracy`, kept in history.json)."""
     from ..convert import StableDiffusionConfig, save_converted
@@ -292,7 +276,10 @@ def train_mini_sd(cfg: MiniSDConfig | None = None, out="runs/mini_sd", progress:
     old = json.loads(stamp.read_text()) if stamp.is_file() else {}
     new = json.loads(json.dumps(stage_settings(cfg)))  # tuples as lists, as read back from the file
     log = json.loads((out / "history.json").read_text()) if (out / "history.json").is_file() else {}
+    runs = out / "runs"  # each stage's checkpoints: a stopped stage continues where it was
     for name in ("vae", "clip", "unet"):              # a stage made by another recipe is made afresh
+        if old.get(name) != new[name]:
+            shutil.rmtree(runs / name, ignore_errors=True)
         if old.get(name) != new[name] or not (out / f"{name}.msgpack").is_file():
             (out / f"{name}.msgpack").unlink(missing_ok=True)
             log.pop(name, None)
@@ -301,7 +288,7 @@ def train_mini_sd(cfg: MiniSDConfig | None = None, out="runs/mini_sd", progress:
     if (out / "vae.msgpack").is_file():
         vae_params, vae_config = _load(out / "vae.msgpack"), cfg.vae_config()
     else:
-        vae_params, vae_config, log["vae"] = train_mini_vae(cfg, progress)
+        vae_params, vae_config, log["vae"] = train_mini_vae(cfg, progress, runs / "vae")
         _save(out / "vae.msgpack", vae_params)
     if check_vae and "reconstruction_accuracy" not in log.get("vae", {}):
         accuracy = reconstruction_accuracy(vae_params, vae_config, cfg)
@@ -317,7 +304,8 @@ def train_mini_sd(cfg: MiniSDConfig | None = None, out="runs/mini_sd", progress:
         clip_params = _load(out / "clip.msgpack")
     else:
         clip_params, log["clip"] = train_clip(cfg.dataset(), text_config, steps=cfg.clip_steps, batch=cfg.clip_batch,
-                                              seed=cfg.seed, embed_dim=cfg.text_width, progress=progress)
+                                              seed=cfg.seed, embed_dim=cfg.text_width, progress=progress,
+                                              run_dir=runs / "clip")
         log["clip"]["retrieval_accuracy"] = retrieval_accuracy(clip_params, cfg.dataset(held_out=False),
                                                                text_config=text_config, embed_dim=cfg.text_width)
         _save(out / "clip.msgpack", clip_params)
@@ -330,7 +318,7 @@ def train_mini_sd(cfg: MiniSDConfig | None = None, out="runs/mini_sd", progress:
         contexts = text_states(text_params, text_config, [*captions, ""])
         latents, caption_index = encode_pool(cfg, vae_params, vae_config)
         unet_params, log["unet"] = train_mini_unet(cfg, latents, caption_index, contexts, progress,
-                                                   shorter=jnp.asarray(shorter))
+                                                   shorter=shorter, run_dir=runs / "unet")
         _save(out / "unet.msgpack", unet_params)
     (out / "history.json").write_text(json.dumps(log, indent=1))
 

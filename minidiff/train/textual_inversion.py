@@ -21,88 +21,17 @@ shape (1, D); diffusers' own files load here too.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+import time
+from dataclasses import asdict, dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from ..nn.clip import CLIPTextConfig, CLIPTextModel
-from .finetune import Subject, encode_subject, fit, float32, latent_loss_fn
-
-FORMAT = "minidiff-textual-inversion-v1"
-
-
-def add_token_rows(text_params, text_config: CLIPTextConfig, rows) -> tuple[dict, CLIPTextConfig]:
-    """The text encoder with ``rows`` (k, D) appended to its token table (ids vocab_size .. + k - 1)."""
-    table = np.asarray(text_params["embeddings"]["token_embedding"]["embedding"])
-    if np.size(rows) % table.shape[1]:
-        raise ValueError(f"a new token's embedding must have {table.shape[1]} numbers (the text encoder's width)")
-    rows = np.asarray(rows, table.dtype).reshape(-1, table.shape[1])
-    if len(table) != text_config.vocab_size:
-        raise ValueError(f"the token table has {len(table)} rows but the config says vocab_size "
-                         f"{text_config.vocab_size}")
-    embeddings = {**text_params["embeddings"], "token_embedding": {"embedding": np.concatenate([table, rows])}}
-    return {**text_params, "embeddings": embeddings}, replace(text_config, vocab_size=len(table) + len(rows))
-
-
-# --- the file ----------------------------------------------------------------------------------------
-
-def save_embedding(path, token: str, vector, metadata: dict | None = None) -> Path:
-    """Write one learned embedding: a safetensors file {token: (1, D) float32}, settings in its metadata."""
-    from safetensors.numpy import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "token": token, **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-    save_file({token: np.asarray(vector, np.float32).reshape(1, -1)}, str(path), metadata=meta)
-    return path
-
-
-def load_embedding(path, token: str | None = None, hidden_size: int | None = None) -> dict[str, np.ndarray]:
-    """{token: (D,) float32} from an embedding file: minidiff's or diffusers' (one tensor named by its
-    token), or an A1111 ``.safetensors`` ("emb_params"; give ``token``).  ``token`` renames it;
-    ``hidden_size`` checks D against the text encoder that will use it."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"embedding file not found: {path}")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: embeddings are read from .safetensors files (a .bin/.pt pickle can be "
-                         "re-saved with safetensors.torch.save_file)")
-    try:
-        with safe_open(str(path), "numpy") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable .safetensors file: {e}") from None
-    if len(tensors) != 1:
-        raise ValueError(f"{path} holds {len(tensors)} tensors ({sorted(tensors)[:5]}); an embedding file holds "
-                         "one, named by its token")
-    (name, vector), = tensors.items()
-    if name == "emb_params" and token is None:
-        raise ValueError(f"{path} is an A1111 embedding (its tensor is 'emb_params', not a token): give the token "
-                         "to use in prompts, e.g. --token '<style>'")
-    vector = np.asarray(vector, np.float32)
-    if vector.ndim == 2 and vector.shape[0] != 1:
-        raise ValueError(f"{path} holds {vector.shape[0]} vectors for one token; only single-vector embeddings "
-                         "are supported")
-    vector = vector.reshape(-1)
-    if hidden_size is not None and vector.size != hidden_size:
-        raise ValueError(f"{path}: the embedding has {vector.size} numbers but this model's text encoder is "
-                         f"{hidden_size} wide (was it learned for another model?)")
-    return {token or name: vector}
-
-
-def embedding_metadata(path) -> dict:
-    """The settings stored in a minidiff embedding file."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "numpy") as f:
-        meta = f.metadata() or {}
-    return {k: (v if k in ("format", "token") else json.loads(v)) for k, v in meta.items()}
+from ..nn.clip import CLIPTextModel, table_with
+from ..pipeline import float32_params
+from .engine import Engine, make_optimizer
+from .finetune import Subject, checkpoint_callbacks, latent_loss_fn
 
 
 # --- training ------------------------------------------------------------------------------------------
@@ -117,20 +46,13 @@ class TextualInversionConfig:
     seed: int = 0
 
 
-def table_with(text_params, token_id: int, vector):
-    """The text encoder's parameters with row ``token_id`` of the token table set to ``vector``:
-    the only place the trained vector enters the model (works on traced arrays)."""
-    table = text_params["embeddings"]["token_embedding"]["embedding"]
-    embeddings = {**text_params["embeddings"], "token_embedding": {"embedding": table.at[token_id].set(vector)}}
-    return {**text_params, "embeddings": embeddings}
-
-
 def train_textual_inversion(pipe, subject: Subject, config: TextualInversionConfig | None = None,
-                            progress: bool = True, checkpoint=None, checkpoint_every: int = 0):
+                            progress: bool = True, checkpoint=None, checkpoint_every: int = 0, run_dir=None):
     """Learn the embedding of ``config.token`` from the subject's pictures and captions.
 
     Returns (vector (D,) float32, history).  ``pipe`` is left unchanged (the token is added to a copy
-    of its tokenizer and text encoder for the training)."""
+    of its tokenizer and text encoder for the training).  ``checkpoint(step, vector)`` is called every
+    ``checkpoint_every`` steps; ``run_dir`` keeps the engine's checkpoints (a stopped run continues)."""
     cfg = config or TextualInversionConfig()
     init = pipe.tokenizer.encode(cfg.init_word)
     if len(init) != 1:
@@ -146,25 +68,26 @@ def train_textual_inversion(pipe, subject: Subject, config: TextualInversionConf
     work.add_tokens({cfg.token: table[init[0]]})
     token_id = work.tokenizer.encoder[cfg.token]
     ids = jnp.asarray(work.tokenize(subject.prompts(cfg.token)))
-    latents = encode_subject(work, subject.images)
-    text_params, unet_params = float32(work.params["text_encoder"]), float32(work.params["unet"])
+    latents = work.encode_images(subject.images)
     text_model = CLIPTextModel(work.text_config)
     diffusion = latent_loss_fn(work)
 
-    def loss(vector, frozen, z0, caption_ids, key):
-        text, unet = frozen
+    def loss(vector, batch, key, frozen):
+        (z0, caption_ids), (text, unet) = batch, frozen
         context = text_model.apply({"params": table_with(text, token_id, vector)}, caption_ids,
                                    clip_skip=work.clip_skip).last_hidden_state
-        return diffusion(unet, z0, context, key)
+        return diffusion(unet, z0, context, key), {}
 
-    rng = np.random.default_rng([cfg.seed, 3])
-
-    def batch(step):
-        i = rng.integers(len(latents), size=cfg.batch)
+    def batches(step):
+        i = np.random.default_rng([cfg.seed, 3, step]).integers(len(latents), size=cfg.batch)
         return latents[i], ids[i]
 
-    vector, history = fit(loss, jnp.asarray(table[init[0]]), optax.adam(cfg.lr), batch, cfg.steps, cfg.seed,
-                          progress, desc=f"textual inversion {cfg.token}", checkpoint=checkpoint,
-                          checkpoint_every=checkpoint_every, frozen=(text_params, unet_params))
-    history["config"] = asdict(cfg)
-    return np.asarray(vector, np.float32), history
+    frozen = (float32_params(work.params["text_encoder"]), float32_params(work.params["unet"]))
+    engine = Engine(loss, batches, jnp.asarray(table[init[0]]), make_optimizer(cfg.lr, cfg.steps, decay=False),
+                    steps=cfg.steps, key=jax.random.PRNGKey(cfg.seed), frozen=frozen, run_dir=run_dir,
+                    config={**asdict(cfg), "model": pipe.name}, kind="textual-inversion", log_every=10,
+                    callbacks=checkpoint_callbacks(checkpoint, checkpoint_every, cfg.steps),
+                    desc=f"textual inversion {cfg.token}").resume_or_start()
+    start = time.perf_counter()
+    history = {**engine.train(progress=progress), "seconds": time.perf_counter() - start, "config": asdict(cfg)}
+    return np.asarray(engine.params, np.float32), history

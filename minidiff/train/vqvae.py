@@ -7,9 +7,10 @@ One step, for a batch x of images in [-1, 1]:
     (or the squared error, ``reconstruction="l2"``; with ``foreground_weight`` w the mean counts the
     shape's pixels 1 + w times)
 
-then an Adam update.  Every ``restart_every`` steps, codes that no encoder output chose during
-that window are *dead*: they are moved onto randomly picked encoder outputs of the last batch
-(``minidiff.vq.restart_dead_codes``), which keeps most of the codebook in use.
+then an Adam update (on the engine, :mod:`minidiff.train.engine`).  Every ``restart_every`` steps,
+codes that no encoder output chose during that window are *dead*: they are moved onto randomly
+picked encoder outputs of the last batch (``minidiff.vq.restart_dead_codes``), which keeps most of
+the codebook in use.
 
     trainer = VQVAETrainer(VQVAETrainConfig(steps=2000), run_dir="runs/vqvae")
     trainer.train()
@@ -27,13 +28,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from .. import vq
 from ..data import ShapesDataset, to_uint8, to_unit_range
 from ..nn.vqvae import VQVAE, VQVAEConfig, psnr
 from .autoencoder import check_reconstruction, reconstruction_loss
-from .checkpoint import load_checkpoint, save_checkpoint
+from .engine import Engine, make_optimizer, read_run
 
 HELD_OUT_SEED = 10**6  # evaluation images come from this rng seed, never from a training batch's
 
@@ -87,108 +87,99 @@ def shapes_batch(dataset: ShapesDataset, seed: int, step: int, n: int):
     return to_unit_range(images), labels, captions
 
 
-def lr_schedule(lr: float, warmup: int, steps: int):
-    """Linear warmup to ``lr``, then cosine decay to lr/10 at the last step (warmup at most half the run)."""
-    warmup = max(1, min(warmup, steps // 2))
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr / 10)
-
-
 class VQVAETrainer:
+    """The VQ-VAE's loss and batches on the engine; the EMA codebook statistics and the code counts
+    of the current restart window are the engine's ``model_state``."""
+
     def __init__(self, config: VQVAETrainConfig, run_dir=None):
-        self.config, self.run_dir = config, None if run_dir is None else Path(run_dir)
+        self.config = config
         self.model = VQVAE(config.model_config())
         self.dataset = config.dataset()
-        x, _, _ = shapes_batch(self.dataset, config.seed, 0, config.batch)
-        variables = self.model.init(jax.random.PRNGKey(config.seed), x)
-        self.optimizer = optax.adam(lr_schedule(config.lr, config.warmup, config.steps))
-        self.params, self.state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
-        self.opt_state = self.optimizer.init(self.params)
-        self.step = 0
-        self.history = {"step": [], "loss": [], "psnr": [], "fraction_used": [], "restarted": []}
-        self._update = jax.jit(self._update_fn)
+        variables = self.model.init(jax.random.PRNGKey(config.seed), self.batch(0)[0])
+        params = variables["params"]
+        state = {"variables": {k: v for k, v in variables.items() if k != "params"},
+                 "counts": jnp.zeros(self.model.config.num_codes, jnp.int32)}   # codes chosen since the last restart
+        restarts = [(config.restart_every, self._restart)] if config.restart_every else []
+        self.engine = Engine(self.loss, self.batch, params, make_optimizer(config.lr, config.steps, config.warmup),
+                             steps=config.steps, model_state=state, run_dir=run_dir,
+                             config=dataclasses.asdict(config), kind="vqvae", checkpoint_every=config.checkpoint_every,
+                             log_every=config.restart_every or 100, callbacks=restarts)
         self._encode = jax.jit(lambda variables, x: self.model.apply(variables, x, method=lambda m, x: m.encoder(x)))
 
-    def _update_fn(self, params, state, opt_state, x):
-        def loss_fn(p):
-            (x_hat, indices, aux), new_state = self.model.apply({"params": p, **state}, x, update=True,
-                                                                mutable=list(state))
-            mse = jnp.mean((x_hat - x) ** 2)
-            rec = reconstruction_loss(x, x_hat, self.config.reconstruction, self.config.foreground_weight)
-            return rec + aux["loss"], (new_state, indices, mse)
+    def batch(self, step: int):
+        return (shapes_batch(self.dataset, self.config.seed, step, self.config.batch)[0],)
 
-        (loss, (new_state, indices, mse)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), dict(new_state), opt_state, loss, mse, indices
+    def loss(self, params, batch, key, frozen, state):
+        (x,) = batch
+        variables = state["variables"]
+        (x_hat, indices, aux), new = self.model.apply({"params": params, **variables}, x, update=True,
+                                                      mutable=list(variables))
+        rec = reconstruction_loss(x, x_hat, self.config.reconstruction, self.config.foreground_weight)
+        counts = state["counts"] + jnp.bincount(indices.ravel(), length=self.model.config.num_codes)
+        mse = jnp.mean((x_hat - x) ** 2)
+        return rec + aux["loss"], {"psnr": 10 * jnp.log10(4.0 / mse),
+                                   "model_state": {"variables": dict(new), "counts": counts}}
 
-    def _restart(self, counts, z, rng) -> int:
-        """Move codes unused in the last window onto encoder outputs (EMA statistics reset to match)."""
-        ema = "vq_ema" in self.state
-        book = np.asarray(self.state["vq_ema"]["quantizer"]["codebook"] if ema else self.params["quantizer"]["codebook"])
-        new, n = vq.restart_dead_codes(book, counts, np.asarray(z).reshape(-1, book.shape[1]), rng)
+    def _restart(self, engine: Engine):
+        """Move codes unused in the last window onto this batch's encoder outputs (EMA statistics reset
+        to match); the choice is drawn from default_rng([seed, 1, step])."""
+        step, state = engine.step, engine.state["model_state"]
+        counts = np.asarray(state["counts"])
+        history = engine.history
+        history.setdefault("fraction_used", []).append(float((counts > 0).mean()))
+        n = 0
+        if step < self.config.steps:
+            z = self._encode(self.variables(), self.batch(step - 1)[0])  # the encoder outputs of the last batch
+            n = self._restart_codes(engine, counts, np.asarray(z), np.random.default_rng([self.config.seed, 1, step]))
+        history.setdefault("restarted", []).append(n)
+        engine.state = {**engine.state, "model_state": {**engine.state["model_state"],
+                                                         "counts": jnp.zeros_like(state["counts"])}}
+
+    def _restart_codes(self, engine: Engine, counts, z, rng) -> int:
+        variables, params = engine.state["model_state"]["variables"], engine.params
+        ema = "vq_ema" in variables
+        book = np.asarray(variables["vq_ema"]["quantizer"]["codebook"] if ema else params["quantizer"]["codebook"])
+        new, n = vq.restart_dead_codes(book, counts, z.reshape(-1, book.shape[1]), rng)
         if n == 0:
             return 0
         if ema:
             dead = counts < 1
-            stats = dict(self.state["vq_ema"]["quantizer"])
+            stats = dict(variables["vq_ema"]["quantizer"])
             stats["codebook"] = jnp.asarray(new)
             stats["cluster_size"] = jnp.where(dead, 1.0, stats["cluster_size"])
             stats["embed_sum"] = jnp.where(dead[:, None], new, stats["embed_sum"])
-            self.state = {**self.state, "vq_ema": {"quantizer": stats}}
+            variables = {**variables, "vq_ema": {"quantizer": stats}}
+            engine.state = {**engine.state, "model_state": {**engine.state["model_state"], "variables": variables}}
         else:
-            self.params = {**self.params, "quantizer": {**self.params["quantizer"], "codebook": jnp.asarray(new)}}
+            params = {**params, "quantizer": {**params["quantizer"], "codebook": jnp.asarray(new)}}
+            engine.state = {**engine.state, "params": params}
         return n
 
-    def train(self, progress: bool = True) -> dict:
-        from tqdm.auto import tqdm
+    @classmethod
+    def resume(cls, run_dir, steps: int | None = None) -> "VQVAETrainer":
+        _, config, _ = read_run(run_dir, "vqvae")
+        trainer = cls(VQVAETrainConfig.from_dict({**config, **({} if steps is None else {"steps": steps})}), run_dir)
+        trainer.engine.restore()
+        return trainer
 
-        cfg = self.config
-        K = self.model.config.num_codes
-        counts = np.zeros(K, np.int64)
-        rng = np.random.default_rng([cfg.seed, 1])
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train vqvae", unit="step")
-        try:
-            while self.step < cfg.steps:
-                x, _, _ = shapes_batch(self.dataset, cfg.seed, self.step, cfg.batch)
-                self.params, self.state, self.opt_state, loss, mse, indices = self._update(
-                    self.params, self.state, self.opt_state, x)
-                counts += np.bincount(np.asarray(indices).ravel(), minlength=K)
-                self.step += 1
-                bar.update()
-                if cfg.restart_every and self.step % cfg.restart_every == 0:
-                    # dead codes jump onto encoder outputs of this batch (encoded only when needed)
-                    restarted = (self._restart(counts, self._encode(self.variables(), x), rng)
-                                 if self.step < cfg.steps else 0)
-                    self.history["step"].append(self.step)
-                    self.history["loss"].append(float(loss))
-                    self.history["psnr"].append(float(10 * np.log10(4.0 / float(mse))))
-                    self.history["fraction_used"].append(float((counts > 0).mean()))
-                    self.history["restarted"].append(restarted)
-                    bar.set_postfix(loss=f"{float(loss):.4f}", used=f"{(counts > 0).mean():.2f}", restarted=restarted)
-                    counts[:] = 0
-                if self.run_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                    self.save()
-        finally:
-            bar.close()
-        if self.run_dir is not None:
-            self.save()
-        return self.history
+    step = property(lambda self: self.engine.step)
+    history = property(lambda self: self.engine.history)
+
+    def train(self, until: int | None = None, progress: bool = True) -> dict:
+        return self.engine.train(until, progress)
 
     def variables(self) -> dict:
-        return {"params": self.params, **self.state}
+        return {"params": self.engine.params, **self.engine.state["model_state"]["variables"]}
 
     def save(self) -> Path:
-        state = {"step": self.step, "variables": self.variables()}
-        return save_checkpoint(self.run_dir, jax.device_get(state), dataclasses.asdict(self.config),
-                               {"history": self.history, "kind": "vqvae"})
+        return self.engine.save()
 
 
 def load_vqvae(run_dir):
     """(VQVAE module, variables, training config) saved by ``minidiff train-vqvae``."""
-    state, config, meta = load_checkpoint(run_dir)
-    if meta.get("kind") != "vqvae":
-        raise ValueError(f"{run_dir} does not hold a VQ-VAE (made by `minidiff train-vqvae`)")
+    state, config, _ = read_run(run_dir, "vqvae")
     cfg = VQVAETrainConfig.from_dict(config)
-    variables = jax.tree.map(jnp.asarray, state["variables"])
+    variables = jax.tree.map(jnp.asarray, {"params": state["params"], **state["model_state"]["variables"]})
     return VQVAE(cfg.model_config()), variables, cfg
 
 
