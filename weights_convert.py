@@ -14,7 +14,7 @@ and skipped.  Load the result with ``minidiff.convert.load_converted(DST)``.  Th
 import argparse
 import sys
 
-from minidiff.cli import _convert, add_convert_arguments
+from minidiff.cli.sd import add_convert_arguments, convert
 
 
 def main(argv=None) -> int:
@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     add_convert_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        _convert(args)
+        convert(args)
     except (ValueError, ImportError, FileNotFoundError) as e:
         print(f"weights_convert.py: error: {e}", file=sys.stderr)
         return 2

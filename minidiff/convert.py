@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from .sdconfig import SD_SCHEDULER, SchedulerConfig, StableDiffusionConfig, config_from_dict
+from .config import config_from_dict
+from .sdconfig import SD_SCHEDULER, SchedulerConfig, StableDiffusionConfig
 from .tensorfiles import memmap_safetensors, machine_eps, open_safetensors, output_dtype, read_json, read_tensors
 from .weights import (LDM_CLIP, LDM_EMA, LDM_OPENCLIP, LDM_UNET, LDM_VAE, _Shapes, clip_text_config_from_transformers,
                       clip_text_config_from_weights, clip_text_state_dict, ldm_unet_key, ldm_vae_key,

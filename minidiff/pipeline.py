@@ -46,7 +46,8 @@ from .nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from .nn.clip import CLIPTextConfig, CLIPTextModel, add_token_rows
 from .nn.unet import UNet2DCondition, UNetConfig
 from .sampling import guided_output, noise_keys, reverse_chain
-from .sdconfig import SchedulerConfig, StableDiffusionConfig, config_from_dict
+from .config import config_from_dict
+from .sdconfig import SchedulerConfig, StableDiffusionConfig
 from .tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 
 SAMPLERS = ("ddim", "ddpm")

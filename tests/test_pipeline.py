@@ -32,7 +32,8 @@ from minidiff.nn.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from minidiff.nn.unet import UNet2DCondition, UNetConfig  # noqa: E402
 from minidiff.pipeline import StableDiffusion  # noqa: E402
 from minidiff.sampling import noise_keys  # noqa: E402
-from minidiff.sdconfig import StableDiffusionConfig, config_from_dict  # noqa: E402
+from minidiff.config import config_from_dict  # noqa: E402
+from minidiff.sdconfig import StableDiffusionConfig  # noqa: E402
 
 TEXT = CLIPTextConfig.toy(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 UNET = UNetConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=1, attention=(True, True),

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..images import to_unit_range
 from ..nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from .configs import RECONSTRUCTIONS
 from .engine import Engine, make_optimizer
 
 
@@ -90,9 +91,6 @@ def foreground_weighted_mean(error, x, foreground_weight: float = 0.0):
     black (some channel above -0.9) counts 1 + foreground_weight times; the plain mean at weight 0."""
     weight = 1.0 + foreground_weight * (jnp.max(x, axis=-1, keepdims=True) > -0.9)   # (B, H, W, 1)
     return jnp.mean(weight * error) / jnp.mean(weight)
-
-
-RECONSTRUCTIONS = ("l1", "l2")
 
 
 def check_reconstruction(reconstruction: str):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -23,44 +22,10 @@ import numpy as np
 from ..data import CaptionTokenizer, ShapesDataset, to_uint8, without_size
 from ..nn import dalle
 from ..nn.vqvae import VQVAE
+from .configs import DALLE_GUIDANCE, DalleTrainConfig
 from .engine import Engine, make_optimizer, read_run
 from .vqvae import VQVAETrainConfig, load_vqvae, shapes_batch
 
-# The default classifier-free guidance scale on the logits.  Measured on the README's run (432 samples,
-# temperature 1): all three attributes right in 81 % at s = 1, 88 % at s = 2, 70 % at s = 3 -- past ~2
-# the extrapolated logits favour codes the plain model finds unlikely, and colour and position break.
-GUIDANCE = 2.0
-
-
-@dataclass
-class DalleTrainConfig:
-    vqvae: str = "runs/vqvae"
-    steps: int = 3000
-    batch: int = 64
-    lr: float = 1e-3
-    warmup: int = 100
-    weight_decay: float = 0.01
-    cond_drop: float = 0.1  # probability of training on the empty caption (for guidance)
-    size_word_drop: float = 0.5  # probability of a caption without its size word ("a red circle on the left")
-    image_weight: float = 7 / 8  # DALL-E's loss weights: 1/8 text, 7/8 image
-    seed: int = 0
-    model: dict = field(default_factory=lambda: {"width": 128, "layers": 4, "heads": 4,
-                                                 "attention": ["row", "column"]})
-    checkpoint_every: int = 500
-    log_every: int = 50
-
-    def __post_init__(self):
-        for name in ("steps", "batch"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("cond_drop", "size_word_drop"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DalleTrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def model_config(model: dict, tokenizer: CaptionTokenizer, vqvae: VQVAE, image_size: int) -> dalle.DalleConfig:
@@ -151,7 +116,7 @@ class DalleGenerator:
         return codes, images
 
     def generate(self, captions, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
-                 guidance_scale: float = GUIDANCE, use_cache: bool = True, batch: int = 128,
+                 guidance_scale: float = DALLE_GUIDANCE, use_cache: bool = True, batch: int = 128,
                  return_codes: bool = False):
         """uint8 images (n, H, W, 3) for n captions (one picture each; repeat a caption for more)."""
         if not temperature > 0:

@@ -19,36 +19,22 @@ then an AdamW update and the EMA of the parameters, which is what we sample from
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..diffusion import InferenceSchedule, NoiseSchedule, q_sample, velocity
+from ..data import POINT_CLOUDS, TOY_MIXTURE
+from ..diffusion import InferenceSchedule, q_sample, velocity
 from ..diffusion.samplers import PREDICTION_TYPES
 from ..images import save_samples, to_uint8, to_unit_range
 from ..nn.denoisers import ClassTokens, PatchedDenoiser
 from ..nn.mlp import MLPDenoiser
 from ..nn.unet import UNet2DCondition, UNetConfig
 from ..sampling import Sampler
+from .configs import POINT_DATA, TrainConfig
 from .engine import Engine, make_optimizer, read_run
-
-POINT_DATA = {"gmm": "mixture", "mixture": "mixture", "moons": "moons", "swissroll": "swissroll"}
-DATASETS = ("shapes", *POINT_DATA)
-
-# Per-data defaults (a field left at None in TrainConfig.create takes these).  Shapes: a UNetConfig.toy
-# with half its channels and attention only at 8x8, v-prediction and the cosine schedule (they train
-# much faster than eps + linear at this size).
-_DEFAULTS = {
-    "points": dict(model="mlp", steps=10_000, batch=512, lr=1e-3, warmup=200, lr_decay=True,
-                   sample_every=2000, checkpoint_every=2000),
-    "shapes": dict(model="unet", steps=2000, batch=32, lr=2e-3, warmup=100, lr_decay=True, prediction="v_prediction",
-                   schedule="cosine", model_kwargs={"block_out_channels": [16, 32, 32], "attention": [False, False, True]},
-                   sample_every=500, checkpoint_every=250),
-}
-
 
 def diffusion_loss(model_fn, x0, alpha_bar, key, prediction: str = "epsilon", min_snr_gamma: float | None = None):
     """The simple DDPM loss at uniformly random timesteps (Ho et al. 2020, Algorithm 1), mean over the batch.
@@ -76,98 +62,6 @@ def diffusion_loss(model_fn, x0, alpha_bar, key, prediction: str = "epsilon", mi
     return jnp.mean(per_example)
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (saved with every checkpoint as JSON)."""
-
-    data: str = "moons"  # "shapes" or a 2-D point cloud: "gmm" (= "mixture"), "moons", "swissroll"
-    model: str = "mlp"  # "mlp" (MLPDenoiser) or "unet" (UNet2DCondition with UNetConfig.toy)
-    model_kwargs: dict = field(default_factory=dict)  # MLPDenoiser fields / UNetConfig.toy overrides
-    cond: str = "none"  # "none" or "class" (shapes: shape x colour; gmm: the mixture component)
-    cond_drop: float = 0.0  # probability of training with the "no class" label (classifier-free guidance)
-    prediction: str = "epsilon"  # "epsilon", "v_prediction" or "sample"
-    schedule: str = "linear"  # beta schedule (minidiff.diffusion.make_betas)
-    num_train_timesteps: int = 1000
-    steps: int = 10_000
-    batch: int = 512
-    lr: float = 1e-3
-    warmup: int = 200  # linear learning-rate warmup from 0 over this many steps
-    lr_decay: bool = False  # cosine decay to lr / 10 at ``steps`` after the warmup
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0  # clip the global gradient norm (None: no clipping)
-    ema_decay: float = 0.999
-    min_snr_gamma: float | None = None  # weight the loss by min(SNR_t, gamma) / SNR_t (eps) or / (SNR_t + 1) (v)
-    seed: int = 0
-    image_size: int = 32
-    patch_size: int = 1  # shapes: the UNet sees p x p pixel patches folded into channels (PatchedDenoiser)
-    latent: bool = False  # shapes: diffuse the built-in model's VAE latents (8x8x4), not the pixels
-    # shapes + class: how the UNet reads the class.  "embedding": one learned vector per (shape, colour),
-    # added to the time embedding; "tokens": two context tokens, a shape word and a colour word, read by
-    # cross-attention at every resolution (as the mini SD reads its caption)
-    class_conditioning: str = "embedding"
-    sample_every: int = 0  # save a sample grid every so many steps (0: never)
-    checkpoint_every: int = 0  # save a checkpoint every so many steps (0: only at the end)
-    log_every: int = 50  # average the loss over this many steps for the progress bar and history
-
-    @classmethod
-    def create(cls, data: str, **overrides) -> "TrainConfig":
-        """A config for ``data`` with that data's defaults; ``None`` overrides are ignored."""
-        if data not in DATASETS:
-            raise ValueError(f"unknown data {data!r}; choose one of {', '.join(DATASETS)}")
-        defaults = _DEFAULTS["shapes" if data == "shapes" else "points"]
-        return cls(data=data, **{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def __post_init__(self):
-        if self.data not in DATASETS:
-            raise ValueError(f"unknown data {self.data!r}; choose one of {', '.join(DATASETS)}")
-        if self.model not in ("mlp", "unet"):
-            raise ValueError(f"unknown model {self.model!r}; choose 'mlp' or 'unet'")
-        if (self.model == "unet") != (self.data == "shapes"):
-            raise ValueError(f"model {self.model!r} does not fit data {self.data!r} (points: mlp, shapes: unet)")
-        if self.prediction not in PREDICTION_TYPES:
-            raise ValueError(f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTION_TYPES)}")
-        if self.cond not in ("none", "class"):
-            raise ValueError(f"unknown conditioning {self.cond!r}; choose 'none' or 'class'")
-        if self.cond == "class" and self.data not in ("shapes", "gmm", "mixture"):
-            raise ValueError(f"--cond class needs labelled data (shapes or gmm), not {self.data!r}")
-        for name in ("steps", "batch"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.class_conditioning not in ("embedding", "tokens"):
-            raise ValueError(f"unknown class_conditioning {self.class_conditioning!r}; choose 'embedding' or 'tokens'")
-        if self.class_conditioning == "tokens" and self.data != "shapes":
-            raise ValueError("class_conditioning='tokens' reads (shape, colour) classes: it needs --data shapes")
-        if self.latent and (self.data != "shapes" or self.patch_size != 1 or self.image_size != 32):
-            raise ValueError("latent=True diffuses the built-in VAE's latents of 32x32 shapes: it needs --data "
-                             "shapes, image size 32 and patch size 1")
-        if self.patch_size < 1 or self.image_size % self.patch_size or (self.patch_size > 1 and self.model != "unet"):
-            raise ValueError(f"patch_size must divide the image size {self.image_size} (images only), "
-                             f"got {self.patch_size}")
-
-    @property
-    def num_classes(self) -> int | None:
-        """Number of real classes (the model has one more embedding: index num_classes = no class)."""
-        if self.cond == "none":
-            return None
-        return self.dataset().num_classes if self.data == "shapes" else len(_toy_mixture().weights)
-
-    def dataset(self):
-        """The ShapesDataset behind ``--data shapes``."""
-        from ..data import ShapesDataset
-
-        return ShapesDataset(size=self.image_size, seed=self.seed)
-
-    def noise_schedule(self) -> NoiseSchedule:
-        return NoiseSchedule.from_name(self.schedule, self.num_train_timesteps)
-
-
 def builtin_pipeline():
     """The built-in model's pipeline (``minidiff/assets``), loaded once: its VAE gives the latent space of
     ``latent=True`` runs (32x32x3 pictures <-> 8x8x4 latents of unit spread)."""
@@ -179,12 +73,6 @@ def builtin_pipeline():
 
 
 _BUILTIN: list = []
-
-
-def _toy_mixture():
-    from ..data import TOY_MIXTURE
-
-    return TOY_MIXTURE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,10 +97,8 @@ class Batches:
             # z_0 = E(x_0), the VAE's posterior mean (scaled), or the pixels in [-1, 1]
             x0 = builtin_pipeline().encode_images(images) if cfg.latent else to_unit_range(images)
         elif POINT_DATA[cfg.data] == "mixture":
-            x0, y = _toy_mixture().sample(n, rng)  # the same draws as data.gaussian_mixture, plus components
+            x0, y = TOY_MIXTURE.sample(n, rng)  # the same draws as data.gaussian_mixture, plus components
         else:
-            from ..data import POINT_CLOUDS
-
             x0, y = POINT_CLOUDS[POINT_DATA[cfg.data]](n, rng), None
         y = None if cfg.cond == "none" else np.asarray(y, np.int32)
         return np.asarray(x0, np.float32), y

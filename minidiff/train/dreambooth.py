@@ -22,29 +22,15 @@ trades recomputation for activation memory.  See the README for what fits where.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import jax
 import numpy as np
 
 from ..pipeline import float32_params
+from .configs import DreamBoothConfig
 from .engine import Engine, make_optimizer
 from .finetune import Subject, checkpoint_callbacks, latent_loss_fn
-
-
-@dataclass
-class DreamBoothConfig:
-    identifier: str = "sks"  # a rare word that fills the captions' {}
-    steps: int = 300
-    lr: float = 1e-4
-    batch: int = 4  # instance pictures per step (and as many class pictures with the prior loss)
-    prior_weight: float = 1.0  # lambda; 0 turns prior preservation off (no class pictures drawn)
-    class_images: int = 8  # class pictures drawn per distinct class prompt
-    class_guidance: float = 7.5
-    class_steps: int = 30
-    remat: bool = False  # gradient checkpointing in the UNet (memory for compute)
-    optimizer: str = "adamw"  # or "adafactor": no per-weight moments (SD 1.5 on a 16-24 GB machine)
-    seed: int = 0
 
 
 def class_pictures(pipe, subject: Subject, cfg: DreamBoothConfig, progress: bool = True):
@@ -65,13 +51,6 @@ def train_dreambooth(pipe, subject: Subject, config: DreamBoothConfig | None = N
     them (:func:`class_pictures`).  ``checkpoint(step, unet)`` is called every ``checkpoint_every``
     steps; ``run_dir`` keeps the engine's checkpoints (a stopped run continues).  ``pipe`` is not changed."""
     cfg = config or DreamBoothConfig()
-    for name in ("steps", "batch"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.prior_weight < 0:
-        raise ValueError(f"prior_weight must be >= 0, got {cfg.prior_weight}")
-    if not cfg.identifier.strip():
-        raise ValueError("the identifier must be a word, e.g. 'sks'")
     prior = cfg.prior_weight > 0
     if prior and class_set is None:
         class_set = class_pictures(pipe, subject, cfg, progress)

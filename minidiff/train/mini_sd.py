@@ -30,7 +30,7 @@ import dataclasses
 import json
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -38,82 +38,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from ..data import ShapesDataset, without_size
+from ..data import without_size
 from ..diffusion import NoiseSchedule
 from ..images import to_uint8, to_unit_range
 from ..nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from ..nn.clip import CLIPTextConfig, CLIPTextModel
-from ..nn.unet import UNet2DCondition, UNetConfig
+from ..nn.unet import UNet2DCondition
 from ..tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 from .autoencoder import train_vae
 from .checkpoint import atomic_write
+from .configs import PREDICTION, SCHEDULER, MiniSDConfig
 from .engine import Engine, make_optimizer
 from .clip import retrieval_accuracy, train_clip
 from .diffusion import diffusion_loss
-
-# cosine betas; "trailing" spacing starts sampling at t = 999, where the cosine schedule's alpha_bar is ~0
-# (with "leading", SD's choice for its scaled_linear betas, the first step would be t = 967)
-SCHEDULER = {"beta_schedule": "cosine", "num_train_timesteps": 1000, "steps_offset": 0, "set_alpha_to_one": False,
-             "timestep_spacing": "trailing", "clip_sample": False}
-PREDICTION = "v"  # trains much faster than eps at this size (see the toy models)
-
-
-@dataclass
-class MiniSDConfig:
-    """Everything that defines the built-in model (saved with it)."""
-
-    seed: int = 0
-    image_size: int = 32
-    held_out: tuple = (("circle", "blue"), ("triangle", "yellow"), ("square", "red"))  # (shape, colour) never drawn
-    # 1. VAE
-    vae_channels: tuple = (16, 32, 32)  # f = 4: 32x32x3 pictures <-> 8x8xC latents
-    vae_latent_channels: int = 4
-    vae_steps: int = 2000
-    vae_batch: int = 32
-    vae_lr: float = 2e-3
-    vae_foreground_weight: float = 10.0  # shape pixels count 11x in the L1 (the black background rules it otherwise)
-    vae_init_logvar: float = -6.0        # start sigma at 0.05: with sigma 1 a short run learns the mean picture
-    # 2. CLIP
-    text_width: int = 64
-    text_layers: int = 2
-    clip_steps: int = 300
-    clip_batch: int = 128
-    # 3. UNet
-    unet_channels: tuple = (64, 128)
-    unet_attention: tuple = (True, True)
-    unet_steps: int = 2000
-    unet_batch: int = 32
-    unet_lr: float = 1e-3
-    cond_drop: float = 0.1
-    size_word_drop: float = 0.5  # this fraction of training captions leaves the size out ("a red circle in the top left")
-    ema_decay: float = 0.999
-    pool: int = 16384  # pictures encoded once into latents, drawn from at every step
-
-    def __post_init__(self):
-        self.held_out = tuple(tuple(p) for p in self.held_out)
-        for name in ("vae_channels", "unet_channels", "unet_attention"):
-            setattr(self, name, tuple(getattr(self, name)))
-
-    def dataset(self, held_out: bool = True) -> ShapesDataset:
-        """The training pictures (without the held-out pairs), or with ``held_out=False`` all of them."""
-        return ShapesDataset(size=self.image_size, seed=self.seed, exclude=self.held_out if held_out else ())
-
-    def vae_config(self) -> AutoencoderKLConfig:
-        return AutoencoderKLConfig.toy(self.image_size, block_out_channels=self.vae_channels,
-                                       latent_channels=self.vae_latent_channels, scaling_factor=1.0)
-
-    def text_config(self) -> CLIPTextConfig:
-        return CLIPTextConfig.toy(hidden_size=self.text_width, intermediate_size=4 * self.text_width,
-                                  num_hidden_layers=self.text_layers)
-
-    def unet_config(self) -> UNetConfig:
-        latent = self.image_size // 2 ** (len(self.vae_channels) - 1)
-        C = self.vae_latent_channels
-        return UNetConfig(sample_size=latent, in_channels=C, out_channels=C, block_out_channels=self.unet_channels,
-                          layers_per_block=1, attention=self.unet_attention, mid_block_attention=True,
-                          num_attention_heads=4, cross_attention_dim=self.text_width, norm_num_groups=16,
-                          attention_chunk_size=None)
-
 
 def _save(path: Path, tree) -> None:
     atomic_write(path, serialization.msgpack_serialize(jax.device_get(tree)))

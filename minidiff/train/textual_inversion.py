@@ -22,7 +22,7 @@ shape (1, D); diffusers' own files load here too.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import jax
 import jax.numpy as jnp
@@ -30,21 +30,12 @@ import numpy as np
 
 from ..nn.clip import CLIPTextModel, table_with
 from ..pipeline import float32_params
+from .configs import TextualInversionConfig
 from .engine import Engine, make_optimizer
 from .finetune import Subject, checkpoint_callbacks, latent_loss_fn
 
 
 # --- training ------------------------------------------------------------------------------------------
-
-@dataclass
-class TextualInversionConfig:
-    token: str = "<orange>"  # the new word, as typed in prompts
-    init_word: str = "red"  # its embedding starts as this word's (one token)
-    steps: int = 300
-    lr: float = 1e-2
-    batch: int = 8  # pictures per step, drawn with replacement from the subject's few
-    seed: int = 0
-
 
 def train_textual_inversion(pipe, subject: Subject, config: TextualInversionConfig | None = None,
                             progress: bool = True, checkpoint=None, checkpoint_every: int = 0, run_dir=None):
@@ -59,9 +50,6 @@ def train_textual_inversion(pipe, subject: Subject, config: TextualInversionConf
         raise ValueError(f"the initial word must be one token of the vocabulary, {cfg.init_word!r} is {len(init)}")
     if cfg.token in pipe.tokenizer.encoder:
         raise ValueError(f"{cfg.token!r} is already a token of this model; choose a new one")
-    for name in ("steps", "batch"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
     table = np.asarray(pipe.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"], np.float32)
 
     work = pipe.with_params()  # its own params dict and placement (add_tokens copies the tokenizer)

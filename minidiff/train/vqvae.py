@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -31,54 +30,12 @@ import numpy as np
 
 from .. import vq
 from ..data import ShapesDataset, to_uint8, to_unit_range
-from ..nn.vqvae import VQVAE, VQVAEConfig, psnr
-from .autoencoder import check_reconstruction, reconstruction_loss
+from ..nn.vqvae import VQVAE, psnr
+from .autoencoder import reconstruction_loss
+from .configs import VQVAETrainConfig
 from .engine import Engine, make_optimizer, read_run
 
 HELD_OUT_SEED = 10**6  # evaluation images come from this rng seed, never from a training batch's
-
-
-@dataclass
-class VQVAETrainConfig:
-    steps: int = 3000
-    batch: int = 32
-    lr: float = 2e-3
-    warmup: int = 100
-    restart_every: int = 100  # dead-code restart period (0: never)
-    # shape pixels count 1 + this in the reconstruction error (0: the plain mean, ruled by the black
-    # background, which lets the decoder draw small shapes as blobs)
-    foreground_weight: float = 10.0
-    # "l1": mean |x - x_hat| (SD's VAE; keeps edges sharper: measured, the classifier reads the shape in
-    # 89 % of reconstructions against 82 % with "l2", 3,000 steps each); "l2": the VQ-VAE paper's squared error
-    reconstruction: str = "l1"
-    seed: int = 0
-    image_size: int = 32
-    model: dict = field(default_factory=lambda: {"channels": [16, 32, 64], "groups": 8})
-    checkpoint_every: int = 500
-
-    def __post_init__(self):
-        for name in ("steps", "batch", "image_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        check_reconstruction(self.reconstruction)
-        self.model_config()  # validate the model settings now
-
-    def model_config(self) -> VQVAEConfig:
-        try:
-            return VQVAEConfig(**self.model)
-        except TypeError as e:
-            names = [f.name for f in dataclasses.fields(VQVAEConfig)]
-            raise ValueError(f"bad VQ-VAE setting in {self.model}: {e}; the settings are {', '.join(names)}") from None
-
-    def dataset(self) -> ShapesDataset:
-        return ShapesDataset(size=self.image_size, seed=self.seed)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VQVAETrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def shapes_batch(dataset: ShapesDataset, seed: int, step: int, n: int):

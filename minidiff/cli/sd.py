@@ -1,0 +1,160 @@
+"""txt2img, convert, train-mini-sd, evaluate-mini-sd: Stable Diffusion and the built-in mini model."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..train.configs import MiniSDConfig
+from .common import given, print_metrics
+
+
+def add(sub):
+    g = sub.add_parser("txt2img", help="Stable Diffusion: draw a prompt (or redraw --init-image) with a latent "
+                                       "diffusion model")
+    g.add_argument("prompt", help='what to draw, e.g. "a red circle above a blue square"')
+    g.add_argument("--model", help="a converted minidiff model (.safetensors + .json), a diffusers folder or a "
+                                   "single-file checkpoint (.safetensors / .ckpt; converted on the fly). "
+                                   "Default: the built-in mini model")
+    g.add_argument("--negative", help="negative prompt: the unconditional branch of the guidance (default: empty)")
+    g.add_argument("--steps", type=int, default=30, help="sampling steps (default: %(default)s)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
+    g.add_argument("--height", type=int, help="image height, a multiple of the model's size step "
+                                              "(default: the model's size, or the init image's)")
+    g.add_argument("--width", type=int, help="image width (as --height)")
+    g.add_argument("--n", type=int, default=1, help="number of images (a grid when > 1)")
+    g.add_argument("--init-image", help="img2img (SDEdit): start from this picture, noised to --strength")
+    g.add_argument("--strength", type=float, help="img2img: how much of the chain to run, in (0, 1] (default: 0.6)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype of the networks (bfloat16: GPU/TPU)")
+    g.add_argument("--embedding", action="append", help="a textual-inversion embedding (.safetensors, from "
+                   "`minidiff textual-inversion` or diffusers) whose word the prompt may use; repeatable")
+    g.add_argument("--token", help="the word to use for a single --embedding (default: the file's own)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("-o", "--output", default="txt2img.png", help="PNG to write (default: %(default)s)")
+    g.set_defaults(func=txt2img)
+
+    c = sub.add_parser("convert", help="convert a Stable Diffusion 1.x / 2.x checkpoint (diffusers folder, "
+                                       ".safetensors or .ckpt) into minidiff's format")
+    add_convert_arguments(c)
+    c.set_defaults(func=convert)
+
+    m = sub.add_parser("train-mini-sd", help="train the built-in mini Stable Diffusion on captioned shapes "
+                                             "(VAE, contrastive CLIP, UNet)")
+    m.add_argument("--out", default="runs/mini_sd", help="run folder; a rerun continues where it stopped")
+    m.add_argument("--steps", type=int, help=f"UNet training steps (default: {MiniSDConfig.unet_steps})")
+    m.add_argument("--seed", type=int)
+    m.add_argument("--install", action="store_true", help="copy the result into minidiff/assets as the built-in model")
+    m.add_argument("--guidance", type=float, default=7.5, help="guidance scale of the final evaluation")
+    m.add_argument("--eval-steps", type=int, default=30, help="DDIM steps of the final evaluation")
+    m.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    m.add_argument("--no-progress", action="store_true")
+    m.set_defaults(func=train_mini_sd)
+
+    m = sub.add_parser("evaluate-mini-sd", help="prompt following of a text-to-image model on the shapes prompts")
+    m.add_argument("--model", help="default: the built-in mini model")
+    m.add_argument("--samples-per-prompt", type=int, default=2)
+    m.add_argument("--steps", type=int, default=30)
+    m.add_argument("--guidance", type=float, nargs="+", default=[7.5], help="one or more scales (default: 7.5)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--figure", help="save a PNG: the same prompts and seeds at each guidance scale, with the accuracies")
+    m.set_defaults(func=evaluate_mini_sd)
+
+
+def txt2img(args):
+    from ..images import image_grid, load_image, save_png
+    from ..pipeline import dtype_name, load_pipeline
+
+    if args.strength is not None and args.init_image is None:
+        raise ValueError("--strength applies to img2img: give an --init-image too")
+    strength = 0.6 if args.strength is None else args.strength
+    dtype = dtype_name(args.dtype)
+    init = None
+    if args.init_image is not None:
+        init = load_image(args.init_image)  # ValueError when missing or unreadable
+        if args.height or args.width:  # resize to the asked size (the other side keeps the image's)
+            import numpy as np
+            from PIL import Image
+
+            size = (args.width or init.shape[1], args.height or init.shape[0])
+            init = np.asarray(Image.fromarray(init).resize(size, Image.Resampling.LANCZOS))
+
+    pipe = load_pipeline(args.model)
+    added = []
+    for path in args.embedding or []:
+        added += pipe.load_textual_inversion(path, token=args.token if len(args.embedding) == 1 else None)
+    if args.token and len(args.embedding or []) != 1:
+        raise ValueError("--token renames the word of a single --embedding file")
+    images = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
+                  seed=args.seed, sampler=args.sampler, eta=args.eta, height=args.height, width=args.width,
+                  num_images_per_prompt=args.n, init_image=init, strength=strength, dtype=dtype,
+                  progress=not args.no_progress)
+    meta = {"prompt": args.prompt, "negative_prompt": args.negative or "", "seed": args.seed, "steps": args.steps,
+            "guidance_scale": args.guidance, "sampler": args.sampler, "eta": args.eta,
+            "height": images.shape[1], "width": images.shape[2], "n": args.n, "dtype": dtype,
+            "model": pipe.name}
+    if init is not None:
+        meta.update(init_image=args.init_image, strength=strength)
+    if added:
+        meta.update(embeddings=", ".join(args.embedding), added_tokens=" ".join(added))
+    pixels = images[0] if args.n == 1 else image_grid(images, min(args.n, 4))
+    print(f"wrote {save_png(args.output, pixels, meta)}")
+
+
+def add_convert_arguments(c: argparse.ArgumentParser):
+    """The arguments of ``minidiff convert`` and of the top-level ``weights_convert.py``."""
+    c.add_argument("src", help="a diffusers folder (unet/ vae/ text_encoder/ ...) or a single .safetensors / .ckpt "
+                               "file in the original (ldm) layout")
+    c.add_argument("dst", help="the converted weights, a .safetensors path (the config goes next to it, as .json)")
+    c.add_argument("--config", choices=("sd1", "sd2"), help="the model family (default: detected from the weights)")
+    c.add_argument("--prediction", choices=("epsilon", "eps", "v_prediction", "v"),
+                   help="what the UNet predicts (default: the folder's scheduler config; else epsilon for SD 1.x, "
+                        "v for SD 2.x with a note: SD 2.x 512-px base models predict epsilon)")
+    c.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="dtype of the converted weights (default: %(default)s)")
+    c.add_argument("--no-ema", action="store_true", help="convert the raw UNet weights even if the file holds an EMA copy")
+    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+
+
+def convert(args):
+    from ..convert import convert
+    from .common import prediction
+
+    print(convert(args.src, args.dst, config=args.config, prediction=prediction(args.prediction), dtype=args.dtype,
+                  ema=False if args.no_ema else None, overwrite=args.overwrite))
+
+
+def train_mini_sd(args):
+    import shutil
+
+    config = MiniSDConfig(**given(unet_steps=args.steps, seed=args.seed))
+    from ..pipeline import MINI_MODEL, load_pipeline
+    from ..train.mini_sd import CLIP_FILE, evaluate_prompt_following, train_mini_sd
+
+    path = train_mini_sd(config, args.out, progress=not args.no_progress)
+    print(f"wrote {path} and {path.with_suffix('.json').name}")
+    if args.install:
+        for src, dst in ((path, MINI_MODEL), (path.with_suffix(".json"), MINI_MODEL.with_suffix(".json")),
+                         (path.with_name(CLIP_FILE), MINI_MODEL.with_name(CLIP_FILE))):
+            shutil.copyfile(src, dst)
+        print(f"installed as the built-in model: {MINI_MODEL}")
+    if not args.no_eval:
+        metrics, _ = evaluate_prompt_following(load_pipeline(path), guidance_scale=args.guidance, steps=args.eval_steps)
+        print_metrics(f"{path}, prompt following at guidance {args.guidance}, {args.eval_steps} DDIM steps:", metrics)
+
+
+def evaluate_mini_sd(args):
+    from ..pipeline import load_pipeline
+    from ..train.mini_sd import evaluate_prompt_following, guidance_figure
+
+    pipe = load_pipeline(args.model)
+    results = {}
+    for g in args.guidance:
+        metrics, images = evaluate_prompt_following(pipe, samples_per_prompt=args.samples_per_prompt, steps=args.steps,
+                                                    guidance_scale=g, seed=args.seed)
+        print_metrics(f"{pipe.name}, prompt following at guidance {g}, {args.steps} DDIM steps:", metrics)
+        results[g] = (metrics, images)
+    if args.figure:
+        print(f"wrote {guidance_figure(results, args.figure)}")
