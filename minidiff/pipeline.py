@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .config import config_from_dict
 from .convert import is_converted, load_converted, read_checkpoint
 from .diffusion import q_sample
 from .embeddings import load_embedding
@@ -46,7 +47,6 @@ from .nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from .nn.clip import CLIPTextConfig, CLIPTextModel, add_token_rows
 from .nn.unet import UNet2DCondition, UNetConfig
 from .sampling import guided_output, noise_keys, reverse_chain
-from .config import config_from_dict
 from .sdconfig import SchedulerConfig, StableDiffusionConfig
 from .tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 

@@ -5,13 +5,15 @@ import ast
 import sys
 from pathlib import Path
 
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minidiff"
 
-# lowest first; a name covers the module and, for a package, everything in it
+# lowest first; a name covers the module and, for a package, everything in it (the top-level
+# package "minidiff", its __init__, only itself)
 LAYERS = (
     ("pure NumPy / Pillow", ("minidiff", "minidiff.diffusion", "minidiff.vq", "minidiff.images", "minidiff.metrics",
-                             "minidiff.tokenizer", "minidiff.data")),
+                             "minidiff.tokenizer", "minidiff.data", "minidiff.config")),
     ("Flax networks", ("minidiff.nn",)),
     ("sampling", ("minidiff.sampling",)),
     ("Stable Diffusion stack", ("minidiff.sdconfig", "minidiff.tensorfiles", "minidiff.weights", "minidiff.convert",
@@ -19,12 +21,16 @@ LAYERS = (
     ("training", ("minidiff.train",)),
     ("command line", ("minidiff.cli", "minidiff.demo")),
 )
-NUMPY_ONLY = ("minidiff.diffusion", "minidiff.vq")  # a learner reads them without JAX
+NUMPY_ONLY = ("minidiff.diffusion", "minidiff.vq", "minidiff.config")  # read (and imported) without JAX
 FORBIDDEN_IN_NUMPY_ONLY = ("jax", "jaxlib", "flax", "optax")
 
 
+def _ours(module: str) -> bool:
+    return module == "minidiff" or module.startswith("minidiff.")
+
+
 def _within(module: str, name: str) -> bool:
-    return module == name or module.startswith(name + ".")
+    return module == name or (name != "minidiff" and module.startswith(name + "."))
 
 
 def layer_of(module: str) -> int:
@@ -58,7 +64,7 @@ def imports(module: str, path: Path, known) -> tuple[list[tuple[str, int]], list
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                target = ours if _within(alias.name, "minidiff") else others
+                target = ours if _ours(alias.name) else others
                 target.append((alias.name if target is ours else alias.name.split(".")[0], node.lineno))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
@@ -67,7 +73,7 @@ def imports(module: str, path: Path, known) -> tuple[list[tuple[str, int]], list
                 source = ".".join(base + ([node.module] if node.module else []))
             else:
                 source = node.module
-            if not _within(source, "minidiff"):
+            if not _ours(source):
                 others.append((source.split(".")[0], node.lineno))
                 continue
             for alias in node.names:
@@ -180,6 +186,8 @@ def test_the_checker_sees_cycles_and_upward_imports():
     assert cycles(graph) == [["minidiff.nn.a", "minidiff.nn.b", "minidiff.nn.c", "minidiff.nn.a"]]
     assert upward_imports(graph, {("minidiff.pipeline", "minidiff.train.x"): 7}) == [
         "minidiff.pipeline (layer 3: Stable Diffusion stack) imports minidiff.train.x (layer 4: training) at line 7"]
+    with pytest.raises(AssertionError, match="minidiff.lora is in no layer"):  # "minidiff" covers only itself
+        layer_of("minidiff.lora")
     # relative imports, inside functions too, resolve to modules
     src = "from .. import vq\nfrom ..nn.clip import CLIPTextModel\ndef f():\n    from . import engine\n"
     tree_path = PACKAGE / "train" / "__probe__.py"
