@@ -330,8 +330,8 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, capsys, photo):
     (tmp_path / "bad.png").write_text("not a png")
     run = ["txt2img", "a red circle", "-o", str(tmp_path / "out.png"), "--no-progress"]
     _one_line_error(capsys, run + ["--model", str(tmp_path / "nope.safetensors")], "model not found")
-    _one_line_error(capsys, run + ["--height", "100"], "--height must be a positive multiple of 8")
-    _one_line_error(capsys, run + ["--steps", "0"], "--steps must be a positive integer")
+    _one_line_error(capsys, run + ["--height", "100"], "height must be a positive multiple of 8")
+    _one_line_error(capsys, run + ["--steps", "0"], "steps must be an integer from 1 to 1000")
     _one_line_error(capsys, run + ["--init-image", str(tmp_path / "bad.png")], "cannot read")
     _one_line_error(capsys, run + ["--init-image", str(tmp_path / "missing.png")], "image file not found")
     _one_line_error(capsys, run + ["--init-image", str(tmp_path / "in.png"), "--strength", "1.5"], "(0, 1]")
