@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +22,7 @@ from ..data import CaptionTokenizer, ShapesDataset, to_uint8, without_size
 from ..nn import dalle
 from ..nn.vqvae import VQVAE
 from .configs import DALLE_GUIDANCE, DalleTrainConfig
-from .engine import Engine, make_optimizer, read_run
+from .engine import Engine, EngineTrainer, make_optimizer, read_run
 from .vqvae import VQVAETrainConfig, load_vqvae, shapes_batch
 
 
@@ -37,9 +36,11 @@ def model_config(model: dict, tokenizer: CaptionTokenizer, vqvae: VQVAE, image_s
         raise ValueError(f"bad transformer setting in {model}: {e}; the settings are {', '.join(names)}") from None
 
 
-class DalleTrainer:
+class DalleTrainer(EngineTrainer):
     """The transformer's loss and token batches on the engine; the frozen VQ-VAE travels with every
     checkpoint (an attachment), so that the run folder alone can generate."""
+
+    kind, config_class = "dalle", DalleTrainConfig
 
     def __init__(self, config: DalleTrainConfig, run_dir=None):
         self.config = config
@@ -79,23 +80,6 @@ class DalleTrainer:
     def loss(self, params, batch, key, frozen=None):
         (tokens,) = batch
         return dalle.loss_fn(self.model, params, tokens, self.config.image_weight, train=True, rngs={"dropout": key})
-
-    @classmethod
-    def resume(cls, run_dir, steps: int | None = None) -> "DalleTrainer":
-        _, config, _ = read_run(run_dir, "dalle")
-        trainer = cls(DalleTrainConfig.from_dict({**config, **({} if steps is None else {"steps": steps})}), run_dir)
-        trainer.engine.restore()
-        return trainer
-
-    step = property(lambda self: self.engine.step)
-    params = property(lambda self: self.engine.params)
-    history = property(lambda self: self.engine.history)
-
-    def train(self, until: int | None = None, progress: bool = True) -> dict:
-        return self.engine.train(until, progress)
-
-    def save(self) -> Path:
-        return self.engine.save()
 
     def generator(self) -> "DalleGenerator":
         return DalleGenerator(self.model, self.params, self.vqvae, self.vq_variables, self.tokenizer)

@@ -34,7 +34,7 @@ from ..nn.mlp import MLPDenoiser
 from ..nn.unet import UNet2DCondition, UNetConfig
 from ..sampling import Sampler
 from .configs import POINT_DATA, TrainConfig
-from .engine import Engine, make_optimizer, read_run
+from .engine import Engine, EngineTrainer, make_optimizer, read_run
 
 def diffusion_loss(model_fn, x0, alpha_bar, key, prediction: str = "epsilon", min_snr_gamma: float | None = None):
     """The simple DDPM loss at uniformly random timesteps (Ho et al. 2020, Algorithm 1), mean over the batch.
@@ -205,11 +205,13 @@ def load_denoiser(run_dir, ema: bool = True) -> Denoiser:
 # ---------------------------------------------------------------------------------------------
 
 
-class Trainer:
+class Trainer(EngineTrainer):
     """Trains :class:`TrainConfig` on the engine; saves checkpoints and sample grids into ``run_dir``.
 
     ``state`` is the engine's: step, params, ema_params, opt_state, key (the run's base key).
     """
+
+    kind, config_class = "diffusion", TrainConfig
 
     def __init__(self, config: TrainConfig, run_dir=None):
         self.config = config
@@ -232,26 +234,6 @@ class Trainer:
         init = jax.jit(lambda k: self.denoiser.module.init(k, x0, jnp.zeros(2, jnp.int32), class_labels=y))
         # init runs once: compiling it without XLA's optimisations is several times faster
         return init.lower(key).compile({"xla_backend_optimization_level": 0})(key)["params"]
-
-    @classmethod
-    def resume(cls, run_dir, steps: int | None = None, **changes) -> "Trainer":
-        """Rebuild a run from ``run_dir/checkpoint.msgpack``; ``steps`` (or other fields) may be changed."""
-        _, config, _ = read_run(run_dir, "diffusion")
-        config = TrainConfig.from_dict({**config, **({} if steps is None else {"steps": steps}), **changes})
-        trainer = cls(config, run_dir)
-        trainer.engine.restore()
-        return trainer
-
-    state = property(lambda self: self.engine.state)
-    step = property(lambda self: self.engine.step)
-    history = property(lambda self: self.engine.history)
-
-    def train(self, until: int | None = None, progress: bool = True) -> dict:
-        """Train up to step ``until`` (default: config.steps).  Ctrl-C saves a checkpoint first."""
-        return self.engine.train(until, progress)
-
-    def save(self) -> Path:
-        return self.engine.save()
 
     def loss(self, params, batch, key, frozen=None):
         """The simple DDPM loss (:func:`diffusion_loss`), with the class dropped at rate cond_drop."""

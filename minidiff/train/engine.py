@@ -238,6 +238,36 @@ class Engine:
         return self
 
 
+class EngineTrainer:
+    """What a trainer built around an engine shares: ``self.engine``, continuing a saved run, and the
+    engine's state, step, params, history, train and save.  Subclasses set ``kind`` (the checkpoint's
+    kind) and ``config_class``, and build ``self.engine`` from ``(config, run_dir)``."""
+
+    kind: str = ""
+    config_class: type = dict
+    engine: Engine
+
+    @classmethod
+    def resume(cls, run_dir, steps: int | None = None):
+        """Rebuild a run from ``run_dir/checkpoint.msgpack`` (its saved config; ``steps`` may change)."""
+        _, config, _ = read_run(run_dir, cls.kind)
+        trainer = cls(cls.config_class.from_dict({**config, **({} if steps is None else {"steps": steps})}), run_dir)
+        trainer.engine.restore()
+        return trainer
+
+    state = property(lambda self: self.engine.state)
+    step = property(lambda self: self.engine.step)
+    params = property(lambda self: self.engine.params)
+    history = property(lambda self: self.engine.history)
+
+    def train(self, until: int | None = None, progress: bool = True) -> dict:
+        """Train up to step ``until`` (default: the config's steps).  Ctrl-C saves a checkpoint first."""
+        return self.engine.train(until, progress)
+
+    def save(self) -> Path:
+        return self.engine.save()
+
+
 def read_run(run_dir, kind: str | None = None) -> tuple[dict, dict, dict]:
     """(state, config, meta) of a saved run as plain dicts of NumPy arrays; ``kind`` checks what it is."""
     state, config, meta = load_checkpoint(run_dir)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,7 @@ from ..data import ShapesDataset, to_uint8, to_unit_range
 from ..nn.vqvae import VQVAE, psnr
 from .autoencoder import reconstruction_loss
 from .configs import VQVAETrainConfig
-from .engine import Engine, make_optimizer, read_run
+from .engine import Engine, EngineTrainer, make_optimizer, read_run
 
 HELD_OUT_SEED = 10**6  # evaluation images come from this rng seed, never from a training batch's
 
@@ -44,9 +43,11 @@ def shapes_batch(dataset: ShapesDataset, seed: int, step: int, n: int):
     return to_unit_range(images), labels, captions
 
 
-class VQVAETrainer:
+class VQVAETrainer(EngineTrainer):
     """The VQ-VAE's loss and batches on the engine; the EMA codebook statistics and the code counts
     of the current restart window are the engine's ``model_state``."""
+
+    kind, config_class = "vqvae", VQVAETrainConfig
 
     def __init__(self, config: VQVAETrainConfig, run_dir=None):
         self.config = config
@@ -112,24 +113,9 @@ class VQVAETrainer:
             engine.state = {**engine.state, "params": params}
         return n
 
-    @classmethod
-    def resume(cls, run_dir, steps: int | None = None) -> "VQVAETrainer":
-        _, config, _ = read_run(run_dir, "vqvae")
-        trainer = cls(VQVAETrainConfig.from_dict({**config, **({} if steps is None else {"steps": steps})}), run_dir)
-        trainer.engine.restore()
-        return trainer
-
-    step = property(lambda self: self.engine.step)
-    history = property(lambda self: self.engine.history)
-
-    def train(self, until: int | None = None, progress: bool = True) -> dict:
-        return self.engine.train(until, progress)
-
     def variables(self) -> dict:
         return {"params": self.engine.params, **self.engine.state["model_state"]["variables"]}
 
-    def save(self) -> Path:
-        return self.engine.save()
 
 
 def load_vqvae(run_dir):
