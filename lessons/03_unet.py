@@ -21,7 +21,7 @@ from _lesson import QUICK, plt, savefig
 from flax.traverse_util import flatten_dict
 
 from minidiff.images import example_photo, to_unit_range
-from minidiff.nn.layers import ResnetBlock, dot_product_attention, timestep_embedding
+from minidiff.nn.layers import ResnetBlock, attention, timestep_embedding
 from minidiff.nn.unet import UNet2DCondition, UNetConfig
 
 # %% [markdown]
@@ -91,13 +91,13 @@ savefig(fig, "03_attention.png")
 
 # %% [markdown]
 # At SD's 64×64 latents there are 4096 tokens, so one head's weight matrix has 4096² ≈ 16.8 M
-# entries (64 MiB in float32; ×8 heads ×2 images).  `dot_product_attention(..., chunk_size=1024)`
+# entries (64 MiB in float32; ×8 heads ×2 images).  `attention(q, k, v, chunk_size=1024)`
 # processes the queries 1024 at a time, so only a quarter of that exists at once — same result:
 
 # %%
 key = jax.random.PRNGKey(1)
 q, k, v = (jax.random.normal(kk, (1, 4096 if not QUICK else 1024, 2, 40)) for kk in jax.random.split(key, 3))
-full, chunked = dot_product_attention(q, k, v), dot_product_attention(q, k, v, chunk_size=256)
+full, chunked = attention(q, k, v), attention(q, k, v, chunk_size=256)
 print(f"max |full - chunked| = {float(jnp.abs(full - chunked).max()):.2e}")
 
 # %% [markdown]

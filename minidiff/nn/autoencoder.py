@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from .layers import ResnetBlock, Upsample, conv3x3, dot_product_attention
+from .layers import ResnetBlock, Upsample, attention, conv3x3
 
 
 @dataclass(frozen=True)
@@ -182,9 +182,9 @@ class SpatialSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x):
         B, H, W, C = x.shape
-        h = nn.GroupNorm(self.groups, epsilon=self.eps, name="group_norm")(x).reshape(B, H * W, 1, C)
-        q, k, v = (nn.Dense(C, dtype=self.dtype, name=n)(h) for n in ("to_q", "to_k", "to_v"))
-        out = dot_product_attention(q, k, v, self.chunk_size).reshape(B, H * W, C)
+        h = nn.GroupNorm(self.groups, epsilon=self.eps, name="group_norm")(x).reshape(B, H * W, 1, C)  # one head
+        q, k, v = (nn.Dense(C, dtype=self.dtype, name=n)(h) for n in ("to_q", "to_k", "to_v"))  # (B, HW, 1, C)
+        out = attention(q, k, v, chunk_size=self.chunk_size).reshape(B, H * W, C)
         return x + nn.Dense(C, dtype=self.dtype, name="to_out_0")(out).reshape(B, H, W, C)
 
 

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .layers import attention
+
 Dtype = Any
 
 
@@ -96,18 +98,9 @@ class CLIPTextOutput(NamedTuple):
     hidden_states: tuple | None  # embeddings, then the output of every layer run (before final_layer_norm)
 
 
-def masked_attention(q, k, v, mask):
-    """softmax(q k^T / sqrt(d) + mask) v  for q, k, v (B, L, H, d); ``mask`` (B or 1, 1, Lq, Lk) is
-    True where a query may attend.  Masked scores get the dtype's most negative value (as in
-    transformers), so a fully masked row gives uniform weights, not NaN."""
-    d = q.shape[-1]
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * d**-0.5
-    s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
-    p = jax.nn.softmax(s, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
-
-
 class CLIPAttention(nn.Module):
+    """Multi-head self-attention; ``mask`` (B or 1, 1, L, L) bool, True where query i may attend to key j."""
+
     heads: int
     dtype: Dtype = jnp.float32
 
@@ -115,9 +108,8 @@ class CLIPAttention(nn.Module):
     def __call__(self, x, mask):
         B, L, D = x.shape
         proj = lambda name: nn.Dense(D, dtype=self.dtype, name=name)  # noqa: E731
-        split = lambda a: a.reshape(B, L, self.heads, D // self.heads)  # noqa: E731
-        q, k, v = (split(proj(n)(x)) for n in ("q_proj", "k_proj", "v_proj"))
-        out = masked_attention(q, k, v, mask).reshape(B, L, D)
+        q, k, v = (proj(n)(x).reshape(B, L, self.heads, D // self.heads) for n in ("q_proj", "k_proj", "v_proj"))
+        out = attention(q, k, v, mask).reshape(B, L, D)  # (B, L, heads, d) -> (B, L, D)
         return proj("out_proj")(out)
 
 

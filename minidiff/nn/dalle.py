@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .layers import attention
+
 PATTERNS = ("row", "column", "conv", "causal")
 
 
@@ -109,14 +111,12 @@ class SelfAttention(nn.Module):
         x is (B, 1, D), the new key and value are written at ``pos``, mask is the (Lmax,) row of ``pos``."""
         B, L, D = x.shape
         H = self.heads
-        q, k, v = jnp.split(nn.Dense(3 * D, name="qkv")(x).reshape(B, L, 3 * H, D // H), 3, axis=2)
+        q, k, v = jnp.split(nn.Dense(3 * D, name="qkv")(x).reshape(B, L, 3 * H, D // H), 3, axis=2)  # (B, L, heads, d)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice(cache[0], k, (0, pos, 0, 0))
+            k = jax.lax.dynamic_update_slice(cache[0], k, (0, pos, 0, 0))  # (B, Lmax, heads, d)
             v = jax.lax.dynamic_update_slice(cache[1], v, (0, pos, 0, 0))
             cache = (k, v)
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D // H)
-        s = jnp.where(mask, s, -jnp.inf)
-        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v).reshape(B, L, D)
+        out = attention(q, k, v, mask).reshape(B, L, D)  # (B, L, heads, d) -> (B, L, D)
         return nn.Dense(D, name="out")(out), cache
 
 

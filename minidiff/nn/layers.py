@@ -1,4 +1,5 @@
-"""The building blocks of Stable Diffusion's UNet, in Flax linen.
+"""The building blocks of Stable Diffusion's UNet, in Flax linen, and the one attention function of
+``minidiff.nn`` (UNet, VAE, CLIP, DALL-E):  attention(q, k, v, mask) = softmax(q k^T / sqrt(d) + mask) v.
 
 Layout: images and feature maps are NHWC (batch, height, width, channels); token sequences are
 (batch, length, features).  Sub-module names mirror the diffusers checkpoint layout
@@ -100,32 +101,50 @@ class Upsample(nn.Module):
         return conv3x3(self.channels, "conv", self.dtype)(x)
 
 
-def dot_product_attention(q, k, v, chunk_size: int | None = None):
-    """softmax(q k^T / sqrt(d)) v for q (B, Lq, H, d), k and v (B, Lk, H, d).
+def attention_scores(q, k, mask=None):
+    """s = q k^T / sqrt(d) in float32, masked entries set to finfo(float32).min: q (B, Lq, heads, d),
+    k (B, Lk, heads, d) -> (B, heads, Lq, Lk).  softmax(s) are the attention weights."""
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    # where(), not + -inf: a row with every key masked would give exp(-inf - -inf) = NaN.  The finite
+    # minimum gives it uniform weights (finite output, as in transformers); elsewhere exp(min - max s) = 0.
+    return s if mask is None else jnp.where(mask, s, jnp.finfo(jnp.float32).min)
 
-    The (Lq x Lk) weight matrix is the memory hog: at SD's 64x64 latents it has 4096^2 entries per
-    head.  With ``chunk_size`` the queries are processed ``chunk_size`` at a time (``lax.map``), so
-    only a (chunk_size x Lk) block exists at once; the result is the same.  The softmax is
-    normalised after multiplying by v (divide Lq x d numbers, not Lq x Lk):
 
-        out = (exp(s - max s) v) / sum exp(s - max s),     s = q k^T / sqrt(d)
+def attention(q, k, v, mask=None, chunk_size: int | None = None):
+    """Multi-head scaled dot-product attention, the one kernel of every network in ``minidiff.nn``:
+
+        out = softmax(q k^T / sqrt(d) + mask) v,    mask = 0 where allowed, -infinity elsewhere
+
+    q (B, Lq, heads, d), k and v (B, Lk, heads, d) -> (B, Lq, heads, d) in v's dtype.  ``mask``: bool,
+    broadcastable to (B, heads, Lq, Lk), True where query i may attend to key j (see attention_scores).
+    Logits, softmax and sums in float32 whatever the input dtype; the weights meet v in v's dtype
+    (float32 accumulation) and are normalised after it: out = (exp(s - max s) v) / sum exp(s - max s).
+    ``chunk_size``: queries per block (``lax.map``), so that (chunk_size x Lk) weights exist at a time,
+    not all Lq x Lk (4096^2 per head at SD's 64x64 latents); each row's numbers are unchanged.
     """
     B, Lq, H, d = q.shape
-    q = (q * d**-0.5).transpose(0, 2, 1, 3)  # heads first: (B, H, L, d), plain batched matmuls
-    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # k as (B, H, d, Lk)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # (B or 1, heads or 1, Lq or 1, Lk)
 
-    def attend(q_block):
-        s = jnp.matmul(q_block, k, preferred_element_type=jnp.float32)
-        p = jnp.exp(s - s.max(axis=-1, keepdims=True))
-        out = jnp.matmul(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return (out / p.sum(axis=-1, keepdims=True)).astype(v.dtype)
+    def attend(q, mask):  # q (B, c, heads, d) -> (B, c, heads, d)
+        s = attention_scores(q, k, mask)                                      # (B, heads, c, Lk)
+        p = jnp.exp(s - s.max(axis=-1, keepdims=True))                        # unnormalised weights
+        out = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return (out / p.sum(-1, keepdims=True)).transpose(0, 2, 1, 3).astype(v.dtype)  # (B, c, heads, d)
 
-    if chunk_size is None or Lq <= chunk_size or Lq % chunk_size:
-        out = attend(q)
+    if chunk_size is None or Lq <= chunk_size:
+        return attend(q, mask)
+    n, pad = -(-Lq // chunk_size), -Lq % chunk_size  # n blocks, the last one padded with zero queries
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))                        # (B, n c, heads, d)
+    q = q.reshape(B, n, chunk_size, H, d).swapaxes(0, 1)                      # (n, B, c, heads, d)
+    if mask is not None and mask.shape[2] > 1:  # a mask row per query: cut into the same blocks
+        rows = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)))              # (., ., n c, Lk)
+        rows = jnp.moveaxis(rows.reshape(*rows.shape[:2], n, chunk_size, -1), 2, 0)  # (n, ., ., c, Lk)
+        out = jax.lax.map(lambda qm: attend(*qm), (q, rows))                  # (n, B, c, heads, d)
     else:
-        blocks = q.reshape(B, H, Lq // chunk_size, chunk_size, d).transpose(2, 0, 1, 3, 4)
-        out = jax.lax.map(attend, blocks).transpose(1, 2, 0, 3, 4).reshape(B, H, Lq, d)
-    return out.transpose(0, 2, 1, 3)
+        out = jax.lax.map(lambda qb: attend(qb, mask), q)                     # (n, B, c, heads, d)
+    return out.swapaxes(0, 1).reshape(B, n * chunk_size, H, d)[:, :Lq]       # (B, Lq, heads, d)
 
 
 class Attention(nn.Module):
@@ -144,13 +163,10 @@ class Attention(nn.Module):
         q = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x)
         k = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
         v = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
-        split = lambda a: a.reshape(a.shape[0], a.shape[1], self.heads, self.head_dim)  # noqa: E731
-        q, k, v = split(q), split(k), split(v)
-        out = dot_product_attention(q, k, v, self.chunk_size)
-        out = out.reshape(out.shape[0], out.shape[1], inner)
-        if self.is_mutable_collection("intermediates"):  # asked for (lessons): the weights, (B, H, Lq, Lk)
-            s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * self.head_dim**-0.5
-            self.sow("intermediates", "attention_probs", jax.nn.softmax(s, axis=-1))
+        q, k, v = (a.reshape(*a.shape[:2], self.heads, self.head_dim) for a in (q, k, v))  # (B, L, heads, d)
+        out = attention(q, k, v, chunk_size=self.chunk_size).reshape(*x.shape[:2], inner)  # (B, Lq, heads * d)
+        if self.is_mutable_collection("intermediates"):  # asked for (lessons): the weights, (B, heads, Lq, Lk)
+            self.sow("intermediates", "attention_probs", jax.nn.softmax(attention_scores(q, k), axis=-1))
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 
 
