@@ -189,7 +189,7 @@ def test_train_vqvae_then_dalle_save_load_generate_and_the_commands(tmp_path, ca
     metrics = evaluate_vqvae(model, variables, cfg, n=20, batch=10, judge=False)
     assert np.isfinite(metrics["psnr_mean"]) and 0 < metrics["fraction_used"] <= 1 and metrics["grid"] == [16, 16]
 
-    cfg = DalleTrainConfig(vqvae=str(tmp_path / "vq"), steps=4, batch=4,
+    cfg = DalleTrainConfig(vqvae=str(tmp_path / "vq"), steps=4, batch=4, log_every=2,
                            model={"width": 16, "layers": 2, "heads": 2, "attention": ["row", "column"]})
     trainer = DalleTrainer(cfg, tmp_path / "dalle")
     # training captions: half without their size word (binomial, n = 400: 4 sigma = 0.1), 10 % empty
@@ -200,7 +200,7 @@ def test_train_vqvae_then_dalle_save_load_generate_and_the_commands(tmp_path, ca
     empty = (text == 0).all(axis=1)
     assert abs(empty.mean() - cfg.cond_drop) < 4 * np.sqrt(0.09 / 400)
     np.testing.assert_array_equal(text[~empty], trainer.tokenizer.encode(captions)[~empty])
-    trainer.train(progress=False, log_every=2)
+    trainer.train(progress=False)
     assert np.isfinite(trainer.history["loss"]).all()
     gen = load_dalle(tmp_path / "dalle")
     images, codes = gen.generate(["a red circle in the top left"] * 2, seed=1, guidance_scale=2.0, top_k=8,

@@ -176,7 +176,10 @@ class Engine:
                     self.save()
         except KeyboardInterrupt:
             if self.run_dir is not None:
-                bar.write(f"interrupted: saved step {self.step} to {self.save()}")
+                try:
+                    bar.write(f"interrupted: saved step {self.step} to {self.save()}")
+                except RuntimeError:  # stopped between a step and taking its result: its input was donated
+                    bar.write("interrupted in the middle of a step: the last checkpoint stands")
             raise
         finally:
             prefetch.shutdown(cancel_futures=True)
