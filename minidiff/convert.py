@@ -32,6 +32,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from .config import config_from_dict
+from .diffusion.samplers import PREDICTION_TYPES
 from .sdconfig import SD_SCHEDULER, SchedulerConfig, StableDiffusionConfig
 from .tensorfiles import memmap_safetensors, machine_eps, open_safetensors, output_dtype, read_json, read_tensors
 from .weights import (LDM_CLIP, LDM_EMA, LDM_OPENCLIP, LDM_UNET, LDM_VAE, _Shapes, clip_text_config_from_transformers,
@@ -75,8 +76,6 @@ FAMILIES = {
 }
 
 _DIFFUSERS_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
-_PREDICTIONS = {"eps": "epsilon", "epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction",
-                "sample": "sample"}
 
 # ldm's DDPM.register_schedule buffers: the schedule, stored (as float32) in every single file
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
@@ -118,9 +117,9 @@ def _family(evidence: dict, requested: str | None, where: str) -> str:
 
 def _prediction(requested: str | None, from_scheduler: str | None, family: str, notes: list) -> str:
     if requested is not None:
-        if requested not in _PREDICTIONS:
-            raise ValueError(f"unknown prediction type {requested!r}; choose epsilon (eps) or v_prediction (v)")
-        pred = _PREDICTIONS[requested]
+        if requested not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction type {requested!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+        pred = requested
         if from_scheduler is not None and from_scheduler != pred:
             notes.append(f"prediction: {pred} as requested (scheduler_config.json says {from_scheduler})")
         else:
@@ -150,7 +149,7 @@ def _scheduler_from_diffusers(path: Path, notes: list) -> tuple[dict, str | None
                          f"{', '.join(_DIFFUSERS_SCHEDULES)}")
     scheduler = {k: c.get(k, v) for k, v in SD_SCHEDULER.items()} | {"beta_schedule": _DIFFUSERS_SCHEDULES[name]}
     pred = c.get("prediction_type", "epsilon")
-    if pred not in _PREDICTIONS.values():
+    if pred not in PREDICTION_TYPES:
         raise ValueError(f"{path}: prediction_type={pred!r} is not supported")
     notes.append(f"schedule: {name} ({scheduler['beta_start']}..{scheduler['beta_end']}, "
                  f"{scheduler['num_train_timesteps']} steps) from {path.parent.name}/{path.name}")

@@ -122,8 +122,9 @@ def _denoise(params, x_T, context, uncontext, guidance_scale, steps, *, config: 
 
 
 _text_fn = jax.jit(_encode_text, static_argnames=("config", "clip_skip", "dtype"))
-_image_fn = jax.jit(_encode_image, static_argnames=("config", "dtype"))
-_decode_fn = jax.jit(_decode, static_argnames=("config", "dtype"))
+# the one VAE encode / decode pair: images in [-1, 1] <-> latents (posterior mean * scaling_factor)
+vae_encode = jax.jit(_encode_image, static_argnames=("config", "dtype"))
+vae_decode = jax.jit(_decode, static_argnames=("config", "dtype"))
 _denoise_fn = jax.jit(_denoise, static_argnames=("config", "prediction_type", "sampler", "eta", "dtype",
                                                  "batch_sharding"))
 
@@ -235,7 +236,7 @@ class StableDiffusion:
         if images.ndim != 4 or images.shape[1] % f or images.shape[2] % f:
             raise ValueError(f"pictures must be (n, H, W, 3) with H and W multiples of {f} for this model, got "
                              f"{images.shape}")
-        return _image_fn(float32_params(self.params["vae"]), jnp.asarray(_init_pixels(images, len(images), 1)),
+        return vae_encode(float32_params(self.params["vae"]), jnp.asarray(_init_pixels(images, len(images), 1)),
                          config=self.vae_config, dtype="float32")
 
     def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
@@ -282,7 +283,7 @@ class StableDiffusion:
         params = self._place(dtype, shardings)["vae"]
         if shardings is not None:
             latents = jax.device_put(latents, shardings[0])
-        return to_uint8(_decode_fn(params, latents, config=self.vae_config, dtype=dtype))
+        return to_uint8(vae_decode(params, latents, config=self.vae_config, dtype=dtype))
 
     def sample_latents(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float = 7.5,
                        seed: int = 0, sampler: str = "ddim", eta: float = 0.0, height: int | None = None,
@@ -351,7 +352,7 @@ class StableDiffusion:
         elif pixels is None:
             x_T = jax.random.normal(key_T, shape, jnp.float32)
         else:
-            x0 = _image_fn(params["vae"], _put(jnp.asarray(pixels), shardings), config=self.vae_config, dtype=dtype)
+            x0 = vae_encode(params["vae"], _put(jnp.asarray(pixels), shardings), config=self.vae_config, dtype=dtype)
             run = math.floor(strength * len(isc) + 0.5)  # k = round(strength * N), halves up
             first = len(isc) - run
             self.last_timesteps = isc.timesteps[first:]

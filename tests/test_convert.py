@@ -368,7 +368,7 @@ def test_a_different_training_schedule_fails_loudly(sd1, tmp_path):
 @pytest.mark.parity
 def test_convert_writes_one_file_and_load_converted_reads_it(sd2, tmp_path):
     dst = tmp_path / "sd2.safetensors"
-    report = convert(sd2.single, dst, prediction="v", dtype="bfloat16")
+    report = convert(sd2.single, dst, prediction="v_prediction", dtype="bfloat16")
     assert report.weights == dst and report.config_file == tmp_path / "sd2.json" and dst.is_file()
     text = str(report)
     assert "wrote" in text and "EMA:" in text and "schedule:" in text and "prediction: v_prediction as requested" in text
@@ -383,7 +383,7 @@ def test_convert_writes_one_file_and_load_converted_reads_it(sd2, tmp_path):
     assert "unet/down_blocks_0/resnets_0/conv1/kernel" in keys and "text_encoder/embeddings/token_embedding/embedding" in keys
     assert "vae/encoder/mid_block/attentions_0/to_q/kernel" in keys
     params, config = load_converted(dst)  # views of the memory-mapped file
-    want, want_config = read_checkpoint(sd2.single, prediction="v", dtype="bfloat16")
+    want, want_config = read_checkpoint(sd2.single, prediction="v_prediction", dtype="bfloat16")
     _assert_same_tree(params, want, "load_converted")
     copied, _ = load_converted(dst, mmap=False)  # each tensor read into its own array
     _assert_same_tree(copied, want, "load_converted(mmap=False)")

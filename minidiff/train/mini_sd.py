@@ -44,6 +44,7 @@ from ..images import to_uint8, to_unit_range
 from ..nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from ..nn.clip import CLIPTextConfig, CLIPTextModel
 from ..nn.unet import UNet2DCondition
+from ..pipeline import vae_decode, vae_encode
 from ..tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 from .autoencoder import train_vae
 from .checkpoint import atomic_write
@@ -81,9 +82,10 @@ def reconstruction_accuracy(vae_params, vae_config: AutoencoderKLConfig, cfg: Mi
 
     ds = cfg.dataset(held_out=False)
     images, labels, _ = replace(ds, seed=cfg.seed + 7).sample(n)
-    model = AutoencoderKL(vae_config)
-    roundtrip = jax.jit(lambda p, x: model.apply({"params": p}, model.apply(
-        {"params": p}, x, method=AutoencoderKL.latents_from_images), method=AutoencoderKL.images_from_latents))
+
+    def roundtrip(p, x):
+        return vae_decode(p, vae_encode(p, x, config=vae_config, dtype="float32"), config=vae_config, dtype="float32")
+
     decoded = np.concatenate([np.asarray(roundtrip(vae_params, to_unit_range(images[i:i + 100])))
                               for i in range(0, n, 100)])
     return score(cached_classifier(ds), to_uint8(decoded), labels)
@@ -126,9 +128,8 @@ def encode_pool(cfg: MiniSDConfig, vae_params, vae_config, batch: int = 512):
     ds = cfg.dataset()
     index = {c: i for i, c in enumerate(ds.captions())}
     images, _, captions = ds.sample(cfg.pool, np.random.default_rng([cfg.seed, 30]))
-    model = AutoencoderKL(vae_config)
-    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=AutoencoderKL.latents_from_images))
-    latents = np.concatenate([np.asarray(encode(vae_params, to_unit_range(images[i:i + batch])))
+    latents = np.concatenate([np.asarray(vae_encode(vae_params, to_unit_range(images[i:i + batch]),
+                                                    config=vae_config, dtype="float32"))
                               for i in range(0, len(images), batch)])
     return latents, np.array([index[c] for c in captions], np.int32)
 
@@ -204,7 +205,8 @@ def train_mini_sd(cfg: MiniSDConfig | None = None, out="runs/mini_sd", progress:
     stage checkpoints into ``out/runs``, so an interrupted run continues where it was) and write ``out/mini_sd.safetensors`` + .json.
     ``check_vae``: score the autoencoder's reconstructions with the shapes classifier
     (:func:`reconstruction_accuracy`, kept in history.json)."""
-    from ..convert import StableDiffusionConfig, save_converted
+    from ..convert import save_converted
+    from ..sdconfig import StableDiffusionConfig
 
     cfg = cfg or MiniSDConfig()
     out = Path(out)
@@ -260,7 +262,7 @@ def train_mini_sd(cfg: MiniSDConfig | None = None, out="runs/mini_sd", progress:
     (out / "history.json").write_text(json.dumps(log, indent=1))
 
     config = StableDiffusionConfig(family="sd1", unet=cfg.unet_config(), vae=vae_config, text_encoder=text_config,
-                                   prediction_type="v_prediction", scheduler=dict(SCHEDULER), dtype="float16",
+                                   prediction_type=PREDICTION, scheduler=dict(SCHEDULER), dtype="float16",
                                    source={"trained_by": "minidiff train-mini-sd", "settings": dataclasses.asdict(cfg)})
     params = {"unet": unet_params, "vae": vae_params, "text_encoder": unused_tokens_zeroed(text_params, cfg)}
     half = jax.tree.map(lambda a: np.asarray(a, np.float16), params)
