@@ -1,7 +1,8 @@
 """Shared plumbing for the lessons: quick mode, where figures go, saving them.
 
 Quick mode (``--quick`` or ``MINIDIFF_QUICK=1``) shrinks data and steps so the test suite can
-run every lesson end to end in seconds.  Figures go to ``--out DIR`` (or ``MINIDIFF_OUT``),
+run every lesson end to end in seconds, and compiles without XLA's backend optimisations (a few
+steps of everything: compile time dominates).  Figures go to ``--out DIR`` (or ``MINIDIFF_OUT``),
 by default ``lessons/figures/``.
 """
 
@@ -21,6 +22,8 @@ _p.add_argument("--out", default=os.environ.get("MINIDIFF_OUT", str(Path(__file_
 _args, _ = _p.parse_known_args()
 
 QUICK = _args.quick or os.environ.get("MINIDIFF_QUICK", "") not in ("", "0")
+if QUICK:  # a few steps of everything: compiling fast matters more than running fast (XLA reads this at start-up)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 OUT = Path(_args.out)
 OUT.mkdir(parents=True, exist_ok=True)
 

@@ -231,3 +231,34 @@ def test_class_tokens_read_the_class_as_a_shape_word_and_a_colour_word():
     np.testing.assert_array_equal(seen["context"][:, 1], E_c[[0, 1, n_c]])
     with pytest.raises(ValueError, match="class_conditioning"):
         TrainConfig.create("moons", cond="none", class_conditioning="tokens")
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_diffusion_loss_is_the_mean_squared_error_against_the_target(prediction):
+    """With a network that outputs x_t itself, the loss is mean_i w_i mean((x_t - target)^2), recomputed
+    here from the same draws of t and eps (eps-, v- or x0-prediction; per-example weights; Min-SNR)."""
+    import jax.numpy as jnp
+
+    from minidiff.diffusion import NoiseSchedule
+    from minidiff.train.diffusion import diffusion_loss
+
+    ab_table = jnp.asarray(NoiseSchedule.from_name("linear", 1000).alpha_bar, jnp.float32)
+    x0 = jnp.asarray(np.random.default_rng(0).standard_normal((6, 4, 4, 3)), jnp.float32)
+    key = jax.random.PRNGKey(1)
+    k_t, k_eps = jax.random.split(key)
+    t = np.asarray(jax.random.randint(k_t, (6,), 0, 1000))
+    eps = np.asarray(jax.random.normal(k_eps, x0.shape))
+    ab = np.asarray(ab_table)[t][:, None, None, None]
+    x_t = np.sqrt(ab) * np.asarray(x0) + np.sqrt(1 - ab) * eps
+    target = {"epsilon": eps, "v_prediction": np.sqrt(ab) * eps - np.sqrt(1 - ab) * np.asarray(x0),
+              "sample": np.asarray(x0)}[prediction]
+    per = ((x_t - target) ** 2).reshape(6, -1).mean(1)
+    w = np.arange(1.0, 7.0)
+    got = diffusion_loss(lambda x, t: x, x0, ab_table, key, prediction, weights=jnp.asarray(w))
+    np.testing.assert_allclose(float(got), (w * per).mean(), rtol=1e-5)
+    snr = ab.ravel() / (1 - ab.ravel())
+    norm = {"epsilon": snr, "v_prediction": snr + 1, "sample": 1.0}[prediction]
+    got = diffusion_loss(lambda x, t: x, x0, ab_table, key, prediction, min_snr_gamma=5.0)
+    np.testing.assert_allclose(float(got), (per * np.minimum(snr, 5.0) / norm).mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown prediction"):
+        diffusion_loss(lambda x, t: x, x0, ab_table, key, "eps")
