@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..train.configs import _DEFAULTS, DATASETS, TrainConfig
+from ..train.configs import DATA_DEFAULTS, DATASETS, TrainConfig
 from .common import json_arg, prediction
 
 
 def _per_data(name: str) -> str:
     """ "(default: X points, Y shapes)" from TrainConfig's per-data defaults."""
-    points, shapes = _DEFAULTS["points"].get(name, getattr(TrainConfig, name)), _DEFAULTS["shapes"].get(name)
+    points, shapes = DATA_DEFAULTS["points"].get(name, getattr(TrainConfig, name)), DATA_DEFAULTS["shapes"].get(name)
     return f"(default: {points} points, {shapes if shapes is not None else points} shapes)"
 
 

@@ -39,7 +39,7 @@ DATASETS = ("shapes", *POINT_DATA)
 # Per-data defaults (a field left at None in TrainConfig.create takes these).  Shapes: a UNetConfig.toy
 # with half its channels and attention only at 8x8, v-prediction and the cosine schedule (they train
 # much faster than eps + linear at this size).
-_DEFAULTS = {
+DATA_DEFAULTS = {
     "points": dict(model="mlp", steps=10_000, batch=512, lr=1e-3, warmup=200, lr_decay=True,
                    sample_every=2000, checkpoint_every=2000),
     "shapes": dict(model="unet", steps=2000, batch=32, lr=2e-3, warmup=100, lr_decay=True, prediction="v_prediction",
@@ -86,7 +86,7 @@ class TrainConfig:
         """A config for ``data`` with that data's defaults; ``None`` overrides are ignored."""
         if data not in DATASETS:
             raise ValueError(f"unknown data {data!r}; choose one of {', '.join(DATASETS)}")
-        defaults = _DEFAULTS["shapes" if data == "shapes" else "points"]
+        defaults = DATA_DEFAULTS["shapes" if data == "shapes" else "points"]
         return cls(data=data, **{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
 
     @classmethod
