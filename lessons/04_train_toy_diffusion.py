@@ -58,7 +58,7 @@ t = rng.integers(0, 1000, len(x0))
 eps = rng.standard_normal(x0.shape).astype(np.float32)
 x_t = q_sample(x0, sched.alpha_bar[t], eps)    # x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps
 v = velocity(x0, eps, sched.alpha_bar[t])      # v   = sqrt(ab_t) eps - sqrt(1 - ab_t) x0
-print("loss of the untrained network:", float(trainer.loss(trainer.state["params"], x0, None, jax.random.PRNGKey(0))))
+print("loss of the untrained network:", float(trainer.loss(trainer.state["params"], (x0, None), jax.random.PRNGKey(0))[0]))
 
 fig, axes = plt.subplots(1, 3, figsize=(13, 4.3), sharex=True, sharey=True)
 for ax, lo, hi in zip(axes, (0, 100, 400), (100, 400, 1000)):

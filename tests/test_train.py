@@ -235,8 +235,8 @@ def test_class_tokens_read_the_class_as_a_shape_word_and_a_colour_word():
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
 def test_diffusion_loss_is_the_mean_squared_error_against_the_target(prediction):
-    """With a network that outputs x_t itself, the loss is mean_i w_i mean((x_t - target)^2), recomputed
-    here from the same draws of t and eps (eps-, v- or x0-prediction; per-example weights; Min-SNR)."""
+    """With a network that outputs x_t itself, the loss is mean_i mean((x_t - target)^2), recomputed
+    here from the same draws of t and eps (eps-, v- or x0-prediction; Min-SNR)."""
     import jax.numpy as jnp
 
     from minidiff.diffusion import NoiseSchedule
@@ -253,9 +253,8 @@ def test_diffusion_loss_is_the_mean_squared_error_against_the_target(prediction)
     target = {"epsilon": eps, "v_prediction": np.sqrt(ab) * eps - np.sqrt(1 - ab) * np.asarray(x0),
               "sample": np.asarray(x0)}[prediction]
     per = ((x_t - target) ** 2).reshape(6, -1).mean(1)
-    w = np.arange(1.0, 7.0)
-    got = diffusion_loss(lambda x, t: x, x0, ab_table, key, prediction, weights=jnp.asarray(w))
-    np.testing.assert_allclose(float(got), (w * per).mean(), rtol=1e-5)
+    got = diffusion_loss(lambda x, t: x, x0, ab_table, key, prediction)
+    np.testing.assert_allclose(float(got), per.mean(), rtol=1e-5)
     snr = ab.ravel() / (1 - ab.ravel())
     norm = {"epsilon": snr, "v_prediction": snr + 1, "sample": 1.0}[prediction]
     got = diffusion_loss(lambda x, t: x, x0, ab_table, key, prediction, min_snr_gamma=5.0)

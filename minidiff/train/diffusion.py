@@ -36,14 +36,13 @@ from ..sampling import Sampler
 from .configs import POINT_DATA, TrainConfig
 from .engine import Engine, EngineTrainer, make_optimizer, read_run
 
-def diffusion_loss(model_fn, x0, alpha_bar, key, prediction: str = "epsilon", min_snr_gamma: float | None = None,
-                   weights=None):
+def diffusion_loss(model_fn, x0, alpha_bar, key, prediction: str = "epsilon", min_snr_gamma: float | None = None):
     """The simple DDPM loss at uniformly random timesteps (Ho et al. 2020, Algorithm 1), mean over the batch.
 
     ``model_fn(x_t, t)`` is the network; ``alpha_bar`` the (T,) table of alpha_bar_t; ``prediction``
     "epsilon" (target eps), "v_prediction" (target v = sqrt(ab) eps - sqrt(1 - ab) x0) or "sample"
     (target x0).  ``min_snr_gamma``: Min-SNR weighting (Hang et al. 2023), every t weighs like an x0
-    loss capped at gamma.  ``weights`` (B,): the mean is over w_i times example i's error.  Used by every diffusion trainer: the toy models, the mini Stable Diffusion,
+    loss capped at gamma.  Used by every diffusion trainer: the toy models, the mini Stable Diffusion,
     textual inversion and DreamBooth.
     """
     if prediction not in PREDICTION_TYPES:
@@ -60,7 +59,7 @@ def diffusion_loss(model_fn, x0, alpha_bar, key, prediction: str = "epsilon", mi
         snr = ab / (1 - ab)
         norm = {"epsilon": snr, "v_prediction": snr + 1, "sample": 1.0}[prediction]
         per_example = per_example * jnp.minimum(snr, min_snr_gamma) / norm
-    return jnp.mean(per_example if weights is None else weights * per_example)
+    return jnp.mean(per_example)
 
 
 def builtin_pipeline():

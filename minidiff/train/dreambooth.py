@@ -25,7 +25,6 @@ import time
 from dataclasses import asdict
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..pipeline import float32_params
@@ -64,12 +63,9 @@ def train_dreambooth(pipe, subject: Subject, config: DreamBoothConfig | None = N
 
     def loss(unet_params, batch, key, frozen=None):
         z, c, zc, cc = batch
-        if not prior:
-            return diffusion(unet_params, z, c, key), {}
-        # one UNet pass over instance ++ class pairs: the mean over 2B with weights 2 and 2 lambda is
-        # mean(instance errors) + lambda mean(class errors)
-        w = 2 * jnp.concatenate([jnp.ones(len(z)), jnp.full(len(zc), cfg.prior_weight)])
-        return diffusion(unet_params, jnp.concatenate([z, zc]), jnp.concatenate([c, cc]), key, weights=w), {}
+        k_inst, k_class = jax.random.split(key)
+        instance = diffusion(unet_params, z, c, k_inst)
+        return (instance + cfg.prior_weight * diffusion(unet_params, zc, cc, k_class) if prior else instance), {}
 
     def batches(step):
         rng = np.random.default_rng([cfg.seed, 5, step])

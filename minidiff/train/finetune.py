@@ -211,15 +211,15 @@ def position_index(images, size: int | None = None) -> np.ndarray:
 # --- the loss ----------------------------------------------------------------------------------------
 
 def latent_loss_fn(pipe, dtype=jnp.float32, remat: bool = False):
-    """``loss(unet_params, z0, context, key, weights=None)``: the diffusion loss of the pipeline's UNet on latents
+    """``loss(unet_params, z0, context, key)``: the diffusion loss of the pipeline's UNet on latents
     z0 (B, h, w, c) with text states ``context`` (B, 77, D), against the target its scheduler names."""
     unet = UNet2DCondition(pipe.unet_config, dtype, remat=remat)
     alpha_bar = jnp.asarray(pipe.scheduler.noise_schedule().alpha_bar, jnp.float32)
     prediction = pipe.scheduler.prediction_type
 
-    def loss(unet_params, z0, context, key, weights=None):
+    def loss(unet_params, z0, context, key):
         return diffusion_loss(lambda z_t, t: unet.apply({"params": unet_params}, z_t, t, context), z0, alpha_bar,
-                              key, prediction, weights=weights)
+                              key, prediction)
 
     return loss
 
