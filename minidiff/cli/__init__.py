@@ -33,4 +33,8 @@ def main(argv=None) -> int:
     except (ValueError, ImportError, FileNotFoundError) as e:
         print(f"minidiff {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a trainer has written its checkpoint first
+        print(f"minidiff {args.command}: interrupted (a training run continues from its checkpoint with --resume, "
+              "or, for the mini SD and fine-tuning, when the command is run again)", file=sys.stderr)
+        return 130
     return 0

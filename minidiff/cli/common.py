@@ -30,7 +30,7 @@ def fresh_run_dir(out) -> Path:
 
     out = Path(out)
     if (out / CHECKPOINT).is_file():
-        raise ValueError(f"{out} already holds a checkpoint; choose another --out (or delete it)")
+        raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
     return out
 
 

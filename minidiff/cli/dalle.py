@@ -19,6 +19,7 @@ def add(sub):
                    help=f"shape pixels count 1 + this in the reconstruction error (default: {vq.foreground_weight})")
     v.add_argument("--reconstruction", choices=("l1", "l2"), help=f"reconstruction error (default: {vq.reconstruction})")
     v.add_argument("--seed", type=int)
+    v.add_argument("--resume", action="store_true", help="continue the run in --out (its saved settings; --steps may grow)")
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=train_vqvae)
 
@@ -41,6 +42,7 @@ def add(sub):
     t.add_argument("--guidance", type=float, help=f"guidance scale of the final evaluation (default: {GUIDANCE})")
     t.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     t.add_argument("--seed", type=int)
+    t.add_argument("--resume", action="store_true", help="continue the run in --out (its saved settings; --steps may grow)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=train_dalle)
 
@@ -71,16 +73,22 @@ def add(sub):
 
 
 def train_vqvae(args):
-    out = fresh_run_dir(args.out)
-    model = json_arg(args.model_kwargs, "--model-kwargs")
-    config = VQVAETrainConfig(**given(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                                      foreground_weight=args.foreground_weight, reconstruction=args.reconstruction,
-                                      model={**VQVAETrainConfig().model, **model} if model else None))
-    from ..train.vqvae import VQVAETrainer, evaluate_vqvae
+    if args.resume:
+        from ..train.vqvae import VQVAETrainer, evaluate_vqvae
 
-    trainer = VQVAETrainer(config, out)
+        trainer = VQVAETrainer.resume(args.out, steps=args.steps)
+    else:
+        out = fresh_run_dir(args.out)
+        model = json_arg(args.model_kwargs, "--model-kwargs")
+        config = VQVAETrainConfig(**given(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                                          foreground_weight=args.foreground_weight, reconstruction=args.reconstruction,
+                                          model={**VQVAETrainConfig().model, **model} if model else None))
+        from ..train.vqvae import VQVAETrainer, evaluate_vqvae
+
+        trainer = VQVAETrainer(config, out)
     trainer.train(progress=not args.no_progress)
-    print_metrics(f"{out} (step {trainer.step}), held-out images:", evaluate_vqvae(trainer.model, trainer.variables(), config))
+    print_metrics(f"{args.out} (step {trainer.step}), held-out images:",
+                  evaluate_vqvae(trainer.model, trainer.variables(), trainer.config))
 
 
 def evaluate_vqvae(args):
@@ -91,19 +99,25 @@ def evaluate_vqvae(args):
 
 
 def train_dalle(args):
-    out = fresh_run_dir(args.out)
-    model = dict(DalleTrainConfig().model, **(json_arg(args.model_kwargs, "--model-kwargs") or {}))
-    if args.attention:
-        model["attention"] = args.attention.split(",")
-    config = DalleTrainConfig(**given(vqvae=args.vqvae, steps=args.steps, batch=args.batch, lr=args.lr,
-                                      cond_drop=args.cond_drop, seed=args.seed), model=model)
-    from ..train.dalle import DalleTrainer, evaluate_dalle
+    if args.resume:
+        from ..train.dalle import DalleTrainer, evaluate_dalle
 
-    trainer = DalleTrainer(config, out)
+        trainer = DalleTrainer.resume(args.out, steps=args.steps)
+    else:
+        out = fresh_run_dir(args.out)
+        model = dict(DalleTrainConfig().model, **(json_arg(args.model_kwargs, "--model-kwargs") or {}))
+        if args.attention:
+            model["attention"] = args.attention.split(",")
+        config = DalleTrainConfig(**given(vqvae=args.vqvae, steps=args.steps, batch=args.batch, lr=args.lr,
+                                          cond_drop=args.cond_drop, seed=args.seed), model=model)
+        from ..train.dalle import DalleTrainer, evaluate_dalle
+
+        trainer = DalleTrainer(config, out)
     trainer.train(progress=not args.no_progress)
     if not args.no_eval:
         g = GUIDANCE if args.guidance is None else args.guidance
-        print_metrics(f"{out} (step {trainer.step}), guidance {g}:", evaluate_dalle(trainer.generator(), guidance_scale=g))
+        print_metrics(f"{args.out} (step {trainer.step}), guidance {g}:",
+                      evaluate_dalle(trainer.generator(), guidance_scale=g))
 
 
 def dalle(args):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from ..train.configs import DATA_DEFAULTS, DATASETS, TrainConfig
@@ -108,11 +107,7 @@ def train(args):
         from ..train.diffusion import Trainer
 
         trainer = Trainer(config, out)
-    try:
-        trainer.train(progress=not args.no_progress)
-    except KeyboardInterrupt:
-        print(f"minidiff train: interrupted at step {trainer.step}; continue with --resume", file=sys.stderr)
-        raise SystemExit(130) from None
+    trainer.train(progress=not args.no_progress)
     print(f"step {trainer.step}: loss {trainer.history['loss'][-1]:.4f}; checkpoint in {out}")
 
 
