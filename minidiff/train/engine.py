@@ -157,16 +157,17 @@ class Engine:
         until = self.steps if until is None else min(until, self.steps)
         bar = tqdm(total=self.steps, initial=self.step, disable=not progress, desc=self.desc, unit="step")
         prefetch = ThreadPoolExecutor(1)  # draws the next batch while this step runs
-        upcoming = prefetch.submit(self.batches, self.step)
+        step = self.step  # counted on the host: reading the state's step would wait for every step to finish
+        upcoming = prefetch.submit(self.batches, step)
         try:
-            while self.step < until:
+            while step < until:
                 batch = upcoming.result()
-                if self.step + 1 < until:
-                    upcoming = prefetch.submit(self.batches, self.step + 1)
+                if step + 1 < until:
+                    upcoming = prefetch.submit(self.batches, step + 1)
                 self.state, value, aux = self._step(self.state, self.frozen, tuple(batch))
                 self._pending.append((value, {k: v for k, v in aux.items() if np.ndim(v) == 0}))
                 bar.update()
-                step = self.step
+                step += 1
                 if step % self.log_every == 0 or step == self.steps:
                     self._log(bar)
                 for every, fn in self.callbacks:
