@@ -1,24 +1,16 @@
 """Stable Diffusion 1.x / 2.x checkpoints -> one converted file that minidiff loads fast.
 
-    convert(src, dst)            read a checkpoint, write dst (.safetensors) and dst's .json
-    read_checkpoint(src)         the same in memory: (params, StableDiffusionConfig)
-    load_converted(dst)          (params {"unet", "vae", "text_encoder"}, StableDiffusionConfig)
+    convert(src, dst)     write dst (.safetensors of the flattened Flax tree: unet/..., vae/...,
+                          text_encoder/...) and dst's .json (configs, prediction, schedule, pad token, notes)
+    read_checkpoint(src)  the same in memory: (params, StableDiffusionConfig)
+    load_converted(dst)   (params {"unet", "vae", "text_encoder"}, StableDiffusionConfig)
 
-``src`` may be a diffusers folder (``unet/ vae/ text_encoder/`` with ``config.json`` files,
-``scheduler/``, ``tokenizer/``) or a single file in the original ldm layout (``.safetensors``, or
-``.ckpt`` read with ``torch.load(weights_only=True)`` only), in float32, float16 or bfloat16, with
-or without an EMA copy of the UNet (used when present, and said so).  ``minidiff.tensorfiles``
-reads the files, ``minidiff.weights`` maps the names and shapes.
-
-The weights tell SD 1.x from 2.x by evidence, not a label: the text encoder (OpenAI CLIP under
-``cond_stage_model.transformer.`` vs OpenCLIP under ``cond_stage_model.model.``), the
-Transformer2D's ``proj_in`` (1x1 conv vs linear) and the context width (``attn2.to_k``: 768 vs
-1024).  What the weights cannot say comes from the family: heads (SD 1.x: 8 per block; SD 2.x:
-width / 64), and, without a scheduler config, the prediction type (SD 2.x: assumed v, with a note).
-
-The output is one ``.safetensors`` of the flattened Flax tree (``unet/down_blocks_0/resnets_0/
-conv1/kernel``, ``vae/...``, ``text_encoder/...``) plus a JSON config next to it (model configs,
-prediction type, schedule, pad token, source, dtype, EMA, and notes on what was found and skipped).
+``src``: a diffusers folder or an original (ldm) single file (``.safetensors``, or ``.ckpt`` read with
+``torch.load(weights_only=True)`` only), float32, float16 or bfloat16; an EMA UNet is used when present.
+SD 1.x vs 2.x is read from the weights: the text encoder (``cond_stage_model.transformer.`` vs
+``.model.``), ``proj_in`` (1x1 conv vs linear), the context width (768 vs 1024).  The family gives
+the rest: heads (SD 1.x: 8; SD 2.x: width / 64) and, without a scheduler config, the prediction
+type (SD 2.x: v, with a note).  Names and shapes: ``minidiff.weights``; file reading: ``minidiff.tensorfiles``.
 """
 
 from __future__ import annotations

@@ -1,29 +1,16 @@
 """Stable Diffusion: prompt -> image, with the whole denoising loop compiled once.
 
-    prompts            ──tokenizer──► ids (P, 77) ──CLIP──► context   (P, 77, D), repeated m times -> (n, 77, D)
-    negative prompts   ──tokenizer──► ids (P, 77) ──CLIP──► uncontext (n, 77, D)       ("" by default)
-    seed ──jax.random──► x_T (n, H/f, W/f, 4)             f = 8 for SD's VAE; n = P prompts x m images each
-    for each of the N timesteps t_0 > ... > t_{N-1}:      ONE jax.lax.scan inside ONE jax.jit
-        eps = eps_u + s (eps_c - eps_u)                   both branches in one doubled UNet batch
-        x   = ddim_step / ddpm_step(x, eps, alpha_bar_t, alpha_bar_prev, z)
-    images = VAE.images_from_latents(x_0)  ──► uint8 (n, H, W, 3)
+    prompts, negatives ("") -tokenizer-> (P, 77) -CLIP-> context, uncontext (n, 77, D)   n = P prompts x m
+    seed -> x_T (n, H/8, W/8, 4); N steps in ONE jax.lax.scan inside ONE jax.jit:
+        eps = eps_u + s (eps_c - eps_u)  (one doubled UNet batch);   x = ddim_step / ddpm_step(x, eps, ...)
+    images = VAE.images_from_latents(x_0) -> uint8 (n, H, W, 3)
 
-The guidance is :func:`minidiff.sampling.guided_output`, the loop :func:`minidiff.sampling.reverse_chain`
-(around the NumPy-written ``minidiff.diffusion`` steps), the latent scaling the VAE's
-``latents_from_images`` / ``images_from_latents``.  The step tables, noise keys, text embeddings
-and guidance scale are arguments of the compiled loop: a new prompt, seed or guidance scale reuses
-it; a new shape or static choice (sampler, eta, dtype, devices) compiles again (``pipe.traces``).
-
-Randomness: ``k_T, z_keys = noise_keys(jax.random.key(seed), N)`` as in
-:class:`minidiff.sampling.Sampler`; x_T ~ N(0, I) from k_T, the DDPM / eta noise z_i from z_keys[i].
-
-img2img (SDEdit): the init image's latents x_0 are noised with q(x_t | x_0) to the timestep of step
-N - k, k = round(strength * N), and the last k steps run (diffusers: int(strength * N)).
-
-Several devices: the batch is sharded over the largest d <= D devices dividing n (a 1-D mesh
-"batch", parameters replicated).  ``dtype="bfloat16"`` runs the networks in bfloat16; their
-outputs and the sampler arithmetic stay float32.  ``progress=True``: a tqdm bar advanced by a
-``jax.debug.callback`` after each step.
+Built on :func:`minidiff.sampling.guided_output` and :func:`~minidiff.sampling.reverse_chain`, with
+``k_T, z_keys = noise_keys(jax.random.key(seed), N)``.  Step tables, keys, embeddings and guidance
+scale are arguments of the compiled loop; only a new shape or static choice (sampler, eta, dtype,
+devices) compiles again (``pipe.traces``).  img2img (SDEdit): the init latents are noised with
+q(x_t | x_0) and the last k = round(strength * N) steps run.  The batch is sharded over the largest
+number of devices dividing n; ``dtype="bfloat16"`` runs the networks in bfloat16, the sampler in float32.
 """
 
 from __future__ import annotations

@@ -1,25 +1,14 @@
 """The reverse chain for JAX models, compiled once.
 
-``minidiff.diffusion.sample`` walks an :class:`InferenceSchedule` in a Python loop on NumPy arrays.
-Here the same walk is one ``jax.lax.scan`` inside one ``jax.jit``: the loop body calls the very
-same step functions (``ddim_step``, ``ddpm_step``), whose coefficients are gathered from the
-schedule's arrays step by step, so the whole chain of N network calls compiles into one program.
-
-Randomness comes from one ``jax.random`` key, split the same way on every call::
+:func:`reverse_chain` is ``minidiff.diffusion.sample``'s walk over an :class:`InferenceSchedule` as one
+``jax.lax.scan`` inside one ``jax.jit``, calling the same step functions (``ddim_step``, ``ddpm_step``)
+with coefficients gathered from the schedule's arrays.  All noise comes from one key (:func:`noise_keys`)::
 
     k_T, k_steps = split(key);   x_T = N(0, I) from k_T;   z_i = N(0, I) from split(k_steps, N)[i]
 
-(:func:`noise_keys`), so a sample is a pure function of (params, key) and a new seed reuses the
-compiled program.
-
-Classifier-free guidance: given the unconditional input ``uncond`` as well as ``cond``, the model
-runs on both halves of a doubled batch and the outputs are mixed,
-
-    eps = eps(x_t, uncond) + s * (eps(x_t, cond) - eps(x_t, uncond)),      s = guidance_scale.
-
-The scan (:func:`reverse_chain`) and the guided output (:func:`guided_output`) are plain functions
-as well, which the Stable Diffusion pipeline (``minidiff.pipeline``) calls with the step tables passed
-in as traced arguments, so there is one copy of the loop and of the guidance formula.
+so a sample is a pure function of (params, key).  :func:`guided_output` is classifier-free guidance,
+both halves in one doubled batch: eps = eps(x_t, uncond) + s (eps(x_t, cond) - eps(x_t, uncond)).
+:class:`Sampler` wraps the two for a model; ``minidiff.pipeline`` calls them directly.
 """
 
 from __future__ import annotations

@@ -1,43 +1,14 @@
 """CLIP's byte-level BPE tokenizer, written out by hand: prompt -> 77 token ids.
 
-Byte-pair encoding in ten lines:
-
-1. Clean the text (Unicode NFC, collapse whitespace, lower-case) and cut it into "words" with a
-   regular expression: runs of letters, single digits, runs of punctuation, the 's 't 're ... endings.
-2. Write each word as its UTF-8 *bytes*, one printable character per byte (:func:`bytes_to_unicode`),
-   so that any text, emoji included, is spelled with 256 symbols and nothing is ever "unknown".
-3. Mark the word's last symbol with ``</w>`` ("end of word"): ``cat`` -> ``c a t</w>``.
-4. The merges file lists symbol pairs in the order they were learnt (most frequent first).
-   Repeatedly merge the adjacent pair that was learnt earliest: ``c a t</w>`` -> ``c at</w>`` ->
-   ``cat</w>``, until no adjacent pair is in the list.
-5. Each remaining symbol is a vocabulary entry; its index is the token id (``cat</w>`` -> 2368).
-6. A prompt becomes ``[<|startoftext|>] + ids + [<|endoftext|>]`` (49406 ... 49407), padded to 77.
-
-CLIP's vocabulary: 256 byte symbols, the same 256 with ``</w>``, 48,894 merges, 2 special
-tokens = 49,408 ids.  A copy of OpenAI's merges file ships with minidiff
-(:data:`BUNDLED_VOCAB`, MIT licence), so the tokenizer works with no model hub.
-
-Reference behaviour.  Stable Diffusion 1.x and 2.x in diffusers tokenize with transformers'
-``CLIPTokenizer``; this module gives the same ids (tested on 1,200 generated prompts).  Its text
-clean-up is transformers' one: NFC, every run of Unicode whitespace -> one space, lower-case.
-OpenAI's and open_clip's ``basic_clean`` also run ``ftfy.fix_text`` and un-escape HTML entities
-(``&amp;`` -> ``&``).  HTML un-escaping is available with ``unescape_html=True``; ``ftfy`` is not
-used (it would straighten curly quotes, expand ligatures such as "ﬁ", narrow full-width letters and
-repair mojibake), so prompts with such characters may differ from open_clip's ids, as they do in
-transformers.  Three more details follow transformers rather than OpenAI's code:
-
-- lower-casing maps each letter on its own: "ΟΔΟΣ" -> "οδοσ" (Python's ``str.lower`` would write the
-  word-final sigma "ς", a different token);
-- the pre-tokenizer pattern is matched case-sensitively (OpenAI compiles it with IGNORECASE, which
-  after lower-casing only matters for the long s "ſ", which case-folds to "s" in ``'s``);
-- the special tokens are recognised in the raw prompt, exactly as written: ``"<|endoftext|>"`` in a
-  prompt is id 49407, while ``"<|ENDOFTEXT|>"`` is lower-cased and spelled with ordinary tokens
-  ("<|", "endoftext", "|>"; OpenAI's code would give 49407).
-
-One deliberate difference from transformers: a diffusers SD 2.x tokenizer folder names "!" (id 0)
-as its pad token, and transformers then reads every "!" typed in a prompt as that special token
-("wow!!" -> 2781, 0, 0).  Here "!" stays ordinary text ("wow!!" -> 2781, 748), as in open_clip,
-the tokenizer SD 2 was trained with; only the padding uses id 0.
+Clean the text (:func:`clean_text`: NFC, whitespace runs -> one space, lower-case), cut it into
+words (:data:`PATTERN`), spell each word's UTF-8 bytes with 256 printable symbols
+(:func:`bytes_to_unicode`), mark the last one ``</w>``, and merge the adjacent pair of lowest rank
+in the merges file until none is left: ``c a t</w>`` -> ``c at</w>`` -> ``cat</w>`` (id 2368).
+A prompt becomes int32 (n, 77): ``[49406] + ids + [49407]``, padded with 49407 (SD 1.x) or 0
+(SD 2.x).  Vocabulary: 2 x 256 byte symbols + 48,894 merges + 2 special tokens = 49,408 ids;
+OpenAI's merges file ships as :data:`BUNDLED_VOCAB` (MIT licence).  Gives transformers'
+``CLIPTokenizer`` ids; the differences from it and from OpenAI's code (no ftfy, lower-casing per
+letter, special tokens as written, "!" as text in SD 2) are listed in README.md.  Lesson 8.
 """
 
 from __future__ import annotations

@@ -1,32 +1,15 @@
 """Vector quantization (VQ-VAE, van den Oord et al. 2017), in NumPy.
 
-An encoder maps an image to a grid of vectors z (..., D).  A *codebook* holds K vectors
-e_1 .. e_K (shape (K, D)); each z is replaced by its nearest code
+Each encoder vector z (..., D) is replaced by its nearest code of a codebook e (K, D):
 
-    k(z) = argmin_k ||z - e_k||^2,        z_q = e_{k(z)}
+    k(z) = argmin_k ||z - e_k||^2 = argmin_k ||z||^2 - 2 z . e_k + ||e_k||^2,        z_q = e_{k(z)}
 
-so the image becomes a grid of integers k (the "image tokens" a transformer later models) and the
-decoder sees z_q.  The N x K distances are computed by expanding the square,
-
-    ||z - e_k||^2 = ||z||^2 - 2 z . e_k + ||e_k||^2,
-
-one (N, D) @ (D, K) matrix product plus two row norms, instead of forming the N x K x D array of
-differences (at 64 x 64 latents, K = 8192 and D = 256 that would be 2^33 numbers per image).
-
-Codebook collapse: a code that is nearest to no z gets no gradient (and no EMA statistics), so it
-never moves towards the data and stays dead; often only a handful of the K codes end up used.
-``perplexity`` measures the effective number of codes in use.  Remedies implemented here:
-
-- EMA updates (van den Oord et al. 2017, appendix A.1; Razavi et al. 2019): each code is set to
-  a running mean of the encoder outputs assigned to it, instead of being learned by gradient
-  descent on the codebook loss (``ema_update``);
-- random restarts (Dhariwal et al. 2020, Jukebox): codes used less than a threshold are moved onto
-  encoder outputs picked at random from the batch (``restart_dead_codes``).
-
-``squared_distances``, ``quantize`` and ``ema_update`` use only array methods and operators
-(``@``, ``.sum``, ``.argmin``, indexing, ``==``), so the same functions run on NumPy arrays and on
-traced JAX arrays inside ``jax.jit`` (``minidiff.nn.quantizer`` calls them).  The statistics
-(``codebook_usage``, ``fraction_used``, ``perplexity``) and ``restart_dead_codes`` are NumPy only.
+(one (N, D) @ (D, K) product, never an N x K x D array).  Exports ``squared_distances``,
+``quantize``, ``ema_update`` (codes as running means of their assigned z: van den Oord et al.
+2017, A.1), which use only array operators and so also run on traced JAX arrays
+(``minidiff.nn.quantizer`` calls them); and, NumPy only, ``restart_dead_codes`` (unused codes moved
+onto random encoder outputs, as in Jukebox) and the usage statistics ``codebook_usage``,
+``fraction_used``, ``perplexity`` (the effective number of codes in use).  Lesson 5.
 """
 
 from __future__ import annotations

@@ -1,24 +1,16 @@
 """PyTorch state dicts -> Flax parameter trees: the names and shapes of SD checkpoints.
 
-minidiff's module names mirror the diffusers layout, so converting a diffusers state dict is:
-
-    renaming   down_blocks.0.resnets.1.conv1.weight  ->  down_blocks_0/resnets_1/conv1/kernel
-               ff.net.0.proj.weight                  ->  ff/net_0/proj/kernel
-               ("name.N" becomes "name_N"; "weight" becomes kernel, scale or embedding)
+    renaming     down_blocks.0.resnets.1.conv1.weight  ->  down_blocks_0/resnets_1/conv1/kernel
+                 ("name.N" -> "name_N"; "weight" -> kernel, scale or embedding)
     transposing  conv kernels OIHW -> HWIO, linear weights (out, in) -> (in, out)
 
-The Flax tree of the target model (its shapes, e.g. from ``jax.eval_shape(model.init, ...)``)
-is the template: every template leaf must be filled, and every tensor must land somewhere.
-
-This module holds the pure name and shape logic:
-
-* ``torch_to_flax``, with the key normalisation of the CLIP text encoder and the VAE;
-* the original single-file (ldm) layout -> diffusers names: ``ldm_unet_key``, ``ldm_vae_key``,
-  ``openclip_text_state_dict`` (SD 2.x's fused q/k/v);
-* model configs from diffusers' ``config.json`` files or from the shapes of an ldm checkpoint.
-
-Reading files is ``minidiff.tensorfiles``; detecting SD 1.x / 2.x, EMA, the schedule check and the
-converted format are ``minidiff.convert``.
+``torch_to_flax`` fills a template (the target model's tree of shapes, e.g. from
+``jax.eval_shape(model.init, ...)``): every leaf must be filled and every tensor land somewhere;
+``clip_text_state_dict`` and ``vae_from_torch`` normalise those models' keys first.  The single-file
+(ldm) layout maps to diffusers names with ``ldm_unet_key``, ``ldm_vae_key`` and
+``openclip_text_state_dict`` (SD 2.x's fused q/k/v); model configs come from diffusers'
+``config.json`` files or from an ldm checkpoint's shapes.  Reading files: ``minidiff.tensorfiles``;
+SD 1.x / 2.x detection, EMA, the schedule check and the converted format: ``minidiff.convert``.
 """
 
 from __future__ import annotations

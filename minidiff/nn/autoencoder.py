@@ -1,39 +1,15 @@
 """AutoencoderKL: Stable Diffusion's VAE (Rombach et al. 2022, "KL-f8"), in Flax linen.
 
-The diffusion model does not work on pixels but on a latent picture 8x smaller per side:
+    encode  x (B, H, W, 3) in [-1, 1] -> encoder -> quant_conv -> [mean, logvar] (B, H/f, W/f, 2*4)
+            = q(z | x) = N(mean, exp(logvar))                                  (DiagonalGaussian)
+    decode  z (B, H/f, W/f, 4) -> post_quant_conv -> decoder -> x_hat (B, H, W, 3)
+    latents_from_images(x) = z * scaling_factor;   images_from_latents(l) = decode(l / scaling_factor)
 
-    x (B, H, W, 3) in [-1, 1]
-      ─► encoder ─► quant_conv ─► moments (B, H/8, W/8, 2*4) = [mean, logvar]  ─►  q(z | x) = N(mean, exp(logvar))
-    z (B, H/8, W/8, 4)
-      ─► post_quant_conv ─► decoder ─► x_hat (B, H, W, 3)
-
-    encoder:  conv_in ─► down blocks [ResnetBlock x layers_per_block, stride-2 conv (not the last)]
-              ─► mid block [ResnetBlock, single-head self-attention over H*W, ResnetBlock]
-              ─► GroupNorm, SiLU, conv_out (2 * latent_channels)
-    decoder:  conv_in ─► mid block ─► up blocks [ResnetBlock x (layers_per_block + 1), nearest 2x + conv
-              (not the last)] ─► GroupNorm, SiLU, conv_out (3)
-
-The f = 8 of SD comes from block_out_channels (128, 256, 512, 512): 4 blocks, 3 downsamplings.
-No time embedding anywhere (``ResnetBlock(..., temb=None)``), GroupNorm eps 1e-6.
-
-The scaling factor.  The diffusion model was trained on z * 0.18215 (scaling_factor, chosen so
-that the latents have roughly unit variance).  It is applied in exactly one place, the two helpers
-
-    latents_from_images(x)      = z * scaling_factor,    z ~ q(z | x) (or its mean)
-    images_from_latents(latents) = decode(latents / scaling_factor)
-
-while ``encode`` / ``decode`` speak the VAE's own, unscaled z.  Nothing else multiplies by it.
-
-Usage (NHWC, images in [-1, 1]):
-
-    vae = AutoencoderKL(AutoencoderKLConfig.sd())
-    posterior = vae.apply({"params": params}, x, method=AutoencoderKL.encode)   # DiagonalGaussian
-    latents = vae.apply({"params": params}, x, key, method=AutoencoderKL.latents_from_images)
-    images = vae.apply({"params": params}, latents, method=AutoencoderKL.images_from_latents)
-
-Sub-module names mirror diffusers' ``AutoencoderKL`` (``encoder/down_blocks_0/resnets_1/conv1``,
-``encoder/mid_block/attentions_0/to_q``, ``quant_conv``, ``decoder/up_blocks_3/resnets_2``...), so
-a diffusers checkpoint loads by renaming plus transposing: :func:`minidiff.weights.vae_from_torch`.
+Encoder: down blocks of ResnetBlocks (no time embedding, GroupNorm eps 1e-6) with a stride-2 conv
+after all but the last, then a mid block (ResnetBlock, single-head self-attention, ResnetBlock);
+the decoder mirrors it with nearest 2x upsampling.  SD: block_out_channels (128, 256, 512, 512), so
+f = 8, scaling_factor 0.18215, applied only in the two helpers (``encode`` / ``decode``: unscaled z).
+Names mirror diffusers', so :func:`minidiff.weights.vae_from_torch` renames and transposes.  Lesson 7.
 """
 
 from __future__ import annotations

@@ -1,28 +1,16 @@
 """CLIP's text transformer: the prompt encoder of Stable Diffusion, in Flax linen.
 
-    ids (B, L) ─► token_embedding + position_embedding ─► N x EncoderLayer ─► final_layer_norm ─► (B, L, D)
-                                                          │  x = x + SelfAttn(LN1(x))   causal mask: token i
-                                                          │  x = x + MLP(LN2(x))        sees tokens 0..i only
-    MLP = fc1 ─► act ─► fc2,  act = quick_gelu  x sigmoid(1.702 x)  (OpenAI CLIP, SD 1.x)
-                               or   exact gelu  x Phi(x)            (OpenCLIP, SD 2.x)
+    ids (B, L <= 77) -> token + position embedding -> N x [x += SelfAttn(LN1(x))  (causal: i sees 0..i),
+                        x += fc2(act(fc1(LN2(x))))] -> final_layer_norm -> (B, L, D)
+    act = quick_gelu x sigmoid(1.702 x) (OpenAI CLIP, SD 1.x)  or  exact gelu x Phi(x) (OpenCLIP, SD 2.x)
 
-Module names mirror transformers' ``CLIPTextModel`` (``embeddings/token_embedding``,
-``encoder/layers_0/self_attn/q_proj``, ``mlp/fc1``, ``layer_norm1``, ``final_layer_norm``...), so a
-checkpoint converts by renaming plus transposing: ``minidiff.weights.clip_text_state_dict`` strips
-the prefixes checkpoints carry, then ``minidiff.weights.torch_to_flax`` does the rest.
-
-What Stable Diffusion feeds the UNet (the ``context`` of its cross-attention):
-
-* SD 1.x: ``last_hidden_state`` of OpenAI's ViT-L/14 text tower, i.e. final_layer_norm applied to
-  the output of the 12th (last) layer; (B, 77, 768).  ``clip_skip=k`` (an A1111/diffusers option,
-  not used by SD 1.x itself) runs only the first 12 - k layers and applies final_layer_norm to that,
-  as diffusers does with ``final_layer_norm(hidden_states[-(k + 1)])``.
-* SD 2.x: the *penultimate* layer of OpenCLIP's ViT-H/14 text tower, then its final LayerNorm
-  (ldm's ``FrozenOpenCLIPEmbedder(layer="penultimate")`` runs 23 of the 24 blocks and applies
-  ``ln_final``); (B, 77, 1024).  The diffusers ``text_encoder`` of SD 2.x stores only those 23
-  layers, so with diffusers weights (``CLIPTextConfig.sd2()``, 23 layers) SD 2.x uses plain
-  ``last_hidden_state``; with a full 24-layer tower (``CLIPTextConfig.sd2(num_hidden_layers=24)``)
-  use ``clip_skip=1``.  The two are the same numbers.
+SD 1.x's context is the ``last_hidden_state`` of ViT-L/14, (B, 77, 768); ``clip_skip=k`` runs the
+first N - k layers, then final_layer_norm (diffusers: ``final_layer_norm(hidden_states[-(k + 1)])``).
+SD 2.x's is the final LayerNorm of the penultimate of OpenCLIP ViT-H/14's 24 layers, (B, 77, 1024):
+diffusers stores just those 23 (``CLIPTextConfig.sd2()``, clip_skip 0); a full 24-layer tower needs
+``clip_skip=1``.  Names mirror transformers' ``CLIPTextModel`` (``encoder/layers_0/self_attn/q_proj``),
+so weights convert by renaming plus transposing (``minidiff.weights``).  Also: the toy
+``ContrastiveCLIP``, and ``add_token_rows`` / ``table_with`` for textual inversion.  Lesson 8.
 """
 
 from __future__ import annotations

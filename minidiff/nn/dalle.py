@@ -1,28 +1,15 @@
 """A DALL-E-style transformer: caption tokens, then the image's codebook indices, one causal sequence.
 
-The sequence (Ramesh et al. 2021, Figure 1 and Appendix B.1) for a caption of ``Lt`` text slots and an
-image of G x G VQ-VAE codes, N = G^2:
+    position    0 ... Lt-1                        |  Lt ... Lt+N-1        (Ramesh et al. 2021; N = G x G codes)
+    token       caption words, then pads          |  codebook indices in raster order
+    embedding   word (or its own pad_i) + pos_i   |  code + row_r + column_c
 
-    position    0 ... Lt-1                |  Lt ... Lt+N-1
-    token       caption words, then pads  |  codebook indices in raster order (row by row)
-    embedding   word (or pad_i) + pos_i   |  code + row_r + column_c
-
-- The two vocabularies are kept apart: text ids index the word table, image ids the code table,
-  and there are two output heads.  A padded text slot i gets its *own* pad embedding pad_i.
-- The model predicts token p+1 from positions <= p: the output at Lt-1 predicts the first image
-  token.  The loss is a weighted sum, mostly image (DALL-E: 1/8 text, 7/8 image).
-- Attention masks (``mask``): every image token sees every text token; among image tokens,
-  each layer uses one sparse causal pattern (Child et al. 2019; DALL-E's row / column / conv):
-
-      row      the previous G positions (its row to the left, the previous row to the right)
-      column   the same column in the rows above
-      conv     a (2k+1) x (2k+1) neighbourhood above and to the left
-      causal   everything before it (plain GPT, for comparison)
-
-  Row then column layers together still reach every earlier token.
-- Sampling (:func:`sample`) writes one image token per step: with the key-value cache each step
-  runs the network on one new token; without it, on the whole sequence.  Classifier-free guidance
-  on the logits: l = l_u + s (l_c - l_u), the unconditional branch reading an empty caption.
+Two vocabularies, two embedding tables, two output heads; the output at p predicts token p+1, and
+:func:`loss_fn` weighs text 1/8, image 7/8.  Every image token sees the whole caption; among image
+tokens each layer uses one pattern of :data:`PATTERNS` (Child et al. 2019): "row" (the previous G
+positions), "column" (the same column above), "conv" (a (2k+1) x (2k+1) neighbourhood above and to
+the left), "causal".  :func:`sample` writes one image token a step (with the key-value cache, one
+token through the network), with guidance on the logits l = l_u + s (l_c - l_u).  Lesson 6.
 """
 
 from __future__ import annotations

@@ -1,30 +1,14 @@
 """The vector-quantization bottleneck of a VQ-VAE (van den Oord et al. 2017), in Flax linen.
 
-    z (..., D) ──nearest code (minidiff.vq.quantize)──► k (...,),  z_q = e_k
-    z_st = z + sg(z_q - z)        forward: z_st = z_q;   backward: dL/dz := dL/dz_st   (straight-through)
+    z (..., D) -> k = argmin_k ||z - e_k||^2 (...,),  z_q = e_k       (minidiff.vq.quantize, on JAX arrays)
+    z_st = z + sg(z_q - z)                 straight-through: forward z_q, backward dL/dz := dL/dz_st
+    codebook loss    mean (sg(z) - z_q)^2         commitment loss   beta mean (z - sg(z_q))^2    (eq. 3)
 
-The losses (eq. 3 of the paper; sg = stop_gradient, means over all N x D numbers):
-
-    codebook loss    mean (sg(z) - z_q)^2         pulls the codes towards the encoder outputs
-    commitment loss  beta mean (z - sg(z_q))^2    keeps the encoder outputs near their codes
-
-The decoder's reconstruction loss reaches the encoder through z_st and never reaches the codebook.
-The nearest code is found by the NumPy function ``minidiff.vq.quantize``, run on JAX arrays.
-
-Two ways to learn the codebook:
-
-- ``ema=False``: the codebook is the parameter ``params/codebook`` (K, D), trained by gradient
-  descent on the codebook loss;
-- ``ema=True``: the codebook lives in the variable collection ``"vq_ema"`` (``codebook``,
-  ``cluster_size``, ``embed_sum``), receives no gradient (the codebook loss is 0), and is moved by
-  ``minidiff.vq.ema_update`` when the module is called with ``update=True``::
-
-      vq = VectorQuantizer(num_codes=512, dim=32, ema=True)
-      variables = vq.init(key, z)
-      (z_st, indices, aux), new_state = vq.apply(variables, z, update=True, mutable=["vq_ema"])
-
-A decoder that starts from tokens gets their vectors with
-``vq.apply(variables, indices, method=VectorQuantizer.lookup)``.
+``VectorQuantizer(ema=False)`` learns ``params/codebook`` (K, D) by gradient on the codebook loss;
+``ema=True`` keeps it in the collection ``"vq_ema"`` (``codebook``, ``cluster_size``, ``embed_sum``),
+gives it no gradient (codebook loss 0) and moves it with ``minidiff.vq.ema_update`` when called as
+``vq.apply(variables, z, update=True, mutable=["vq_ema"])``.  Tokens -> vectors:
+``vq.apply(variables, indices, method=VectorQuantizer.lookup)``.  Lesson 5.
 """
 
 from __future__ import annotations

@@ -1,22 +1,13 @@
 """Train a small AutoencoderKL (SD's VAE architecture) on crops of a few photographs, on a CPU.
 
-One step, for a batch x of random crops in [-1, 1] (B, c, c, 3):
+    q(z | x) = N(mu, sigma^2) = encode(x);   z = mu + sigma * eps;   x_hat = decode(z)
+    loss = mean |x - x_hat| + kl_weight * KL(q || N(0, I)) / (c * c * 3)       x: crops (B, c, c, 3) in [-1, 1]
 
-    q(z | x) = N(mu, sigma^2) = encode(x);   z = mu + sigma * eps        (reparameterisation)
-    x_hat    = decode(z)
-    loss     = mean |x - x_hat|  +  kl_weight * KL(q || N(0, I)) / (c * c * 3)
-
-This is the loss of the latent-diffusion autoencoders (``LPIPSWithDiscriminator`` in the ldm code,
-whose KL weight is 1e-6) divided by the number of pixel values, without the perceptual (LPIPS) and
-adversarial terms: both need a second trained network.  Pixel-wise loss alone gives blurrier
-details than SD's VAE, which is what those two terms are there for.  ``reconstruction="l2"``
-swaps the L1 for the mean squared error (what PSNR measures).
-
-    params, history = train_vae(photos, AutoencoderKLConfig.toy(block_out_channels=(16, 32, 64)), steps=400)
-    z = AutoencoderKL(config).apply({"params": params}, x, method=AutoencoderKL.encode).sample(key)
-    config = dataclasses.replace(config, scaling_factor=float(1 / z.std()))   # as SD's 0.18215 was chosen
-
-Every entry point takes arrays (photos as uint8 (H, W, 3) or float in [-1, 1]), never paths.
+The ldm autoencoders' loss (KL weight 1e-6) per pixel value, without its LPIPS and adversarial
+terms, which need a second trained network (lesson 7); ``reconstruction="l2"`` uses the squared
+error.  Images come as uint8 (H, W, 3) or float in [-1, 1], never paths.  After training, set
+``scaling_factor = 1 / z.std()``, as SD's 0.18215 was chosen.  Exports ``train_vae``, ``vae_loss``,
+``reconstruction_loss``, ``random_crops``, ``init_params``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
 """Training checkpoints: one msgpack file per run folder, written atomically.
 
-``RUN/checkpoint.msgpack`` holds everything a run needs to continue exactly where it stopped::
+    RUN/checkpoint.msgpack = {"state": {"step", "params", "ema_params", "opt_state", "key", ...},
+                              "config": JSON text of the training configuration, "meta": JSON text}
 
-    {"state":  {"step", "params", "ema_params", "opt_state", "key", ...},   # pytrees of arrays
-     "config": JSON text of the training configuration,
-     "meta":   JSON text of anything else (loss history, versions...)}
-
-It is written to a temporary file in the same folder, flushed to disk and renamed over the old
-one (``os.replace`` is atomic), so a run killed mid-write leaves the previous checkpoint intact.
-``RUN/config.json`` is a readable copy of the configuration; loading never needs it.
-
-Parameters come back as plain nested dicts (what Flax's ``apply`` takes), so sampling needs no
-template.  Optimizer states are tuples of optax NamedTuples: restoring them exactly needs a
-template of the same structure (``target``), e.g. a freshly initialised state.
+Written to a temporary file in the same folder, flushed and ``os.replace``d over the old one, so a
+run killed mid-write keeps the previous checkpoint.  ``RUN/config.json`` is a readable copy, never
+needed to load.  Parameters come back as plain nested dicts; optimizer states (tuples of optax
+NamedTuples) need a template of the same structure (``target``) to come back exactly.
 """
 
 from __future__ import annotations

@@ -1,17 +1,12 @@
 """Training a toy CLIP contrastively on captioned shapes (Radford et al. 2021), for the mini SD.
 
-A batch of B (image, caption) pairs gives B text embeddings t_i and B image embeddings v_j,
-both normalised to unit length.  Their similarity matrix, scaled by a learned temperature,
+    logits_ij = exp(s) <t_i, v_j>      t_i, v_j: unit-length text and image embeddings of a batch of B pairs
+    loss = symmetric cross-entropy (rows: captions -> images, columns: images -> captions)
 
-    logits_ij = exp(s) <t_i, v_j>
-
-should be largest on the diagonal: the loss is the symmetric cross-entropy, captions -> images
-(each row a softmax over the batch's images) and images -> captions (each column).  A toy dataset
-repeats captions inside a batch, so pair i also matches every j with the same caption: the
-target of row i spreads evenly over those j (with unique captions this is the identity, CLIP's loss).
-
-Afterwards the text tower is frozen and its per-token states condition the UNet, as SD's
-CLIP ViT-L/14 does; the image tower is only a teacher and is not shipped.
+A caption repeated in the batch spreads the target of row i evenly over its matches (the identity
+with unique captions, CLIP's loss).  The text tower is then frozen and its per-token states
+condition the UNet; the image tower is only a teacher.  Exports ``clip_loss``, ``train_clip``,
+``retrieval_accuracy``.
 """
 
 from __future__ import annotations

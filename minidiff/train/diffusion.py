@@ -1,19 +1,13 @@
 """Training a diffusion model (DDPM's objective) on toy data: a loss and a batch source on the engine.
 
-One training step, for a batch of clean data x0 (Ho et al. 2020, Algorithm 1):
+    t ~ Uniform{0, ..., T-1},  eps ~ N(0, I),  x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
+    loss = || f_theta(x_t, t[, y]) - target ||^2,   target = eps ("epsilon"), x0 ("sample")
+           or v = sqrt(ab) eps - sqrt(1 - ab) x0 ("v_prediction")           (Ho et al. 2020, Algorithm 1)
 
-    t   ~ Uniform{0, ..., T-1}                         one timestep per example
-    eps ~ N(0, I)
-    x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps          (q_sample)
-    loss = || f_theta(x_t, t[, y]) - target ||^2,   target = eps (prediction "epsilon"),
-           v = sqrt(ab) eps - sqrt(1 - ab) x0 ("v_prediction") or x0 ("sample")
-
-then an AdamW update and the EMA of the parameters, which is what we sample from
-(:mod:`minidiff.train.engine`).  The batch of step s comes from ``np.random.default_rng([seed, s])``.
-
-    trainer = Trainer(TrainConfig.create("moons", steps=5000), run_dir="runs/moons")
-    trainer.train()                                   # tqdm bar, sample grids, checkpoints
-    points = load_denoiser("runs/moons").sample(2000, seed=0, sampler="ddim", steps=50)
+then AdamW and the EMA of the parameters, which is what we sample from (:mod:`minidiff.train.engine`);
+the batch of step s comes from ``np.random.default_rng([seed, s])``.  :func:`diffusion_loss` is shared
+by every diffusion trainer.  ``Trainer(TrainConfig.create("moons"), run_dir).train()``, then
+``load_denoiser(run_dir).sample(2000, seed=0, sampler="ddim", steps=50)``.
 """
 
 from __future__ import annotations

@@ -1,22 +1,13 @@
-"""DreamBooth (Ruiz et al. 2023): fine-tune the UNet itself on 3-5 pictures of one subject, named by
-a rare identifier ("a sks circle"), and keep the class ("a circle") from drifting with a
-prior-preservation loss on pictures the frozen model drew of the class.
+"""DreamBooth (Ruiz et al. 2023): fine-tune the UNet on 3-5 pictures of a subject, with prior preservation.
 
-    instance pairs:  (x_i, "a sks circle in the top left")        the subject's pictures
+    instance pairs:  (x_i, "a sks circle in the top left")        the subject's pictures, rare identifier
     class pairs:     (x_pr, "a circle in the top left")            drawn first by the frozen model
     L(theta) = E || target - UNet_theta(z_t, t, c_instance) ||^2
              + lambda E || target - UNet_theta(z'_t, t', c_class) ||^2        (lambda = prior_weight)
 
-Without the second term the few instance pictures also pull "circle" toward the subject (the
-paper's language drift); with it the fine-tuned model keeps drawing what the frozen one drew for
-the class.  The text encoder and VAE stay frozen here (the paper optionally tunes the text encoder
-too), so the text states of every caption are computed once.
-
-What it costs: the whole UNet is trained, so the result is a full model file (the built-in model:
-15 MB in float16; SD 1.5's UNet: 3.4 GB in float32), against textual inversion's D numbers.  On a
-CPU, SD 1.5 with AdamW needs the UNet four times over (weights, gradients, two moments: 13.7 GB)
-plus activations; ``remat=True`` (gradient checkpointing, ``jax.checkpoint`` around each UNet block)
-trades recomputation for activation memory.  See the README for what fits where.
+The text encoder and VAE stay frozen (the paper may tune the text encoder too), so every caption's
+text states are computed once.  The result is a whole UNet; ``remat=True`` (``jax.checkpoint``
+around each UNet block) trades recomputation for activation memory.  Lesson 10; costs in the README.
 """
 
 from __future__ import annotations

@@ -1,25 +1,15 @@
 """The one training loop: every model in minidiff is a loss function and a batch source run by it.
 
-The training state is a dict pytree, saved whole with every checkpoint::
+    state       {"step", "params", "opt_state", "key", "ema_params" (with ema_decay), "model_state" (VQ-VAE)}
+    (L, aux), g = value_and_grad(loss)(params, batches(s), fold_in(key, s), frozen)
+    params      <- optax update with g                       (make_optimizer: warmup, schedule, clipping)
+    theta_ema   <- d theta_ema + (1 - d) theta,   d = min(ema_decay, (1 + s) / (10 + s))
 
-    {"step": int32, "params": trained weights, "opt_state": optax state, "key": the run's base key,
-     "ema_params": EMA copy (when ema_decay is set), "model_state": mutable collections (VQ-VAE)}
-
-One step, for the batch of step s (``batches(s)``, a pure function of s)::
-
-    (L, aux), g = value_and_grad(loss)(params, batch, fold_in(key, s), frozen)
-    params      <- optax update of params with g             (warmup, schedule, clipping: make_optimizer)
-    theta_ema   <- d theta_ema + (1 - d) theta,   d = min(ema_decay, (1 + s) / (10 + s))    (EMA with warmup)
-
-Everything random is a function of (seed, step), so a run stopped at any step and resumed from its
-checkpoint takes exactly the steps an uninterrupted run takes.  ``frozen`` (networks that are not
-trained) enters the compiled step as an argument: a closed-over array would be baked into the
-program as a constant.  Checkpoints are written atomically every ``checkpoint_every`` steps, at the
-end, and on Ctrl-C; the next batch is drawn on a second thread while the step runs.
-
-    engine = Engine(loss, batches, params, make_optimizer(1e-3, steps=1000, warmup=100), steps=1000,
-                    run_dir="runs/x", config=asdict(cfg), kind="x")
-    engine.train()                       # or engine.restore() first, to continue a saved run
+Everything random is a function of (seed, step), so a resumed run takes exactly the steps of an
+uninterrupted one.  ``frozen`` networks enter the compiled step as an argument (a closed-over array
+would be baked into the program as a constant).  The state is saved whole, atomically, every
+``checkpoint_every`` steps, at the end and on Ctrl-C; the next batch is drawn on a second thread
+while the step runs.  Exports ``Engine``, ``EngineTrainer``, ``make_optimizer``, ``read_run``.
 """
 
 from __future__ import annotations

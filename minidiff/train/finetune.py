@@ -1,20 +1,14 @@
-"""What textual inversion and DreamBooth share: a few pictures of a subject with captions, the latent
-diffusion loss of a Stable Diffusion pipeline (trained on :mod:`minidiff.train.engine`), and
-statistics that say whether a picture shows the subject.
+"""What textual inversion and DreamBooth share: subjects, the latent diffusion loss, and judges.
 
-A *subject* is a handful of pictures and one caption each, with ``{}`` where the identifier goes:
-"a {} circle in the top left".  Textual inversion fills it with a new token ("a <ring> circle ...",
-whose embedding it learns); DreamBooth with a rare existing word ("a sks circle ...", whose meaning
-the fine-tuned UNet learns); DreamBooth's class prompt drops it ("a circle in the top left").
-
-On disk a subject is a folder of pictures, each with a caption file next to it (``0.png`` +
-``0.txt``), the layout most fine-tuning scripts read.
-
-The loss is the one every model here trains with (:func:`minidiff.train.diffusion.diffusion_loss`),
-on the VAE's latents of the pictures, with the UNet reading the caption's text states::
+A subject is a few pictures with one caption each, ``{}`` marking the identifier: "a {} circle in the
+top left" -> "a <ring> circle ..." (textual inversion's new token), "a sks circle ..." (DreamBooth's
+rare word) or "a circle ..." (DreamBooth's class prompt).  On disk: a folder of pictures, each with
+its caption file (``0.png`` + ``0.txt``).  The loss (:func:`latent_loss_fn`, on the engine)::
 
     z_0 = E(x) * scaling,   z_t = sqrt(ab_t) z_0 + sqrt(1 - ab_t) eps,
     L = || target - UNet(z_t, t, CLIP(caption)) ||^2,   target = eps or v as the model was trained.
+
+``is_ring``, ``is_orange``, ``position_index`` and ``evaluate_subject`` judge whether pictures show the subject.
 """
 
 from __future__ import annotations

@@ -1,27 +1,16 @@
 """The built-in mini Stable Diffusion, trained from scratch on captioned shapes by ``minidiff train-mini-sd``.
 
-SD's recipe in miniature, three stages, each frozen before the next:
+SD's recipe in miniature (``MiniSDConfig``), three stages, each frozen before the next; the result
+is one converted-model file (``mini_sd.safetensors`` + ``.json``, float16 weights).
 
-1. **VAE**: an ``AutoencoderKL`` with SD's block structure at f = 4 (32x32x3 pictures <-> 8x8x4
-   latents), L1 reconstruction + a tiny KL term, with two changes that a short run needs: the shape
-   pixels weigh 11x in the L1 (the black background rules a plain mean, and a decoder that draws
-   every shape as a blob of the mean colour scores well on it), and the posterior's sigma starts at
-   0.05 instead of 1 (noise that large drowns the early latents; the decoder then learns the average
-   picture).  The shapes classifier then scores its reconstructions (:func:`reconstruction_accuracy`;
-   the UNet cannot draw what the decoder cannot).  Then its latents are whitened per channel
-   (:func:`whiten_latents`, folded into its 1x1 convolutions), so ``scaling_factor`` is 1.
-2. **Text encoder**: a CLIP text tower (SD's BPE tokenizer and 77 positions, width 64) trained
-   contrastively against a small image tower (:mod:`minidiff.train.clip`); then frozen, and its
-   per-token states ``last_hidden_state`` (77 x 64) become the UNet's cross-attention context.
-3. **UNet**: a ``UNet2DCondition`` with cross-attention, trained with :func:`diffusion_loss` on the
-   VAE's latents (v-prediction, cosine schedule); 10 % of the captions are replaced by the empty
-   prompt, so that one network gives both branches of classifier-free guidance.
-
-Some (shape, colour) pairs are never drawn in training (``held_out``); the evaluation prompts
-include them, so prompt following is measured on combinations the model has to compose.
-
-The result is one converted-model file (``mini_sd.safetensors`` + ``.json``), the format every
-other model is loaded from, with float16 weights (the pipeline computes in float32).
+1. VAE (:func:`train_mini_vae`): an ``AutoencoderKL`` at f = 4 (32x32x3 <-> 8x8x4), L1 with the shape
+   pixels weighted 11x, posterior sigma started at 0.05, scored by :func:`reconstruction_accuracy`;
+   :func:`whiten_latents` folds per-channel whitening into it, so ``scaling_factor`` is 1.
+2. A CLIP text tower (SD's tokenizer, width 64) trained contrastively (:mod:`minidiff.train.clip`);
+   its ``last_hidden_state`` (77 x 64) is the UNet's context.
+3. A ``UNet2DCondition`` (:func:`train_mini_unet`): :func:`diffusion_loss`, v-prediction, cosine
+   schedule, 10 % empty captions (for guidance).  ``held_out`` (shape, colour) pairs are never drawn
+   in training; :func:`evaluate_prompt_following` asks for them too.
 """
 
 from __future__ import annotations

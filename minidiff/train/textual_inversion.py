@@ -1,22 +1,15 @@
-"""Textual inversion (Gal et al. 2022): teach a frozen text-to-image model a new word by learning
-one embedding vector, and nothing else.
+"""Textual inversion (Gal et al. 2022): teach a frozen model a new word by learning one embedding vector.
 
-    tokenizer:  "<ring>" -> a new id v = 49408 (after CLIP's 49,408 ids)
-    text table: E (49408, D) -> [E; e_v] (49409, D),  e_v initialised from a word ("red")
+    tokenizer:  "<ring>" -> a new id v = 49408;   text table E (49408, D) -> [E; e_v] (49409, D)
     caption:    "a <ring> circle in the top left" -> CLIP([E; e_v]) -> context c(e_v)
-    learn:      e_v* = argmin_{e_v} E_{x, t, eps} || target - UNet(z_t, t, c(e_v)) ||^2      (UNet, VAE, CLIP frozen)
+    learn:      e_v* = argmin_{e_v} E_{x, t, eps} || target - UNet(z_t, t, c(e_v)) ||^2    (UNet, VAE, CLIP frozen)
 
-Only e_v is an optax parameter: the loss writes it into the frozen table (``table.at[v].set(e_v)``),
-so every other weight is bit-identical by construction, and the result is a file of D numbers
-(64 for the built-in model, 768 for SD 1.x: 3 KB), loaded with ``minidiff txt2img --embedding``.
-A prompt without the new word tokenizes to the same ids as before and gives the same picture.
-
-What it cannot do: the UNet is frozen, so the word can only steer the model to pictures it can
-already draw.  A new colour between two it knows is in reach; a new look (a ring, when it only ever
-drew filled discs) is not: that is DreamBooth's job (:mod:`minidiff.train.dreambooth`).
-
-The file is diffusers' ``learned_embeds.safetensors`` layout: one tensor named by the token,
-shape (1, D); diffusers' own files load here too.
+e_v starts from a word's row (``init_word``) and is the only optax parameter: the loss writes it
+into the frozen table (``table.at[v].set(e_v)``), so every other weight is bit-identical and a
+prompt without the word gives the same picture.  The result is D numbers in diffusers'
+``learned_embeds.safetensors`` layout (one tensor named by the token, (1, D)), loaded with
+``minidiff txt2img --embedding``.  The word can only steer the model to what it can already draw
+(lesson 10); a new look needs DreamBooth (:mod:`minidiff.train.dreambooth`).
 """
 
 from __future__ import annotations

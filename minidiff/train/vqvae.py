@@ -1,21 +1,13 @@
 """Training a VQ-VAE on the shapes (``minidiff train-vqvae``), and measuring it.
 
-One step, for a batch x of images in [-1, 1]:
+    x_hat, k, aux = VQVAE(x)                  x (B, H, W, 3) in [-1, 1]; EMA mode moves the codebook
+    loss = mean |x - x_hat| + aux["loss"]     (codebook + beta * commitment; or ``reconstruction="l2"``;
+                                               ``foreground_weight`` w counts shape pixels 1 + w times)
 
-    x_hat, k, aux = VQVAE(x)                  (EMA mode: the codebook moves towards its encoder outputs)
-    loss = mean |x - x_hat| + aux["loss"]     (codebook loss + beta * commitment loss)
-    (or the squared error, ``reconstruction="l2"``; with ``foreground_weight`` w the mean counts the
-    shape's pixels 1 + w times)
-
-then an Adam update (on the engine, :mod:`minidiff.train.engine`).  Every ``restart_every`` steps,
-codes that no encoder output chose during that window are *dead*: they are moved onto randomly
-picked encoder outputs of the last batch (``minidiff.vq.restart_dead_codes``), which keeps most of
-the codebook in use.
-
-    trainer = VQVAETrainer(VQVAETrainConfig(steps=2000), run_dir="runs/vqvae")
-    trainer.train()
-    model, variables = load_vqvae("runs/vqvae")
-    evaluate_vqvae(model, variables)           # {"psnr": ..., "fraction_used": ..., "perplexity": ...}
+then an Adam step on :mod:`minidiff.train.engine`.  Every ``restart_every`` steps the codes no
+encoder output chose in that window are moved onto random encoder outputs of the last batch
+(``minidiff.vq.restart_dead_codes``).  Exports ``VQVAETrainer``, ``load_vqvae`` and
+``evaluate_vqvae`` (PSNR, ``fraction_used``, ``perplexity``, classifier accuracy on held-out pictures).
 """
 
 from __future__ import annotations
