@@ -2,14 +2,17 @@
 
     config_from_dict(cls, d, what)   cls(**d), nested configs built, lists made tuples where the field
                                      is a tuple, unknown fields an error naming them
+    read_json(path, what)            a JSON object from a file, or an error naming the file
 """
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, fields, is_dataclass
+from pathlib import Path
 
 
 def config_from_dict(cls, d, what: str = ""):
@@ -59,3 +62,17 @@ def _as_field(hint, value, what: str):
                     return tuple(_as_field(args[0], v, what) for v in value)
                 return tuple(value)
     return value
+
+
+def read_json(path, what: str = "JSON") -> dict:
+    """A JSON object from a file; ``FileNotFoundError`` / ``ValueError`` naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a {what}: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} should hold a {what} object")
+    return d

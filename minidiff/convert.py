@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from .config import config_from_dict
+from .config import config_from_dict, read_json
 from .diffusion.samplers import PREDICTION_TYPES
 from .sdconfig import SD_SCHEDULER, SchedulerConfig, StableDiffusionConfig
-from .tensorfiles import memmap_safetensors, machine_eps, open_safetensors, output_dtype, read_json, read_tensors
+from .tensorfiles import memmap_safetensors, machine_eps, open_safetensors, output_dtype, read_tensors
 from .weights import (LDM_CLIP, LDM_EMA, LDM_OPENCLIP, LDM_UNET, LDM_VAE, _Shapes, clip_text_config_from_transformers,
                       clip_text_config_from_weights, clip_text_state_dict, ldm_unet_key, ldm_vae_key,
                       openclip_text_state_dict, torch_to_flax, unet_config_from_diffusers, unet_config_from_ldm,

@@ -190,20 +190,6 @@ def read_tensors(path) -> tuple[dict[str, LazyTensor], dict]:
                      "or a diffusers model folder")
 
 
-def read_json(path) -> dict:
-    """A JSON object from a file; ``ValueError`` for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} should hold a JSON object")
-    return config
-
-
 def machine_eps(dtype) -> float:
     """Machine epsilon (np.finfo does not know bfloat16)."""
     if dtype == bfloat16():

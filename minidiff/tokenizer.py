@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gzip
 import html
-import json
 import unicodedata
 import warnings
 from functools import lru_cache
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import regex
+
+from .config import read_json
 
 __all__ = [
     "CLIPTokenizer", "bytes_to_unicode", "clean_text", "PATTERN",
@@ -132,12 +133,7 @@ class CLIPTokenizer:
         for path, what in ((vocab_json, "vocabulary (vocab.json)"), (merges_txt, "merges (merges.txt)")):
             if not path.is_file():
                 raise FileNotFoundError(f"CLIP tokenizer {what} file not found: {path}")
-        try:
-            vocab = json.loads(vocab_json.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{vocab_json} is not a JSON vocabulary: {e}") from None
-        if not isinstance(vocab, dict):
-            raise ValueError(f"{vocab_json} should hold a JSON object mapping tokens to ids")
+        vocab = read_json(vocab_json, "JSON vocabulary")  # token -> id
         lines = _read_text(merges_txt).split("\n")
         header = lines[0].startswith("#version")  # "#version: 0.2", written by transformers
         merges = _parse_merges(lines[1:] if header else lines, merges_txt, first_line=2 if header else 1)
@@ -341,11 +337,7 @@ def _configured_pad_token(folder: Path) -> str | None:
         path = folder / name
         if not path.is_file():
             continue
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        pad = config.get("pad_token") if isinstance(config, dict) else None
+        pad = read_json(path).get("pad_token")
         if isinstance(pad, dict):  # {"content": "!", "lstrip": false, ...}
             pad = pad.get("content")
         if isinstance(pad, str):
