@@ -11,22 +11,16 @@ and skipped.  Load the result with ``minidiff.convert.load_converted(DST)``.  Th
 ``minidiff convert``.
 """
 
-import argparse
 import sys
 
+from minidiff.cli import Parser, run
 from minidiff.cli.sd import add_convert_arguments, convert
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="weights_convert.py", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="weights_convert.py", description=__doc__.split("\n\n")[0])
     add_convert_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        convert(args)
-    except (ValueError, ImportError, FileNotFoundError) as e:
-        print(f"weights_convert.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run(convert, parser.parse_args(argv), "weights_convert.py")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ type (SD 2.x: v, with a note).  Names and shapes: ``minidiff.weights``; file rea
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from .config import config_from_dict, read_json
 from .diffusion.samplers import PREDICTION_TYPES
+from .files import atomic_write, check_writable, commit, remove_stale_temps
 from .sdconfig import SD_SCHEDULER, SchedulerConfig, StableDiffusionConfig
 from .tensorfiles import memmap_safetensors, machine_eps, open_safetensors, output_dtype, read_tensors
 from .weights import (LDM_CLIP, LDM_EMA, LDM_OPENCLIP, LDM_UNET, LDM_VAE, _Shapes, clip_text_config_from_transformers,
@@ -523,23 +525,35 @@ def config_path(weights_path) -> Path:
     return Path(weights_path).with_suffix(".json")
 
 
-def save_converted(params: Mapping, config: StableDiffusionConfig, dst) -> tuple[Path, Path]:
+def save_converted(params: Mapping, config: StableDiffusionConfig, dst, overwrite: bool = True) -> tuple[Path, Path]:
     """Write ``params`` as one .safetensors file of the flattened tree (``unet/down_blocks_0/
-    resnets_0/conv1/kernel``...; the config JSON also in its metadata) and the config next to it."""
+    resnets_0/conv1/kernel``...) with the config JSON in its metadata (the authority), and a copy of
+    the config next to it (``.json``, for reading).  Both are finished under temporary names first,
+    then renamed, weights first: a kill at any point leaves the old pair, or new weights that carry
+    their own config."""
     from safetensors.numpy import save_file
 
-    dst = Path(dst)
+    dst, sidecar = Path(dst), config_path(dst)
     flat = flatten_dict(dict(params), sep="/")
     text = json.dumps(config.to_dict(), indent=1)
-    tmp = dst.with_name(dst.name + ".partial")
-    try:  # no copies: safetensors writes straight from each (C-contiguous) array
-        save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(tmp),
-                  metadata={"format": FORMAT, "config": text})
-        tmp.replace(dst)
+    if sidecar.exists() and not overwrite and not dst.exists():
+        raise ValueError(f"{sidecar} exists and was not written with {dst.name}; pass --overwrite to replace it")
+    temps = []
+    try:
+        temps.append(atomic_write(sidecar, (text + "\n").encode(), replace=False))
+        # no copies: safetensors writes straight from each (C-contiguous) array
+        temps.append(atomic_write(dst, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in flat.items()},
+                                                             str(tmp), metadata={"format": FORMAT, "config": text}),
+                                  replace=False))
+        commit(temps.pop(), dst)
+        commit(temps.pop(), sidecar)
     finally:
-        tmp.unlink(missing_ok=True)
-    config_path(dst).write_text(text + "\n", encoding="utf-8")
-    return dst, config_path(dst)
+        for tmp in temps:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+    return dst, sidecar
 
 
 @dataclass
@@ -569,12 +583,18 @@ def convert(src, dst, *, config: str | None = None, prediction: str | None = Non
         raise ValueError(f"the output must be a .safetensors path, got {dst}")
     if dst.exists() and not overwrite:
         raise ValueError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)")
+    if config_path(dst).exists() and not dst.exists() and not overwrite:
+        raise ValueError(f"{config_path(dst)} exists and was not written with {dst.name} (pass overwrite=True / "
+                         "--overwrite to replace it)")
     if dst.exists() and Path(src).exists() and dst.resolve() == Path(src).resolve():
         raise ValueError(f"the output {dst} is the checkpoint being converted")
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"output folder not found: {dst.parent}")
+    check_writable(dst.parent, f"the output {dst}")
+    for stale in remove_stale_temps(dst) + remove_stale_temps(config_path(dst)):
+        print(f"removed {stale}, left by a conversion that was killed")
     params, cfg = read_checkpoint(src, config=config, prediction=prediction, dtype=dtype, ema=ema)
-    weights, config_file = save_converted(params, cfg, dst)
+    weights, config_file = save_converted(params, cfg, dst, overwrite)
     leaves = flatten_dict(params, sep="/").values()
     return ConversionReport(weights, config_file, cfg, len(leaves), sum(a.nbytes for a in leaves),
                             time.perf_counter() - start)
@@ -588,8 +608,8 @@ def load_converted(path, mmap: bool = True) -> tuple[dict, StableDiffusionConfig
     page is read when first used (from the OS page cache when the file is warm), and the memory is
     the page cache's, shared and reclaimable, which is what a later ``jax.device_put`` copies from.
     ``mmap=False``: safetensors reads every tensor into its own writable array (one copy, no map).
-    The config comes from the JSON file next to the weights (edit it to change e.g. the prediction
-    type), else from the file's metadata."""
+    The config is the one in the file's metadata; the ``.json`` next to it is a copy for reading (a
+    warning says when it differs, e.g. after a conversion killed between its two renames)."""
     path = Path(path)
     if path.suffix == ".json":
         path = path.with_suffix(".safetensors")
@@ -604,9 +624,20 @@ def load_converted(path, mmap: bool = True) -> tuple[dict, StableDiffusionConfig
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a minidiff converted model (metadata format {meta.get('format')!r}); "
                          "convert a checkpoint first: weights_convert.py SRC DST")
+    try:
+        stored = json.loads(meta["config"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} lacks a readable config in its metadata ({e}); convert the checkpoint again") from None
+    config = config_from_dict(StableDiffusionConfig, stored, f"converted-model ({path.name})")
     sidecar = config_path(path)
-    config = config_from_dict(StableDiffusionConfig, read_json(sidecar) if sidecar.is_file() else json.loads(meta["config"]),
-                              f"converted-model ({sidecar.name if sidecar.is_file() else path.name})")
+    try:
+        copy_differs = sidecar.is_file() and read_json(sidecar) != stored
+    except ValueError:
+        copy_differs = True
+    if copy_differs:
+        warnings.warn(f"{sidecar} differs from the config stored in {path.name}, which is the one used (the .json is "
+                      "only a copy for reading; a conversion killed mid-way leaves this: convert again to renew it)",
+                      stacklevel=2)
     params = unflatten_dict(flat, sep="/")
     if set(params) != {"unet", "vae", "text_encoder"}:
         raise ValueError(f"{path} holds {sorted(params)}, expected unet, vae and text_encoder")

@@ -173,6 +173,13 @@ def caption(spec: ShapeSpec) -> str:
     return f"a {spec.size} {spec.color} {spec.shape} {where}"
 
 
+def caption_words(shapes, colors) -> list[str]:
+    """Every word the captions of these shapes and colours use (a text-to-image model trained on
+    them knows no other)."""
+    places = [w for p in POSITIONS for w in _POSITION_PHRASES.get(p, f"in the {p}").split()]
+    return sorted({"a", *SIZES, *colors, *shapes, *places})
+
+
 def without_size(text: str) -> str:
     """The caption without its size word: "a small red circle in the top left" -> "a red circle in the
     top left".  Text-to-image models train on both, so that a prompt need not name every attribute."""

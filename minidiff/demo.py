@@ -13,7 +13,7 @@ import numpy as np
 
 from .data import TOY_MIXTURE  # the 2-D toy data of the demo and lesson 02
 from .diffusion import InferenceSchedule, NoiseSchedule, q_sample, sample
-from .images import example_photo, load_image, save_png, to_uint8, to_unit_range
+from .images import example_photo, load_image, save_image, to_uint8, to_unit_range
 
 
 def noise_strip(image01, schedule: NoiseSchedule, timesteps, rng) -> np.ndarray:
@@ -39,7 +39,7 @@ def run(out: str | Path = "outputs/demo", image: str | None = None, quick: bool 
     photo = load_image(image, size=128) if image else example_photo("chelsea", size=128)
     ts = [0, 25, 50, 100, 200, 400, 999]
     strip = noise_strip(photo, sched, ts, rng)
-    files["noising"] = save_png(out / "forward_noising.png", strip,
+    files["noising"] = save_image(out / "forward_noising.png", strip,
                                 {"timesteps": ts, "schedule": "linear", "seed": seed, "image": image or "chelsea"})
 
     # 2. sampling the 2-D mixture back with DDPM and DDIM

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write
+
 FORMAT = "minidiff-textual-inversion-v1"
 
 
@@ -20,11 +22,9 @@ def save_embedding(path, token: str, vector, metadata: dict | None = None) -> Pa
     """Write one learned embedding: a safetensors file {token: (1, D) float32}, settings in its metadata."""
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "token": token, **{k: json.dumps(v) for k, v in (metadata or {}).items()}}
-    save_file({token: np.asarray(vector, np.float32).reshape(1, -1)}, str(path), metadata=meta)
-    return path
+    tensors = {token: np.asarray(vector, np.float32).reshape(1, -1)}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_embedding(path, token: str | None = None, hidden_size: int | None = None) -> dict[str, np.ndarray]:

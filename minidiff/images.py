@@ -1,10 +1,11 @@
-"""Pixels <-> arrays, and PNGs that remember how they were made.
+"""Pixels <-> arrays, and image files that remember how they were made.
 
 Models see images as float arrays in [-1, 1], shape (H, W, C); files hold uint8.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,41 @@ def load_image(path, size: int | None = None) -> np.ndarray:
     return np.asarray(img)
 
 
+def image_size(path, what: str) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header only; ``ValueError`` naming ``what``
+    (e.g. "--init-image x.png") if it is missing, unreadable, tiny or too large to decode safely."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                size = im.size
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ValueError(f"{what} has more than {Image.MAX_IMAGE_PIXELS:,} pixels: too large to read safely; "
+                         "shrink it first") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{what}: cannot read it as an image ({e})") from None
+    if min(size) < 8:
+        raise ValueError(f"{what} is {size[0]}x{size[1]} pixels: too small to start from (at least 8x8)")
+    return size
+
+
+def load_image_at(path, width: int, height: int) -> np.ndarray:
+    """uint8 RGB (height, width, 3) of an image file, resized (Lanczos; JPEGs decoded at a reduced
+    scale first, so a huge photo never lives in memory at full size)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.draft("RGB", (width, height))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that is still larger
+        return np.asarray(im.convert("RGB").resize((width, height), Image.Resampling.LANCZOS))
+
+
 def example_photo(name: str = "chelsea", size: int | None = 256) -> np.ndarray:
     """One of scikit-image's example photographs (shipped inside its wheel, no download), uint8 RGB."""
     if name not in EXAMPLE_PHOTOS:
@@ -63,18 +99,47 @@ def _square(img, size: int):
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def save_png(path, pixels, metadata: dict | None = None) -> Path:
-    """Write uint8 pixels as PNG, recording ``metadata`` (prompt, seed, settings...) as text chunks."""
+IMAGE_TYPES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+EXIF_DESCRIPTION = 0x010E  # EXIF ImageDescription: the metadata as JSON in JPEG and WebP files
+
+
+def save_image(path, pixels, metadata: dict | None = None) -> Path:
+    """Write uint8 pixels as PNG (``metadata``: prompt, seed, settings... as text chunks), JPEG or
+    WebP (``metadata`` as JSON in the EXIF ImageDescription), by the file's extension."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     path = Path(path)
+    kind = IMAGE_TYPES.get(path.suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: unknown image type {path.suffix!r}; use {', '.join(IMAGE_TYPES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngInfo()
-    for key, value in (metadata or {}).items():
-        info.add_text(str(key), str(value))
-    Image.fromarray(np.asarray(pixels, dtype=np.uint8)).save(path, pnginfo=info)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    image = Image.fromarray(np.asarray(pixels, dtype=np.uint8))
+    if kind == "PNG":
+        info = PngInfo()
+        for key, value in meta.items():
+            info.add_text(key, value)
+        image.save(path, pnginfo=info)
+    else:
+        exif = Image.Exif()
+        exif[EXIF_DESCRIPTION] = json.dumps(meta)  # ASCII (non-ASCII escaped), as EXIF wants
+        image.save(path, kind, exif=exif, quality=95)
     return path
+
+
+def read_metadata(path) -> dict:
+    """What :func:`save_image` recorded in a PNG, JPEG or WebP file (an empty dict if nothing)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.format == "PNG":
+            return dict(im.text)
+        text = im.getexif().get(EXIF_DESCRIPTION)
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
 
 
 def image_grid(images, columns: int | None = None, pad: int = 1) -> np.ndarray:
@@ -96,7 +161,7 @@ def save_samples(path, samples, metadata: dict, columns: int | None = None, refe
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {str(k): str(v) for k, v in metadata.items()}
     if samples.ndim == 4:
-        return save_png(path, image_grid(samples, columns), meta)
+        return save_image(path, image_grid(samples, columns), meta)
     from matplotlib.figure import Figure  # no pyplot: works under any backend, leaves no open figure
 
     panels = [("samples", samples)] + ([("data", reference)] if reference is not None else [])

@@ -16,6 +16,7 @@ number of devices dividing n; ``dtype="bfloat16"`` runs the networks in bfloat16
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -64,8 +65,10 @@ def dtype_name(dtype) -> str:
 # program per (config, dtype, shapes), shared by every pipeline with that architecture; the
 # parameters, embeddings, latents, guidance scale and step tables are traced arguments.
 
+MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits of a seed (x64 off): larger ones would repeat pictures
 TRACES: Counter = Counter()  # incremented only while JAX traces (i.e. compiles) a function
 _PROGRESS: list = [None]  # the open tqdm bar, if any, advanced by the loop's host callback
+_FIRST_NONFINITE: list = [math.inf]  # the first denoising step whose output had a NaN or inf
 
 
 def _encode_text(params, ids, *, config: CLIPTextConfig, clip_skip: int, dtype: str):
@@ -86,8 +89,11 @@ def _decode(params, latents, *, config: AutoencoderKLConfig, dtype: str):
     return vae.apply({"params": params}, latents, method=AutoencoderKL.images_from_latents)
 
 
-def _on_step(i):
-    """Host side of the progress bar: jax.debug.callback after each step (unordered: keep the largest)."""
+def _on_step(i, finite):
+    """Host side of the progress bar: jax.debug.callback after each step (unordered: keep the largest),
+    and of the NaN watch: the first step whose x_t is not finite."""
+    if not finite:
+        _FIRST_NONFINITE[0] = min(int(i), _FIRST_NONFINITE[0])
     bar = _PROGRESS[0]
     if bar is not None and int(i) + 1 > bar.n:
         bar.update(int(i) + 1 - bar.n)
@@ -122,7 +128,7 @@ class StableDiffusion:
     ``params``: {"unet": ..., "vae": ..., "text_encoder": ...} Flax parameter trees (float32).
 
         pipe = StableDiffusion(UNetConfig.sd15(), AutoencoderKLConfig.sd(), CLIPTextConfig.sd15(), params)
-        images = pipe(["a red circle above a blue square"], steps=30, guidance_scale=7.5, seed=0)  # uint8 (1, 512, 512, 3)
+        images = pipe(["a lighthouse at dusk"], steps=30, guidance_scale=7.5, seed=0)  # uint8 (1, 512, 512, 3)
 
     or ``load_pipeline(path)`` for a converted minidiff file, a diffusers folder or a single-file checkpoint.
     """
@@ -130,7 +136,8 @@ class StableDiffusion:
     def __init__(self, unet_config: UNetConfig, vae_config: AutoencoderKLConfig, text_config: CLIPTextConfig,
                  params: Mapping[str, Any], tokenizer: CLIPTokenizer | None = None,
                  scheduler: SchedulerConfig | None = None, clip_skip: int = 0, pad_token: int | None = None,
-                 name: str = "", devices: Sequence | None = None):
+                 name: str = "", devices: Sequence | None = None, guidance_scale: float = 7.5,
+                 vocabulary: Sequence[str] = ()):
         missing = sorted({"unet", "vae", "text_encoder"} - set(params))
         if missing:
             raise ValueError(f"params must hold 'unet', 'vae' and 'text_encoder' trees; missing {missing}")
@@ -145,6 +152,8 @@ class StableDiffusion:
         self.tokenizer = tokenizer or CLIPTokenizer.from_bpe_gz()
         self.scheduler = scheduler or SchedulerConfig()
         self.clip_skip, self.pad_token, self.name = clip_skip, pad_token, name
+        self.guidance_scale = guidance_scale  # the default s when a call gives none
+        self.vocabulary = frozenset(vocabulary)  # the words a small model was trained on (empty: any)
         self.devices = list(devices) if devices is not None else None  # None: all of jax.devices()
         self._placed = {}
         self.last_timesteps = None  # the timesteps the last call ran (img2img: the last k of the N)
@@ -157,6 +166,8 @@ class StableDiffusion:
         ``StableDiffusionConfig`` (or a dict of its fields).  Keyword arguments go to the constructor."""
         config = config_from_dict(StableDiffusionConfig, config, "model")
         kwargs.setdefault("pad_token", config.pad_token_id)
+        kwargs.setdefault("guidance_scale", config.guidance_scale)
+        kwargs.setdefault("vocabulary", config.vocabulary)
         return cls(config.unet, config.vae, config.text_encoder, params, scheduler=config.scheduler_config(), **kwargs)
 
     # --- sizes ------------------------------------------------------------------------------------
@@ -175,15 +186,34 @@ class StableDiffusion:
         """The VAE's native image size (512 for SD)."""
         return self.vae_config.sample_size
 
+    def memory_estimate(self, n: int, height: int, width: int, dtype="float32") -> int:
+        """Bytes one device needs at the peak of a call for n images of height x width: the weights
+        in the compute dtype, a runtime allowance, and per image the larger of the UNet's activations
+        (guidance runs two rows) and the VAE decoder's.  Calibrated on the built-in model on CPU
+        (measured 2.8 MB per image there, estimated 3.3); an estimate, used to refuse hopeless requests."""
+        size = np.dtype(DTYPES[dtype_name(dtype)]).itemsize
+        weights = sum(np.size(a) for a in jax.tree.leaves(self.params)) * size
+        f, u, v = self.vae_factor, self.unet_config, self.vae_config
+        hw = (height // f) * (width // f)
+        chunk = min(hw, u.attention_chunk_size or hw)
+        heads = u.num_attention_heads if isinstance(u.num_attention_heads, int) else max(u.num_attention_heads)
+        unet = 2 * size * hw * (96 * u.block_out_channels[0] + heads * chunk)
+        vae = 4 * 8 * height * width * v.block_out_channels[0]  # the decoder runs in float32 at full size
+        per_device = -(-n // len(self._devices_for(n)))
+        return weights + 2**29 + per_device * max(unet, vae)
+
+    def _devices_for(self, n: int) -> list:
+        devices = self.devices or jax.devices()
+        return devices[:max(k for k in range(1, len(devices) + 1) if n % k == 0)]
+
     # --- devices ----------------------------------------------------------------------------------
 
     def _sharding(self, n: int):
         """(batch sharding, replicated sharding) over the largest number of devices dividing n, or None."""
-        devices = self.devices or jax.devices()
-        d = max(k for k in range(1, len(devices) + 1) if n % k == 0)
-        if d == 1:
+        devices = self._devices_for(n)
+        if len(devices) == 1:
             return None
-        mesh = jax.sharding.Mesh(np.array(devices[:d]), ("batch",))
+        mesh = jax.sharding.Mesh(np.array(devices), ("batch",))
         P = jax.sharding.PartitionSpec
         return jax.sharding.NamedSharding(mesh, P("batch")), jax.sharding.NamedSharding(mesh, P())
 
@@ -204,8 +234,22 @@ class StableDiffusion:
 
     # --- the public steps -------------------------------------------------------------------------
 
-    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
-        return self.tokenizer(list(prompts), CONTEXT_LENGTH, self.pad_token)
+    def unknown_words(self, prompt: str) -> list[str]:
+        """The words of ``prompt`` a small model never saw in training (its ``vocabulary``; none for SD)."""
+        if not self.vocabulary:
+            return []
+        known = self.vocabulary | {t.lower() for t in self.tokenizer.added}
+        return [w for w in dict.fromkeys(re.findall(r"[^\s,.;:!?]+", prompt.lower())) if w not in known]
+
+    def warn_unknown_words(self, prompts: Sequence[str]) -> None:
+        unknown = [w for p in prompts for w in self.unknown_words(p)]
+        if unknown:
+            warnings.warn(f"this model knows only captions like 'a red circle in the top left' (words: "
+                          f"{', '.join(sorted(self.vocabulary))}); unknown words: {', '.join(dict.fromkeys(unknown))}",
+                          stacklevel=3)
+
+    def tokenize(self, prompts: Sequence[str], names=None) -> np.ndarray:
+        return self.tokenizer(list(prompts), CONTEXT_LENGTH, self.pad_token, names)
 
     def encode_text(self, prompts: Sequence[str]) -> jax.Array:
         """The frozen text encoder's states (n, 77, D), float32: the UNet's cross-attention context.
@@ -270,9 +314,10 @@ class StableDiffusion:
         params = self._place(dtype, shardings)["vae"]
         if shardings is not None:
             latents = jax.device_put(latents, shardings[0])
-        return to_uint8(vae_decode(params, latents, config=self.vae_config, dtype=dtype))
+        return to_uint8(_finite_or_raise(vae_decode(params, latents, config=self.vae_config, dtype=dtype),
+                                         "the VAE decoder's pixels"))
 
-    def sample_latents(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float = 7.5,
+    def sample_latents(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float | None = None,
                        seed: int = 0, sampler: str = "ddim", eta: float = 0.0, height: int | None = None,
                        width: int | None = None, num_images_per_prompt: int = 1, init_image=None,
                        strength: float = 0.6, dtype="float32", latents=None, progress: bool = False) -> np.ndarray:
@@ -282,6 +327,8 @@ class StableDiffusion:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a string or a non-empty list of strings")
         negatives = _negatives(negative_prompt, len(prompts))
+        self.warn_unknown_words(prompts + negatives)
+        guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         dtype = dtype_name(dtype)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -293,8 +340,8 @@ class StableDiffusion:
             raise ValueError(f"eta must be a number >= 0, got {eta!r}")
         if not isinstance(num_images_per_prompt, (int, np.integer)) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {seed!r}")
         if init_image is not None and latents is not None:
             raise ValueError("give init_image (img2img) or latents (the starting noise), not both")
 
@@ -326,8 +373,12 @@ class StableDiffusion:
         # text: both branches in one call, then each prompt's rows repeated m times
         shardings = self._sharding(n)
         params = self._place(dtype, shardings)
-        ctx = _text_fn(params["text_encoder"], jnp.asarray(self.tokenize(prompts + negatives)),
+        p = len(prompts)
+        names = ([f"prompt {i}" for i in range(p)] + [f"negative prompt {i}" for i in range(p)] if p > 1
+                 else ["the prompt", "the negative prompt"])
+        ctx = _text_fn(params["text_encoder"], jnp.asarray(self.tokenize(prompts + negatives, names)),
                        config=self.text_config, clip_skip=self.clip_skip, dtype=dtype)
+        _finite_or_raise(ctx, "the text encoder's states")
         context, uncontext = jnp.repeat(ctx[:len(prompts)], m, axis=0), jnp.repeat(ctx[len(prompts):], m, axis=0)
 
         # the schedule (all N steps, or the last k for img2img) and the starting point x_T
@@ -339,7 +390,8 @@ class StableDiffusion:
         elif pixels is None:
             x_T = jax.random.normal(key_T, shape, jnp.float32)
         else:
-            x0 = vae_encode(params["vae"], _put(jnp.asarray(pixels), shardings), config=self.vae_config, dtype=dtype)
+            x0 = _finite_or_raise(vae_encode(params["vae"], _put(jnp.asarray(pixels), shardings),
+                                             config=self.vae_config, dtype=dtype), "the VAE encoder's latents")
             run = math.floor(strength * len(isc) + 0.5)  # k = round(strength * N), halves up
             first = len(isc) - run
             self.last_timesteps = isc.timesteps[first:]
@@ -359,7 +411,7 @@ class StableDiffusion:
 
             bar = tqdm(total=len(isc) - first, unit="step",
                        desc=f"{sampler} {'img2img' if pixels is not None else 'txt2img'}")
-        _PROGRESS[0] = bar
+        _PROGRESS[0], _FIRST_NONFINITE[0] = bar, math.inf
         try:
             x0 = _denoise_fn(params["unet"], _put(x_T, shardings), _put(context, shardings),
                              _put(uncontext, shardings), jnp.float32(guidance_scale), tables,
@@ -372,9 +424,15 @@ class StableDiffusion:
             _PROGRESS[0] = None
             if bar is not None:
                 bar.close()
+        if not np.all(np.isfinite(x0)):
+            i = _FIRST_NONFINITE[0]
+            at = (f"from denoising step {int(i) + 1} of {len(isc) - first} (timestep {tables[0][int(i)]})"
+                  if i < math.inf else "")
+            raise ValueError(f"the UNet's output is not finite (NaN or inf) {at}: the model's UNet weights or "
+                             "the settings (guidance scale, dtype) are broken")
         return x0
 
-    def __call__(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float = 7.5, seed: int = 0,
+    def __call__(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float | None = None, seed: int = 0,
                  sampler: str = "ddim", eta: float = 0.0, height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, init_image=None, strength: float = 0.6, dtype="float32",
                  latents=None, progress: bool = False) -> np.ndarray:
@@ -383,7 +441,7 @@ class StableDiffusion:
         prompts: a string or a list of strings.  negative_prompt: the unconditional branch of
         classifier-free guidance ("" by default): one string for all prompts or one per prompt.
         steps: inference steps N.  guidance_scale: s in eps_u + s (eps_c - eps_u) (1: conditional
-        only).  seed: all randomness (x_T, the DDPM / eta noise, the img2img noise).  sampler: "ddim"
+        only; default: the model's, 7.5 for SD, 3 for the built-in model).  seed: all randomness (x_T, the DDPM / eta noise, the img2img noise).  sampler: "ddim"
         or "ddpm"; eta: DDIM's eta.  height, width: multiples of ``size_multiple`` (default: the
         VAE's sample_size, or the init image's size).  init_image: uint8 (H, W, 3), or one per prompt
         (P, H, W, 3), for img2img with ``strength`` in (0, 1].  dtype: "float32" or "bfloat16".
@@ -399,6 +457,28 @@ def _finite(x) -> bool:
         return math.isfinite(float(x))
     except (TypeError, ValueError):
         return False
+
+
+def available_memory() -> int | None:
+    """Bytes free on the first device: an accelerator's own count, or the host's MemAvailable for
+    the CPU; None where neither can be read."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _finite_or_raise(x, what: str):
+    """x, or a ValueError naming the stage where a NaN or inf appeared (never a silently black image)."""
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError(f"{what} are not finite (NaN or inf): that network's weights (or the settings, e.g. "
+                         "the dtype) are broken")
+    return x
 
 
 def float32_params(tree):

@@ -109,9 +109,10 @@ def reverse_chain(predict, x, steps, sampler: str = "ddim", eta: float = 0.0, pr
 
     ``predict(x, t)`` is the (guided) model output at the scalar timestep t; ``steps`` the tuple of
     per-step arrays (timesteps int32, alpha_bar_t, alpha_bar_prev, noise keys), each of length N, as
-    traced values, so new tables of the same length reuse the compiled program.  ``on_step(i)``, if
-    given, is called on the host after step i (0-based) through ``jax.debug.callback`` (a progress
-    bar); calls are unordered, so a caller should take the largest i seen.
+    traced values, so new tables of the same length reuse the compiled program.  ``on_step(i, finite)``,
+    if given, is called on the host after step i (0-based) through ``jax.debug.callback`` (a progress
+    bar; ``finite``: whether every value of x is); calls are unordered, so a caller should take the
+    largest i seen.
     Returns x0, or (x0, the stacked (N + 1, *shape) states x_T, ..., x0) with ``return_trajectory``.
     """
     noisy = sampler == "ddpm" or eta != 0
@@ -125,7 +126,7 @@ def reverse_chain(predict, x, steps, sampler: str = "ddim", eta: float = 0.0, pr
         else:
             x, _ = ddim_step(x, out, ab_t, ab_prev, eta, z, prediction_type, clip_x0)
         if on_step is not None:
-            jax.debug.callback(on_step, i)
+            jax.debug.callback(on_step, i, jnp.all(jnp.isfinite(x)))
         return x, (x if return_trajectory else None)
 
     x0, xs = jax.lax.scan(body, x, (jnp.arange(len(steps[0]), dtype=jnp.int32), *steps))

@@ -83,6 +83,8 @@ class StableDiffusionConfig:
     ema: bool | None = None  # True: the UNet is the checkpoint's EMA copy; None: the file had none to choose
     source: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    guidance_scale: float = 7.5  # the default guidance (the built-in model draws best at 3)
+    vocabulary: list = field(default_factory=list)  # the only words the model was trained on; [] for real SD
 
     def scheduler_config(self) -> SchedulerConfig:
         """The sampler settings: ``scheduler`` with ``prediction_type``."""

@@ -252,12 +252,14 @@ class CLIPTokenizer:
         """Token ids of ``text``, without start/end tokens: "a photo of a cat" -> [320, 1125, 539, 320, 2368]."""
         return [self.encoder[t] for t in self.tokenize(text)]
 
-    def __call__(self, prompts, length: int = CONTEXT_LENGTH, pad_token: int | None = None) -> np.ndarray:
+    def __call__(self, prompts, length: int = CONTEXT_LENGTH, pad_token: int | None = None,
+                 names=None) -> np.ndarray:
         """int32 (n, length) ids: ``[start] + encode(prompt) + [end]``, then ``pad_token``
         (default ``self.pad_id``: the end token for SD 1.x; pass 0 for SD 2.x / open_clip).
 
         A prompt longer than ``length - 2`` tokens is cut there (the end token stays last), with a
-        warning saying how many tokens were dropped.  A single str gives one row.
+        warning saying how many tokens were dropped (``names``: what to call each prompt there,
+        default "prompt 0", "prompt 1"...).  A single str gives one row.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -272,7 +274,8 @@ class CLIPTokenizer:
             if len(ids) > room:
                 dropped = self.decode(ids[room:])
                 shown = dropped if len(dropped) <= 60 else dropped[:57] + "..."
-                warnings.warn(f"prompt {row} is {len(ids)} tokens long but only {room} fit between the start "
+                name = names[row] if names is not None else f"prompt {row}"
+                warnings.warn(f"{name} is {len(ids)} tokens long but only {room} fit between the start "
                               f"and end tokens: {len(ids) - room} tokens were dropped ({shown!r})", stacklevel=2)
                 ids = ids[:room]
             out[row, :len(ids) + 2] = [self.start_id, *ids, self.end_id]

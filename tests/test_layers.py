@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minidiff"
 # package "minidiff", its __init__, only itself)
 LAYERS = (
     ("pure NumPy / Pillow", ("minidiff", "minidiff.diffusion", "minidiff.vq", "minidiff.images", "minidiff.metrics",
-                             "minidiff.tokenizer", "minidiff.data", "minidiff.config")),
+                             "minidiff.tokenizer", "minidiff.data", "minidiff.config", "minidiff.files")),
     ("Flax networks", ("minidiff.nn",)),
     ("sampling", ("minidiff.sampling",)),
     ("Stable Diffusion stack", ("minidiff.sdconfig", "minidiff.tensorfiles", "minidiff.weights", "minidiff.convert",
@@ -21,7 +21,7 @@ LAYERS = (
     ("training", ("minidiff.train",)),
     ("command line", ("minidiff.cli", "minidiff.demo")),
 )
-NUMPY_ONLY = ("minidiff.diffusion", "minidiff.vq", "minidiff.config")  # read (and imported) without JAX
+NUMPY_ONLY = ("minidiff.diffusion", "minidiff.vq", "minidiff.config", "minidiff.files")  # read (and imported) without JAX
 FORBIDDEN_IN_NUMPY_ONLY = ("jax", "jaxlib", "flax", "optax")
 
 

@@ -13,28 +13,64 @@ command runs.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import warnings
 
 from . import dalle, finetune, sd, toy
 
 
+TRAINING = {"train", "train-vqvae", "train-dalle", "train-mini-sd", "textual-inversion", "dreambooth"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (the option and the cause), not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minidiff", description="Image generation from scratch.")
-    sub = p.add_subparsers(dest="command", required=True)
+    from .. import __version__
+
+    p = Parser(prog="minidiff", description="Image generation from scratch.")
+    p.add_argument("--version", action="version", version=f"minidiff {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for family in (toy, dalle, sd, finetune):
         family.add(sub)
     return p
 
 
+def run(func, args, prog: str) -> int:
+    """Run a command's handler: a library error is one line and status 2, Ctrl-C or SIGTERM one line
+    and 130 (files are written atomically; a trainer has saved its checkpoint first)."""
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)  # so that clean-up code runs on `kill` too
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
+    show = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {message}\n"  # one line each
+    try:
+        func(args)
+    except (ValueError, ImportError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = (" (the checkpoint is saved: run the same command with --resume, or for the mini SD and "
+                "fine-tuning run it again, to continue)" if getattr(args, "command", None) in TRAINING
+                else " (nothing half-written is left)")
+        print(f"{prog}: interrupted{hint}", file=sys.stderr)
+        return 130
+    finally:
+        warnings.formatwarning = show
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, ImportError, FileNotFoundError) as e:
-        print(f"minidiff {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # a trainer has written its checkpoint first
-        print(f"minidiff {args.command}: interrupted (a training run continues from its checkpoint with --resume, "
-              "or, for the mini SD and fine-tuning, when the command is run again)", file=sys.stderr)
-        return 130
-    return 0
+    return run(args.func, args, f"minidiff {args.command}")

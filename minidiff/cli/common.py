@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 from pathlib import Path
 
 PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # short names, at the CLI edge only
@@ -11,6 +13,14 @@ PREDICTION_ALIASES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # 
 def prediction(name: str | None) -> str | None:
     """--prediction: the library's name for a short alias (eps, v, x0)."""
     return PREDICTION_ALIASES.get(name, name)
+
+
+def default(cls, name: str):
+    """A config dataclass field's default, without building the config (which may import JAX)."""
+    import dataclasses
+
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def given(**kwargs) -> dict:
@@ -42,3 +52,55 @@ def print_metrics(title, metrics):
 
 def write_history(out: Path, history: dict, extra: dict):
     (out / "history.json").write_text(json.dumps({**history, **extra}, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+# --- argument types: argparse reports their errors as "argument --seed: ..." before anything loads ---
+
+MAX_SEED = 2**32 - 1  # as minidiff.pipeline.MAX_SEED (kept here so that a bad seed is caught without JAX)
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: seeds run from 0 to {MAX_SEED} (2**32 - 1)")
+    return value
+
+
+def finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def output_image(path: str, flag: str = "-o") -> Path:
+    """The image file to write, checked before any work: a known type (no extension: .png), not a
+    folder, in a place that can be written."""
+    from ..files import check_writable
+    from ..images import IMAGE_TYPES
+
+    out = Path(path)
+    if out.is_dir() or path.endswith(("/", "\\")):
+        raise ValueError(f"{flag} {path} is a folder; give a file name, e.g. {out / 'image.png'}")
+    if not out.suffix:
+        out = out.with_name(out.name + ".png")
+    elif out.suffix.lower() not in IMAGE_TYPES:
+        raise ValueError(f"{flag} {path}: unknown image type {out.suffix!r}; use {', '.join(IMAGE_TYPES)}")
+    check_writable(out.parent, f"{flag} {path}")
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..train.configs import DALLE_GUIDANCE as GUIDANCE
 from ..train.configs import DalleTrainConfig, VQVAETrainConfig
-from .common import fresh_run_dir, given, json_arg, print_metrics
+from .common import default, fresh_run_dir, given, json_arg, print_metrics
 
 
 def add(sub):
@@ -14,7 +14,7 @@ def add(sub):
     v.add_argument("--steps", type=int, help=f"training steps (default: {vq.steps})")
     v.add_argument("--batch", type=int, help=f"batch size (default: {vq.batch})")
     v.add_argument("--lr", type=float, help=f"peak Adam learning rate (default: {vq.lr})")
-    v.add_argument("--model-kwargs", help=f"JSON overrides of VQVAEConfig (default: {vq().model})")
+    v.add_argument("--model-kwargs", help=f"JSON overrides of VQVAEConfig (default: {default(vq, 'model')})")
     v.add_argument("--foreground-weight", type=float,
                    help=f"shape pixels count 1 + this in the reconstruction error (default: {vq.foreground_weight})")
     v.add_argument("--reconstruction", choices=("l1", "l2"), help=f"reconstruction error (default: {vq.reconstruction})")
@@ -37,8 +37,8 @@ def add(sub):
     t.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default: {dc.lr})")
     t.add_argument("--cond-drop", type=float, help=f"probability of an empty caption (default: {dc.cond_drop})")
     t.add_argument("--attention", help="comma-separated per-layer masks, cycled: row, column, conv, causal "
-                                       f"(default: {','.join(dc().model['attention'])})")
-    t.add_argument("--model-kwargs", help=f"JSON overrides of DalleConfig (default: {dc().model})")
+                                       f"(default: {','.join(default(dc, 'model')['attention'])})")
+    t.add_argument("--model-kwargs", help=f"JSON overrides of DalleConfig (default: {default(dc, 'model')})")
     t.add_argument("--guidance", type=float, help=f"guidance scale of the final evaluation (default: {GUIDANCE})")
     t.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     t.add_argument("--seed", type=int)
@@ -121,7 +121,7 @@ def train_dalle(args):
 
 
 def dalle(args):
-    from ..images import image_grid, save_png
+    from ..images import image_grid, save_image
     from ..train.dalle import load_dalle
 
     if args.n < 1:
@@ -132,7 +132,7 @@ def dalle(args):
     meta = {"prompt": args.prompt, "seed": args.seed, "n": args.n, "temperature": args.temperature,
             "top_k": args.top_k, "guidance_scale": args.guidance, "model": args.checkpoint}
     pixels = images[0] if args.n == 1 else image_grid(images, min(args.n, 8))
-    print(f"wrote {save_png(args.output, pixels, meta)}")
+    print(f"wrote {save_image(args.output, pixels, meta)}")
 
 
 def evaluate_dalle(args):

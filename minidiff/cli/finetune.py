@@ -78,7 +78,7 @@ def draw_subject(args):
 def _subject_grid(pipe, subject, identifier, path, meta, seed=0):
     """The subject's captions with the identifier, then the five positions it was never drawn at."""
     from ..data import POSITIONS
-    from ..images import image_grid, save_png
+    from ..images import image_grid, save_image
     from ..train.finetune import Subject
 
     seen = subject.prompts(identifier)
@@ -92,7 +92,7 @@ def _subject_grid(pipe, subject, identifier, path, meta, seed=0):
     grid = image_grid(np.concatenate([subject.images, np.zeros_like(images[:len(prompts) - len(subject.images)]), *rows]),
                       len(prompts))
     k = max(1, 128 // subject.images.shape[1])  # small pictures: shown k times larger (nearest neighbour)
-    save_png(path, grid.repeat(k, 0).repeat(k, 1),
+    save_image(path, grid.repeat(k, 0).repeat(k, 1),
              {**meta, "rows": "the subject's pictures; then two seeds of: " + " | ".join(prompts), "seed": seed})
     return path
 
@@ -154,7 +154,8 @@ def dreambooth(args):
 
     def save(unet, name):
         tuned = {**params, "unet": jax.tree.map(lambda a: np.asarray(a, dtype), unet)}
-        return save_converted(tuned, replace(config, source=source), out / name)[0]
+        vocabulary = sorted({*config.vocabulary, *cfg.identifier.lower().split()}) if config.vocabulary else []
+        return save_converted(tuned, replace(config, source=source, vocabulary=vocabulary), out / name)[0]
 
     unet, history = train_dreambooth(pipe, subject, cfg, progress=not args.no_progress,
                                      checkpoint=lambda step, p: save(p, f"model-{step}.safetensors"),

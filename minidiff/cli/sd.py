@@ -5,35 +5,38 @@ from __future__ import annotations
 import argparse
 
 from ..train.configs import MiniSDConfig
-from .common import given, print_metrics
+from .common import finite, given, output_image, positive, print_metrics, seed
 
 
 def add(sub):
     g = sub.add_parser("txt2img", help="Stable Diffusion: draw a prompt (or redraw --init-image) with a latent "
                                        "diffusion model")
-    g.add_argument("prompt", help='what to draw, e.g. "a red circle above a blue square"')
+    g.add_argument("prompt", help='what to draw, e.g. "a green triangle in the top right" (the built-in model) or "a lighthouse at dusk" (SD)')
     g.add_argument("--model", help="a converted minidiff model (.safetensors + .json), a diffusers folder or a "
                                    "single-file checkpoint (.safetensors / .ckpt; converted on the fly). "
                                    "Default: the built-in mini model")
     g.add_argument("--negative", help="negative prompt: the unconditional branch of the guidance (default: empty)")
-    g.add_argument("--steps", type=int, default=30, help="sampling steps (default: %(default)s)")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=positive, default=30, help="sampling steps (default: %(default)s)")
+    g.add_argument("--guidance", type=finite, help="classifier-free guidance scale (default: the model's: 7.5 for "
+                                                   "Stable Diffusion, 3 for the built-in model)")
+    g.add_argument("--seed", type=seed, default=0, help="0 to 2**32 - 1 (default: %(default)s)")
     g.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
-    g.add_argument("--height", type=int, help="image height, a multiple of the model's size step "
-                                              "(default: the model's size, or the init image's)")
-    g.add_argument("--width", type=int, help="image width (as --height)")
-    g.add_argument("--n", type=int, default=1, help="number of images (a grid when > 1)")
-    g.add_argument("--init-image", help="img2img (SDEdit): start from this picture, noised to --strength")
-    g.add_argument("--strength", type=float, help="img2img: how much of the chain to run, in (0, 1] (default: 0.6)")
+    g.add_argument("--eta", type=finite, default=0.0, help="DDIM's eta (0: deterministic)")
+    g.add_argument("--height", type=positive, help="image height, a multiple of the model's size step "
+                                                   "(default: the model's size, or the init image's)")
+    g.add_argument("--width", type=positive, help="image width (as --height)")
+    g.add_argument("--n", type=positive, default=1, help="number of images (a grid when > 1)")
+    g.add_argument("--init-image", help="img2img (SDEdit): start from this picture, noised to --strength; "
+                                        "resized to the image size")
+    g.add_argument("--strength", type=finite, help="img2img: how much of the chain to run, in (0, 1] (default: 0.6)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of the networks (bfloat16: GPU/TPU)")
     g.add_argument("--embedding", action="append", help="a textual-inversion embedding (.safetensors, from "
                    "`minidiff textual-inversion` or diffusers) whose word the prompt may use; repeatable")
     g.add_argument("--token", help="the word to use for a single --embedding (default: the file's own)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("-o", "--output", default="txt2img.png", help="PNG to write (default: %(default)s)")
+    g.add_argument("-o", "--output", default="txt2img.png",
+                   help="the image to write: .png, .jpg or .webp, the settings in its metadata (default: %(default)s)")
     g.set_defaults(func=txt2img)
 
     c = sub.add_parser("convert", help="convert a Stable Diffusion 1.x / 2.x checkpoint (diffusers folder, "
@@ -64,35 +67,49 @@ def add(sub):
 
 
 def txt2img(args):
-    from ..images import image_grid, load_image, save_png
-    from ..pipeline import dtype_name, load_pipeline
+    from ..images import image_size
 
+    # everything that can be checked without the model, before JAX loads
+    out = output_image(args.output)
     if args.strength is not None and args.init_image is None:
         raise ValueError("--strength applies to img2img: give an --init-image too")
-    strength = 0.6 if args.strength is None else args.strength
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise ValueError(f"--strength must lie in (0, 1], got {args.strength}")
+    if args.eta < 0:
+        raise ValueError(f"--eta must be >= 0, got {args.eta}")
+    if args.token and len(args.embedding or []) != 1:
+        raise ValueError("--token renames the word of a single --embedding file")
+    init_size = image_size(args.init_image, f"--init-image {args.init_image}") if args.init_image else None
+
+    from ..images import image_grid, load_image_at, save_image
+    from ..pipeline import available_memory, dtype_name, load_pipeline
+
     dtype = dtype_name(args.dtype)
+    pipe = load_pipeline(args.model)
+    height, width = _image_size(pipe, args, init_size)
+    need, free = pipe.memory_estimate(args.n, height, width, dtype), available_memory()
+    if free is not None and need > free:
+        one = pipe.memory_estimate(1, height, width, dtype)
+        fits = max(0, int((free - one) // max(1, pipe.memory_estimate(2, height, width, dtype) - one)) + 1)
+        raise ValueError(f"--n {args.n} at {width}x{height} needs about {need / 2**30:.1f} GiB (estimated) but "
+                         f"{free / 2**30:.1f} GiB are free" + (f"; at most --n {fits} fits" if fits else
+                                                               "; choose a smaller --width / --height"))
     init = None
     if args.init_image is not None:
-        init = load_image(args.init_image)  # ValueError when missing or unreadable
-        if args.height or args.width:  # resize to the asked size (the other side keeps the image's)
-            import numpy as np
-            from PIL import Image
-
-            size = (args.width or init.shape[1], args.height or init.shape[0])
-            init = np.asarray(Image.fromarray(init).resize(size, Image.Resampling.LANCZOS))
-
-    pipe = load_pipeline(args.model)
+        if init_size != (width, height):
+            print(f"--init-image {args.init_image} ({init_size[0]}x{init_size[1]}) resized to {width}x{height}")
+        init = load_image_at(args.init_image, width, height)
     added = []
     for path in args.embedding or []:
         added += pipe.load_textual_inversion(path, token=args.token if len(args.embedding) == 1 else None)
-    if args.token and len(args.embedding or []) != 1:
-        raise ValueError("--token renames the word of a single --embedding file")
-    images = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
-                  seed=args.seed, sampler=args.sampler, eta=args.eta, height=args.height, width=args.width,
+    guidance = pipe.guidance_scale if args.guidance is None else args.guidance
+    strength = 0.6 if args.strength is None else args.strength
+    images = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=guidance,
+                  seed=args.seed, sampler=args.sampler, eta=args.eta, height=height, width=width,
                   num_images_per_prompt=args.n, init_image=init, strength=strength, dtype=dtype,
                   progress=not args.no_progress)
     meta = {"prompt": args.prompt, "negative_prompt": args.negative or "", "seed": args.seed, "steps": args.steps,
-            "guidance_scale": args.guidance, "sampler": args.sampler, "eta": args.eta,
+            "guidance_scale": guidance, "sampler": args.sampler, "eta": args.eta,
             "height": images.shape[1], "width": images.shape[2], "n": args.n, "dtype": dtype,
             "model": pipe.name}
     if init is not None:
@@ -100,7 +117,27 @@ def txt2img(args):
     if added:
         meta.update(embeddings=", ".join(args.embedding), added_tokens=" ".join(added))
     pixels = images[0] if args.n == 1 else image_grid(images, min(args.n, 4))
-    print(f"wrote {save_png(args.output, pixels, meta)}")
+    print(f"wrote {save_image(out, pixels, meta)}")
+
+
+def _image_size(pipe, args, init_size) -> tuple[int, int]:
+    """(height, width): as asked (multiples of the model's size step), else from the init image (its
+    aspect, at most the model's size, rounded down to the step), else the model's size."""
+    m = pipe.size_multiple
+    for flag, v in (("--height", args.height), ("--width", args.width)):
+        if v is not None and v % m:
+            raise ValueError(f"{flag} must be a multiple of {m} for this model, got {v}")
+    if init_size is None:
+        return args.height or pipe.default_size, args.width or pipe.default_size
+    w0, h0 = init_size
+    if args.height and args.width:
+        return args.height, args.width
+    if args.height or args.width:  # the other side keeps the picture's aspect
+        scale = (args.height / h0) if args.height else (args.width / w0)
+    else:
+        scale = min(1.0, pipe.default_size / max(w0, h0))
+    rounded = lambda x: max(m, int(x * scale) // m * m)  # noqa: E731
+    return args.height or rounded(h0), args.width or rounded(w0)
 
 
 def add_convert_arguments(c: argparse.ArgumentParser):

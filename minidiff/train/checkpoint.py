@@ -3,8 +3,8 @@
     RUN/checkpoint.msgpack = {"state": {"step", "params", "ema_params", "opt_state", "key", ...},
                               "config": JSON text of the training configuration, "meta": JSON text}
 
-Written to a temporary file in the same folder, flushed and ``os.replace``d over the old one, so a
-run killed mid-write keeps the previous checkpoint.  ``RUN/config.json`` is a readable copy, never
+Written with :func:`minidiff.files.atomic_write`, so a run killed mid-write keeps the previous
+checkpoint (and the next save removes the dead run's temporary file).  ``RUN/config.json`` is a readable copy, never
 needed to load.  Parameters come back as plain nested dicts; optimizer states (tuples of optax
 NamedTuples) need a template of the same structure (``target``) to come back exactly.
 """
@@ -12,35 +12,15 @@ NamedTuples) need a template of the same structure (``target``) to come back exa
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from flax import serialization
 
+from ..files import atomic_write
+
 CHECKPOINT = "checkpoint.msgpack"
 CONFIG = "config.json"
-
-
-def atomic_write(path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_checkpoint(run_dir, state, config: dict, meta: dict | None = None) -> Path:

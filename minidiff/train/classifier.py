@@ -28,7 +28,7 @@ from .. import data
 from ..data import ShapeSpec, ShapesDataset, caption, without_size
 from ..images import to_unit_range
 from ..nn.classifier import ShapesClassifier
-from .checkpoint import atomic_write
+from ..files import atomic_write
 from .engine import Engine, make_optimizer
 
 RECIPE_VERSION = 2  # bump when the architecture or the training recipe changes: old caches are ignored

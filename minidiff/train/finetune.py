@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..data import COLORS, POSITIONS, ShapeSpec, _composite, coverage
-from ..images import load_image, save_png
+from ..images import load_image, save_image
 from ..nn.unet import UNet2DCondition
 from .diffusion import diffusion_loss
 
@@ -75,7 +75,7 @@ class Subject:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for i, (image, text) in enumerate(zip(self.images, self.captions)):
-            save_png(folder / f"{i}.png", image, {"caption": text})
+            save_image(folder / f"{i}.png", image, {"caption": text})
             (folder / f"{i}.txt").write_text(text + "\n", encoding="utf-8")
         return folder
 

@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from ..data import without_size
+from ..data import caption_words, without_size
 from ..diffusion import NoiseSchedule
+from ..files import atomic_write
 from ..images import to_uint8, to_unit_range
 from ..nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from ..nn.clip import CLIPTextConfig, CLIPTextModel
@@ -36,7 +37,6 @@ from ..nn.unet import UNet2DCondition
 from ..pipeline import vae_decode, vae_encode
 from ..tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 from .autoencoder import train_vae
-from .checkpoint import atomic_write
 from .configs import PREDICTION, SCHEDULER, MiniSDConfig
 from .engine import Engine, make_optimizer
 from .clip import retrieval_accuracy, train_clip
@@ -252,7 +252,8 @@ def train_mini_sd(cfg: MiniSDConfig | None = None, out="runs/mini_sd", progress:
 
     config = StableDiffusionConfig(family="sd1", unet=cfg.unet_config(), vae=vae_config, text_encoder=text_config,
                                    prediction_type=PREDICTION, scheduler=dict(SCHEDULER), dtype="float16",
-                                   source={"trained_by": "minidiff train-mini-sd", "settings": dataclasses.asdict(cfg)})
+                                   source={"trained_by": "minidiff train-mini-sd", "settings": dataclasses.asdict(cfg)},
+                                   guidance_scale=cfg.guidance, vocabulary=caption_words(cfg.dataset().shapes, cfg.dataset().colors))
     params = {"unet": unet_params, "vae": vae_params, "text_encoder": unused_tokens_zeroed(text_params, cfg)}
     half = jax.tree.map(lambda a: np.asarray(a, np.float16), params)
     save_clip_towers(clip_params, cfg, out / CLIP_FILE)
