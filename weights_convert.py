@@ -11,9 +11,8 @@ and skipped.  Load the result with ``minidiff.convert.load_converted(DST)``.  Th
 ``minidiff convert``.
 """
 
-import sys
 
-from minidiff.cli import Parser, run
+from minidiff.cli import Parser, finish, run
 from minidiff.cli.sd import add_convert_arguments, convert
 
 
@@ -24,4 +23,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish(main())

@@ -545,8 +545,9 @@ def save_converted(params: Mapping, config: StableDiffusionConfig, dst, overwrit
         temps.append(atomic_write(dst, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in flat.items()},
                                                              str(tmp), metadata={"format": FORMAT, "config": text}),
                                   replace=False))
-        commit(temps.pop(), dst)
-        commit(temps.pop(), sidecar)
+        for path in (dst, sidecar):  # the weights (with the config inside) first
+            commit(temps[-1], path)
+            temps.pop()
     finally:
         for tmp in temps:
             try:

@@ -127,6 +127,30 @@ def test_checkpoints_every_n_steps_and_other_settings_are_refused(tmp_path):
         other.resume_or_start()
 
 
+def test_checkpoints_by_wall_clock_time_too_and_dead_runs_temp_files_go(tmp_path, monkeypatch):
+    """With checkpoint_every=0 only the clock triggers a save: every 5 (fake) minutes."""
+    import time as real_time
+
+    from minidiff.train import engine as E
+
+    now = [1000.0]
+    monkeypatch.setattr(E.time, "monotonic", lambda: now[0])
+    stale = tmp_path / f".{checkpoint.CHECKPOINT}.999999999.tmp"  # a SIGKILLed writer's (pid not running)
+    stale.write_bytes(b"half a checkpoint")
+    e = engine(tmp_path, checkpoint_every=0, checkpoint_seconds=300.0)
+    saved = []
+
+    def tick(e):
+        now[0] += 100.0  # each step takes 100 s
+        saved.append(int(checkpoint.load_checkpoint(tmp_path)[0]["step"])
+                     if (tmp_path / checkpoint.CHECKPOINT).exists() else 0)
+    e.callbacks.append((1, tick))
+    e.train(until=8, progress=False)
+    assert saved == [0, 0, 0, 0, 4, 4, 4, 4]  # saved once more than 300 s passed: after steps 4 and 8
+    assert not stale.exists() and not list(tmp_path.glob(".*.tmp"))
+    assert real_time.monotonic is not None
+
+
 def test_a_diverging_loss_is_a_clear_error():
     e = Engine(lambda p, b, k, f: (p["w"] * jnp.inf, {}), lambda s: (), {"w": jnp.float32(1.0)},
                make_optimizer(0.1, 4), steps=4, log_every=1)

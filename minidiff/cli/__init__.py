@@ -59,8 +59,8 @@ def run(func, args, prog: str) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = (" (the checkpoint is saved: run the same command with --resume, or for the mini SD and "
-                "fine-tuning run it again, to continue)" if getattr(args, "command", None) in TRAINING
+        hint = (" (a run continues from its last checkpoint: the same command with --resume, or for the mini "
+                "SD and fine-tuning the same command again)" if getattr(args, "command", None) in TRAINING
                 else " (nothing half-written is left)")
         print(f"{prog}: interrupted{hint}", file=sys.stderr)
         return 130
@@ -74,3 +74,21 @@ def run(func, args, prog: str) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     return run(args.func, args, f"minidiff {args.command}")
+
+
+def entry(argv=None):
+    """The ``minidiff`` program: ``main``, then :func:`finish`."""
+    finish(main(argv))
+
+
+def finish(rc: int):
+    """Exit with ``rc``.  After Ctrl-C the process ends at once (``os._exit``; every file is already
+    complete on disk): the XLA runtime can crash while the interpreter tears down objects that an
+    interrupt left half-built."""
+    import os
+
+    if rc == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)

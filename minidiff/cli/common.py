@@ -35,6 +35,16 @@ def json_arg(text, flag):
         raise ValueError(f"{flag} must be JSON, e.g. '{{\"width\": 128}}': {e}") from None
 
 
+def resume_dir(out) -> Path:
+    """--resume: ``out`` must hold a checkpoint (never a silent fresh start)."""
+    from ..train.checkpoint import CHECKPOINT
+
+    out = Path(out)
+    if not (out / CHECKPOINT).is_file():
+        raise ValueError(f"--resume: {out} holds no checkpoint to continue; leave out --resume to start a new run")
+    return out
+
+
 def fresh_run_dir(out) -> Path:
     from ..train.checkpoint import CHECKPOINT
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..train.configs import DALLE_GUIDANCE as GUIDANCE
 from ..train.configs import DalleTrainConfig, VQVAETrainConfig
-from .common import default, fresh_run_dir, given, json_arg, print_metrics
+from .common import default, fresh_run_dir, given, json_arg, print_metrics, resume_dir
 
 
 def add(sub):
@@ -76,7 +76,7 @@ def train_vqvae(args):
     if args.resume:
         from ..train.vqvae import VQVAETrainer, evaluate_vqvae
 
-        trainer = VQVAETrainer.resume(args.out, steps=args.steps)
+        trainer = VQVAETrainer.resume(resume_dir(args.out), steps=args.steps)
     else:
         out = fresh_run_dir(args.out)
         model = json_arg(args.model_kwargs, "--model-kwargs")
@@ -102,7 +102,7 @@ def train_dalle(args):
     if args.resume:
         from ..train.dalle import DalleTrainer, evaluate_dalle
 
-        trainer = DalleTrainer.resume(args.out, steps=args.steps)
+        trainer = DalleTrainer.resume(resume_dir(args.out), steps=args.steps)
     else:
         out = fresh_run_dir(args.out)
         model = dict(DalleTrainConfig().model, **(json_arg(args.model_kwargs, "--model-kwargs") or {}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..train.configs import DATA_DEFAULTS, DATASETS, TrainConfig
-from .common import json_arg, prediction
+from .common import json_arg, prediction, resume_dir
 
 
 def _per_data(name: str) -> str:
@@ -87,7 +87,7 @@ def demo(args):
 def train(args):
     from ..train.checkpoint import CHECKPOINT
 
-    out = Path(args.out)
+    out = resume_dir(args.out) if args.resume else Path(args.out)
     if (out / CHECKPOINT).is_file():
         if not args.resume:
             raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")

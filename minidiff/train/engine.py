@@ -67,6 +67,31 @@ def copy_tree(tree):
     return jax.tree.map(jnp.array, tree)
 
 
+def _handle_signals(handler) -> dict:
+    """Install ``handler`` for SIGINT and SIGTERM (a dict: the handlers to put back); returns the
+    previous ones.  Only the main thread may: elsewhere nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    signums = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signums}
+    for s in signums:
+        signal.signal(s, handler[s] if isinstance(handler, dict) else handler)
+    return previous
+
+
+def _wait_for_the_device():
+    """Let dispatched computations finish (an interrupted step's too): the runtime may crash if the
+    interpreter exits while one still runs."""
+    for a in jax.live_arrays():
+        try:
+            a.block_until_ready()
+        except RuntimeError:  # donated or deleted
+            pass
+
+
 class Engine:
     """Runs ``loss`` on ``batches`` with ``optimizer`` for ``steps`` steps; see the module docstring.
 
@@ -75,7 +100,8 @@ class Engine:
       Scalar entries of aux are averaged into the history next to the loss.
     - ``batches(step) -> tuple`` of arrays, a pure function of the step.
     - ``checkpoint_every``: steps between checkpoints into ``run_dir`` (0: only at the end and on
-      Ctrl-C; default: every tenth of the run).
+      Ctrl-C; default: every tenth of the run); ``checkpoint_seconds``: also whenever this long has
+      passed since the last one (a kill loses at most that much).
     - ``constrain(params) -> params``: applied after every update (e.g. CLIP's temperature clip).
     - ``callbacks``: ``[(every, fn)]``, ``fn(engine)`` after every ``every``-th step (sample grids,
       dead-code restarts); it may change ``engine.state``.
@@ -86,8 +112,8 @@ class Engine:
     def __init__(self, loss: Callable, batches: Callable, params, optimizer: optax.GradientTransformation, *,
                  steps: int, key=None, frozen=None, model_state=None, ema_decay: float | None = None,
                  constrain: Callable | None = None, run_dir=None, config: dict | None = None, kind: str = "",
-                 checkpoint_every: int | None = None, log_every: int = 50, callbacks=(), attachments=None,
-                 info: dict | None = None, desc: str | None = None):
+                 checkpoint_every: int | None = None, checkpoint_seconds: float = 300.0, log_every: int = 50,
+                 callbacks=(), attachments=None, info: dict | None = None, desc: str | None = None):
         if steps < 1:
             raise ValueError(f"steps must be positive, got {steps}")
         self.loss, self.batches, self.tx, self.steps = loss, batches, optimizer, int(steps)
@@ -97,6 +123,7 @@ class Engine:
         if checkpoint_every is None:  # with a run folder: every tenth of the run
             checkpoint_every = max(1, steps // 10) if run_dir is not None else 0
         self.checkpoint_every, self.log_every, self.callbacks = checkpoint_every, log_every, list(callbacks)
+        self.checkpoint_seconds, self._saved_at = checkpoint_seconds, time.monotonic()
         self.desc = desc or f"train {kind}".strip()
         params = copy_tree(params)
         state = {"step": jnp.int32(0), "params": params, "opt_state": optimizer.init(params),
@@ -148,9 +175,21 @@ class Engine:
         bar = tqdm(total=self.steps, initial=self.step, disable=not progress, desc=self.desc, unit="step")
         prefetch = ThreadPoolExecutor(1)  # draws the next batch while this step runs
         step = self.step  # counted on the host: reading the state's step would wait for every step to finish
+        self._saved_at = time.monotonic()
         upcoming = prefetch.submit(self.batches, step)
+        stop = []  # Ctrl-C / SIGTERM: finish the step (never interrupt JAX mid-compile), save, then stop
+
+        def request_stop(signum, frame):
+            if stop:  # a second time: at once
+                raise KeyboardInterrupt
+            stop.append(signum)
+            bar.write("stopping after this step (Ctrl-C again to stop at once)")
+
+        handlers = _handle_signals(request_stop)
         try:
             while step < until:
+                if stop:
+                    raise KeyboardInterrupt
                 batch = upcoming.result()
                 if step + 1 < until:
                     upcoming = prefetch.submit(self.batches, step + 1)
@@ -163,9 +202,12 @@ class Engine:
                 for every, fn in self.callbacks:
                     if every and step % every == 0:
                         fn(self)
-                if self.run_dir is not None and self.checkpoint_every and step % self.checkpoint_every == 0:
+                if self.run_dir is not None and (
+                        (self.checkpoint_every and step % self.checkpoint_every == 0)
+                        or (self.checkpoint_seconds and time.monotonic() - self._saved_at > self.checkpoint_seconds)):
                     self.save()
         except KeyboardInterrupt:
+            _wait_for_the_device()
             if self.run_dir is not None:
                 try:
                     bar.write(f"interrupted: saved step {self.step} to {self.save()}")
@@ -173,6 +215,7 @@ class Engine:
                     bar.write("interrupted in the middle of a step: the last checkpoint stands")
             raise
         finally:
+            _handle_signals(handlers)
             prefetch.shutdown(cancel_futures=True)
             bar.close()
         if self.run_dir is not None:
@@ -202,7 +245,9 @@ class Engine:
         pending = [(float(v), {k: float(x) for k, x in a.items()}) for v, a in jax.device_get(self._pending)]
         meta = {**self.info, "history": self.history, "pending": pending, "kind": self.kind,
                 "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
-        return save_checkpoint(self.run_dir, jax.device_get(state), self.config, meta)
+        path = save_checkpoint(self.run_dir, jax.device_get(state), self.config, meta)
+        self._saved_at = time.monotonic()
+        return path
 
     def restore(self, run_dir=None) -> "Engine":
         """Continue from the checkpoint in ``run_dir`` (default: this run's): the state and history.
