@@ -393,9 +393,10 @@ def test_convert_writes_one_file_and_load_converted_reads_it(sd2, tmp_path):
     assert config.text_encoder == want_config.text_encoder and config.notes == want_config.notes
     with pytest.raises(ValueError, match="already exists"):
         convert(sd2.single, dst)
-    # the JSON next to the weights is the config that counts (e.g. a corrected prediction type)
+    # the config inside the weights counts; the JSON next to them is a copy, and an edited one is named
     (tmp_path / "sd2.json").write_text(json.dumps(saved | {"prediction_type": "epsilon"}))
-    assert load_converted(tmp_path / "sd2.json")[1].prediction_type == "epsilon"
+    with pytest.warns(UserWarning, match="sd2.json differs from the config stored in sd2.safetensors"):
+        assert load_converted(tmp_path / "sd2.json")[1].prediction_type == "v_prediction"
     with pytest.raises(ValueError, match="not a minidiff converted model"):
         load_converted(sd2.single)
 

@@ -10,6 +10,7 @@ import pytest
 
 jax = pytest.importorskip("jax")
 from minidiff.cli import main  # noqa: E402
+from minidiff import files  # noqa: E402
 from minidiff.train import checkpoint  # noqa: E402
 from minidiff.train.diffusion import Batches, Trainer, TrainConfig, load_denoiser, read_history  # noqa: E402
 
@@ -88,7 +89,7 @@ def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypa
     def crash(*a):
         raise KeyboardInterrupt  # the process dies between writing the temporary file and renaming it
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    monkeypatch.setattr(files.os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
         t.save()
     monkeypatch.undo()

@@ -72,7 +72,10 @@ def run(func, args, prog: str) -> int:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a mistake (printed as one line), --help or --version
+        return e.code if isinstance(e.code, int) else 2
     return run(args.func, args, f"minidiff {args.command}")
 
 
