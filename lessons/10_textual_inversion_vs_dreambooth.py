@@ -89,6 +89,7 @@ unet_free, h_free = train_dreambooth(pipe, ring, DreamBoothConfig(steps=STEPS, p
 
 
 db_prior, db_free = pipe.with_params(unet=unet_prior), pipe.with_params(unet=unet_free)
+db_prior.vocabulary = db_free.vocabulary = pipe.vocabulary | {"sks"}  # the tuned UNets know the identifier
 
 fig, ax = plt.subplots(figsize=(6, 3.2))
 for name, h in (("TI <ring>", h_ti_ring), ("TI <orange>", h_ti_orange), ("DreamBooth + prior", h_prior),

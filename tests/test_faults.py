@@ -68,6 +68,7 @@ BEFORE_JAX = [  # (arguments after the prompt, words the one-line error must con
     (["--init-image", "ok.png", "--strength", "2"], ["--strength", "(0, 1]"]),
     (["--strength", "0.5"], ["--strength", "--init-image"]),
     (["--eta", "-1"], ["--eta", ">= 0"]),
+    (["--model", "nope.safetensors"], ["--model nope.safetensors", "no such file"]),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..train.configs import MiniSDConfig
 from .common import finite, given, output_image, positive, print_metrics, seed
@@ -80,6 +81,9 @@ def txt2img(args):
     if args.token and len(args.embedding or []) != 1:
         raise ValueError("--token renames the word of a single --embedding file")
     init_size = image_size(args.init_image, f"--init-image {args.init_image}") if args.init_image else None
+    if args.model is not None and not Path(args.model).exists():
+        raise ValueError(f"--model {args.model}: no such file or folder (a converted .safetensors, a diffusers "
+                         "folder or a single-file checkpoint)")
 
     from ..images import image_grid, load_image_at, save_image
     from ..pipeline import available_memory, dtype_name, load_pipeline
