@@ -91,13 +91,14 @@ class SigmaGrid:
 
 def sigma_grid(schedule: NoiseSchedule, num_steps: int, kind: str = "default", spacing: str = "leading",
                steps_offset: int = 0, final: str = "zero", round_timesteps: bool = False,
-               sigma_range: str = "spaced") -> SigmaGrid:
+               sigma_range: str = "spaced", timesteps=None) -> SigmaGrid:
     """The sigmas a sampler visits.  ``kind``: "default" (the spaced training timesteps, their
     sigmas), "karras" or "exponential" (between the schedule's smallest and largest sigma, each with
     its interpolated timestep; ``round_timesteps`` rounds those, as diffusers' multistep solvers do).
     ``final``: "zero" (x0 at the end) or "sigma_min" (stop at the schedule's smallest sigma).
     ``sigma_range``: Karras / exponential grids span the spaced timesteps' sigmas ("spaced": diffusers'
-    Euler, Heun, LMS) or all the training sigmas ("train": its DPM-Solver, UniPC)."""
+    Euler, Heun, LMS) or all the training sigmas ("train": its DPM-Solver, UniPC).
+    ``timesteps``: explicit decreasing timesteps (a solver's own spacing) instead of the spaced ones."""
     from .samplers import inference_timesteps
 
     if kind not in SIGMA_KINDS:
@@ -105,7 +106,9 @@ def sigma_grid(schedule: NoiseSchedule, num_steps: int, kind: str = "default", s
     if final not in ("zero", "sigma_min"):
         raise ValueError(f"final must be 'zero' or 'sigma_min', got {final!r}")
     train = sigma_from_alpha_bar(np.asarray(schedule.alpha_bar, np.float64))
-    t = inference_timesteps(num_steps, len(train), spacing, steps_offset).astype(np.float64)
+    if timesteps is None:
+        timesteps = inference_timesteps(num_steps, len(train), spacing, steps_offset)
+    t = np.asarray(timesteps, np.float64)
     sigmas = np.interp(t, np.arange(len(train)), train)
     if kind != "default":
         make = karras_sigmas if kind == "karras" else exponential_sigmas
