@@ -29,16 +29,17 @@ import numpy as np
 from .config import config_from_dict
 from .convert import is_converted, load_converted, read_checkpoint
 from .diffusion import q_sample
+from .diffusion.solvers import SOLVERS, resolve
 from .embeddings import load_embedding
 from .images import to_uint8
 from .nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from .nn.clip import CLIPTextConfig, CLIPTextModel, add_token_rows
 from .nn.unet import UNet2DCondition, UNetConfig
-from .sampling import guided_output, noise_keys, reverse_chain
+from .sampling import guided_output, noise_keys, reverse_chain, solver_chain
 from .sdconfig import SchedulerConfig, StableDiffusionConfig
 from .tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", *SOLVERS)  # and the names users know: solvers.resolve
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # The built-in mini model: weights + config side by side.
@@ -111,7 +112,10 @@ def _denoise(params, x_T, context, uncontext, guidance_scale, steps, *, config: 
     if batch_sharding is not None:
         x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
     predict = lambda x, t: guided_output(model_fn, params, x, t, context, uncontext, guidance_scale)  # noqa: E731
-    return reverse_chain(predict, x_T, steps, sampler, eta, prediction_type, on_step=_on_step)
+    if sampler in ("ddim", "ddpm"):
+        return reverse_chain(predict, x_T, steps, sampler, eta, prediction_type, on_step=_on_step)
+    tables, keys = steps
+    return solver_chain(predict, x_T, tables, SOLVERS[sampler], prediction_type, keys, on_step=_on_step)
 
 
 _text_fn = jax.jit(_encode_text, static_argnames=("config", "clip_skip", "dtype"))
@@ -137,7 +141,7 @@ class StableDiffusion:
                  params: Mapping[str, Any], tokenizer: CLIPTokenizer | None = None,
                  scheduler: SchedulerConfig | None = None, clip_skip: int = 0, pad_token: int | None = None,
                  name: str = "", devices: Sequence | None = None, guidance_scale: float = 7.5,
-                 vocabulary: Sequence[str] = ()):
+                 vocabulary: Sequence[str] = (), default_sampler: str = "DPM++ 2M Karras", default_steps: int = 25):
         missing = sorted({"unet", "vae", "text_encoder"} - set(params))
         if missing:
             raise ValueError(f"params must hold 'unet', 'vae' and 'text_encoder' trees; missing {missing}")
@@ -153,6 +157,7 @@ class StableDiffusion:
         self.scheduler = scheduler or SchedulerConfig()
         self.clip_skip, self.pad_token, self.name = clip_skip, pad_token, name
         self.guidance_scale = guidance_scale  # the default s when a call gives none
+        self.default_sampler, self.default_steps = default_sampler, default_steps  # the command line's defaults
         self.vocabulary = frozenset(vocabulary)  # the words a small model was trained on (empty: any)
         self.devices = list(devices) if devices is not None else None  # None: all of jax.devices()
         self._placed = {}
@@ -168,6 +173,8 @@ class StableDiffusion:
         kwargs.setdefault("pad_token", config.pad_token_id)
         kwargs.setdefault("guidance_scale", config.guidance_scale)
         kwargs.setdefault("vocabulary", config.vocabulary)
+        kwargs.setdefault("default_sampler", config.sampler)
+        kwargs.setdefault("default_steps", config.steps)
         return cls(config.unet, config.vae, config.text_encoder, params, scheduler=config.scheduler_config(), **kwargs)
 
     # --- sizes ------------------------------------------------------------------------------------
@@ -233,6 +240,14 @@ class StableDiffusion:
         return self._placed[key]
 
     # --- the public steps -------------------------------------------------------------------------
+
+    def _rows(self, sampler: str, sigmas: str, steps: int) -> dict:
+        """The per-step tables of a sampler on this model's schedule (numpy, host)."""
+        sch = self.scheduler
+        if sampler in ("ddim", "ddpm"):
+            isc = sch.inference_schedule(steps)
+            return {"t": isc.timesteps, "alpha_bar": isc.alpha_bar_t, "alpha_bar_prev": isc.alpha_bar_prev}
+        return SOLVERS[sampler].tables(sch.noise_schedule(), steps, sigmas, sch.spacing, sch.steps_offset)
 
     def unknown_words(self, prompt: str) -> list[str]:
         """The words of ``prompt`` a small model never saw in training (its ``vocabulary``; none for SD)."""
@@ -320,7 +335,8 @@ class StableDiffusion:
     def sample_latents(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float | None = None,
                        seed: int = 0, sampler: str = "ddim", eta: float = 0.0, height: int | None = None,
                        width: int | None = None, num_images_per_prompt: int = 1, init_image=None,
-                       strength: float = 0.6, dtype="float32", latents=None, progress: bool = False) -> np.ndarray:
+                       strength: float = 0.6, dtype="float32", latents=None, progress: bool = False,
+                       sigmas: str | None = None) -> np.ndarray:
         """The denoised latents x_0 (n, H/f, W/f, c), float32, n = len(prompts) * num_images_per_prompt.
         Arguments as for ``__call__``; ``latents`` (n, H/f, W/f, c) replaces the x_T drawn from the seed."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -330,8 +346,7 @@ class StableDiffusion:
         self.warn_unknown_words(prompts + negatives)
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         dtype = dtype_name(dtype)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        sampler, sigmas = resolve(sampler, sigmas)  # "DPM++ 2M Karras" -> ("dpmpp_2m", "karras")
         if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or not 1 <= steps <= 1000:
             raise ValueError(f"steps must be an integer from 1 to 1000, got {steps!r}")
         if not _finite(guidance_scale):
@@ -381,9 +396,10 @@ class StableDiffusion:
         _finite_or_raise(ctx, "the text encoder's states")
         context, uncontext = jnp.repeat(ctx[:len(prompts)], m, axis=0), jnp.repeat(ctx[len(prompts):], m, axis=0)
 
-        # the schedule (all N steps, or the last k for img2img) and the starting point x_T
-        isc = self.scheduler.inference_schedule(int(steps))
-        key_T, z_keys = noise_keys(jax.random.key(int(seed)), len(isc))
+        # the schedule (all N steps, or the last k for img2img) as per-step tables, and the start x_T
+        rows = self._rows(sampler, sigmas, int(steps))
+        R = len(rows["t"])
+        key_T, z_keys = noise_keys(jax.random.key(int(seed)), R)
         first = 0
         if latents is not None:
             x_T = latents
@@ -392,24 +408,27 @@ class StableDiffusion:
         else:
             x0 = _finite_or_raise(vae_encode(params["vae"], _put(jnp.asarray(pixels), shardings),
                                              config=self.vae_config, dtype=dtype), "the VAE encoder's latents")
-            run = math.floor(strength * len(isc) + 0.5)  # k = round(strength * N), halves up
-            first = len(isc) - run
-            self.last_timesteps = isc.timesteps[first:]
+            run = math.floor(strength * R + 0.5)  # k = round(strength * N), halves up
+            first = R - run
+            self.last_timesteps = rows["t"][first:]
             if run == 0:  # nothing to denoise: the VAE's own latents of the image
                 warnings.warn(f"strength {strength} x {steps} steps rounds to 0 steps: the result is the VAE's "
                               "reconstruction of the init image", stacklevel=3)
                 return np.asarray(x0)
-            # x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps at the first timestep run
-            x_T = q_sample(x0, float(isc.alpha_bar_t[first]), jax.random.normal(key_T, shape, jnp.float32))
-        self.last_timesteps = isc.timesteps[first:]
-        tables = (jnp.asarray(isc.timesteps[first:], jnp.int32), jnp.asarray(isc.alpha_bar_t[first:], jnp.float32),
-                  jnp.asarray(isc.alpha_bar_prev[first:], jnp.float32), z_keys[first:])
+            # x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps at the first step run
+            x_T = q_sample(x0, float(rows["alpha_bar"][first]), jax.random.normal(key_T, shape, jnp.float32))
+        self.last_timesteps = rows["t"][first:]
+        if sampler in ("ddim", "ddpm"):
+            tables = (jnp.asarray(rows["t"][first:], jnp.int32), jnp.asarray(rows["alpha_bar"][first:], jnp.float32),
+                      jnp.asarray(rows["alpha_bar_prev"][first:], jnp.float32), z_keys[first:])
+        else:
+            tables = ({k: v[first:] for k, v in rows.items()}, z_keys[first:])
 
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(isc) - first, unit="step",
+            bar = tqdm(total=R - first, unit="step",
                        desc=f"{sampler} {'img2img' if pixels is not None else 'txt2img'}")
         _PROGRESS[0], _FIRST_NONFINITE[0] = bar, math.inf
         try:
@@ -426,7 +445,7 @@ class StableDiffusion:
                 bar.close()
         if not np.all(np.isfinite(x0)):
             i = _FIRST_NONFINITE[0]
-            at = (f"from denoising step {int(i) + 1} of {len(isc) - first} (timestep {tables[0][int(i)]})"
+            at = (f"from denoising step {int(i) + 1} of {R - first} (timestep {self.last_timesteps[int(i)]:g})"
                   if i < math.inf else "")
             raise ValueError(f"the UNet's output is not finite (NaN or inf) {at}: the model's UNet weights or "
                              "the settings (guidance scale, dtype) are broken")
@@ -435,20 +454,22 @@ class StableDiffusion:
     def __call__(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float | None = None, seed: int = 0,
                  sampler: str = "ddim", eta: float = 0.0, height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, init_image=None, strength: float = 0.6, dtype="float32",
-                 latents=None, progress: bool = False) -> np.ndarray:
+                 latents=None, progress: bool = False, sigmas: str | None = None) -> np.ndarray:
         """uint8 images (n, H, W, 3), n = len(prompts) * num_images_per_prompt, prompt-major.
 
         prompts: a string or a list of strings.  negative_prompt: the unconditional branch of
         classifier-free guidance ("" by default): one string for all prompts or one per prompt.
         steps: inference steps N.  guidance_scale: s in eps_u + s (eps_c - eps_u) (1: conditional
-        only; default: the model's, 7.5 for SD, 3 for the built-in model).  seed: all randomness (x_T, the DDPM / eta noise, the img2img noise).  sampler: "ddim"
-        or "ddpm"; eta: DDIM's eta.  height, width: multiples of ``size_multiple`` (default: the
+        only; default: the model's, 7.5 for SD, 3 for the built-in model).  seed: all randomness
+        (x_T, the per-step noise, the img2img noise).  sampler: "ddim", "ddpm" or any of
+        ``minidiff.diffusion.solvers`` by a name users know ("DPM++ 2M Karras", "Euler a", "unipc",
+        "lcm"...); sigmas: "default", "karras" or "exponential"; eta: DDIM's eta.  height, width: multiples of ``size_multiple`` (default: the
         VAE's sample_size, or the init image's size).  init_image: uint8 (H, W, 3), or one per prompt
         (P, H, W, 3), for img2img with ``strength`` in (0, 1].  dtype: "float32" or "bfloat16".
         latents: optional x_T (n, H/f, W/f, c) instead of the seed's.  progress: a tqdm bar.
         """
         x0 = self.sample_latents(prompts, negative_prompt, steps, guidance_scale, seed, sampler, eta, height, width,
-                                 num_images_per_prompt, init_image, strength, dtype, latents, progress)
+                                 num_images_per_prompt, init_image, strength, dtype, latents, progress, sigmas)
         return self.decode(x0, dtype)
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from .diffusion import InferenceSchedule, ddim_step, ddpm_step
 from .diffusion.samplers import DDPM_VARIANCES, PREDICTION_TYPES
 
-ModelFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]  # (params, x_t, t (B,) int32, cond) -> output
+ModelFn = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]  # (params, x_t, t (B,), cond) -> output
 
 
 def noise_keys(key, num_steps: int):
@@ -94,7 +94,7 @@ class Sampler:
 def guided_output(model_fn: ModelFn, params, x, t, cond, uncond=None, guidance_scale=1.0):
     """The model output for the batch x at the (scalar) timestep t; with ``uncond`` given, classifier-free
     guidance: both branches in one doubled batch, mixed as eps_u + s (eps_c - eps_u)."""
-    t = jnp.full((x.shape[0],), t, jnp.int32)
+    t = jnp.full((x.shape[0],), t)  # int32 on the training timesteps, float32 between them (Karras grids)
     if uncond is None:
         return model_fn(params, x, t, cond)
     both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)
@@ -133,3 +133,24 @@ def reverse_chain(predict, x, steps, sampler: str = "ddim", eta: float = 0.0, pr
     if return_trajectory:
         return x0, jnp.concatenate([x[None], xs])
     return x0
+
+
+def solver_chain(predict, x, tables: dict, solver, prediction_type: str = "epsilon", keys=None, on_step=None):
+    """Any sampler of ``minidiff.diffusion.solvers`` as one ``jax.lax.scan`` over its tables (a dict
+    of (R,) arrays, traced: new tables of the same length reuse the program); ``keys`` (R,) give the
+    fresh noise of stochastic solvers; ``on_step(i, finite)`` as in :func:`reverse_chain`."""
+    rows = len(tables["t"])
+    keys = jax.random.split(jax.random.key(0), rows) if keys is None else keys
+
+    def body(carry, row):
+        x, state = carry
+        i, k, key = row
+        noise = jax.random.normal(key, x.shape, x.dtype) if solver.stochastic else None
+        x, state = solver.step(predict, x, state, k, noise, prediction_type=prediction_type)
+        if on_step is not None:
+            jax.debug.callback(on_step, i, jnp.all(jnp.isfinite(x)))
+        return (x, state), None
+
+    tables = {name: jnp.asarray(v, jnp.float32) for name, v in tables.items()}
+    (x, _), _ = jax.lax.scan(body, (x, solver.init(x)), (jnp.arange(rows, dtype=jnp.int32), tables, keys))
+    return x

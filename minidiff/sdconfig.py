@@ -84,6 +84,8 @@ class StableDiffusionConfig:
     source: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
     guidance_scale: float = 7.5  # the default guidance (the built-in model draws best at 3)
+    sampler: str = "DPM++ 2M Karras"  # the command line's default sampler and steps for this model
+    steps: int = 25
     vocabulary: list = field(default_factory=list)  # the only words the model was trained on; [] for real SD
 
     def scheduler_config(self) -> SchedulerConfig:

@@ -252,7 +252,8 @@ def test_bad_arguments_are_clear_errors(pipe, photo):
     cases = [
         (dict(height=18), "multiple of 4"),
         (dict(steps=0), "steps must be an integer"),
-        (dict(sampler="euler"), "unknown sampler"),
+        (dict(sampler="euler b"), "unknown sampler"),
+        (dict(sampler="ddim", sigmas="karras"), "takes no 'karras' sigmas"),
         (dict(dtype="float16"), "unknown dtype"),
         (dict(init_image=photo, strength=0.0), r"strength must lie in \(0, 1\]"),
         (dict(init_image=photo, strength=1.5), r"strength must lie in \(0, 1\]"),
@@ -384,11 +385,13 @@ def test_cli_writes_a_png_with_its_settings(converted, tmp_path, capsys, pipe):
         meta = dict(im.text)
         pixels = np.asarray(im.convert("RGB"))
     assert meta["prompt"] == "a red circle above a blue square" and meta["negative_prompt"] == "blurry"
-    assert (meta["seed"], meta["steps"], meta["guidance_scale"], meta["sampler"]) == ("3", "3", "5.0", "ddim")
+    # a Stable Diffusion checkpoint's default sampler: DPM++ 2M Karras
+    assert (meta["seed"], meta["steps"], meta["guidance_scale"], meta["sampler"], meta["sigmas"]) == \
+        ("3", "3", "5.0", "dpmpp_2m", "karras")
     assert (meta["height"], meta["width"], meta["n"]) == ("16", "16", "2") and meta["model"] == str(converted)
     # the same images as the pipeline (same weights: random_params()), tiled in a grid
     want = pipe(["a red circle above a blue square"], negative_prompt="blurry", steps=3, guidance_scale=5.0,
-                seed=3, num_images_per_prompt=2)
+                seed=3, num_images_per_prompt=2, sampler="DPM++ 2M Karras")
     np.testing.assert_array_equal(pixels[1:17, 1:17], want[0])
     np.testing.assert_array_equal(pixels[1:17, 18:34], want[1])
 

@@ -5,23 +5,30 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..diffusion.sigmas import SIGMA_KINDS
+from ..diffusion.solvers import resolve
 from ..train.configs import MiniSDConfig
 from .common import finite, given, output_image, positive, print_metrics, seed
 
 
 def add(sub):
     g = sub.add_parser("txt2img", help="Stable Diffusion: draw a prompt (or redraw --init-image) with a latent "
-                                       "diffusion model")
+                                       "diffusion model", epilog=_samplers_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("prompt", help='what to draw, e.g. "a green triangle in the top right" (the built-in model) or "a lighthouse at dusk" (SD)')
     g.add_argument("--model", help="a converted minidiff model (.safetensors + .json), a diffusers folder or a "
                                    "single-file checkpoint (.safetensors / .ckpt; converted on the fly). "
                                    "Default: the built-in mini model")
     g.add_argument("--negative", help="negative prompt: the unconditional branch of the guidance (default: empty)")
-    g.add_argument("--steps", type=positive, default=30, help="sampling steps (default: %(default)s)")
+    g.add_argument("--steps", type=positive, help="sampling steps (default: the model's: 25 for Stable Diffusion, "
+                                                  "30 for the built-in model)")
     g.add_argument("--guidance", type=finite, help="classifier-free guidance scale (default: the model's: 7.5 for "
                                                    "Stable Diffusion, 3 for the built-in model)")
     g.add_argument("--seed", type=seed, default=0, help="0 to 2**32 - 1 (default: %(default)s)")
-    g.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    g.add_argument("--sampler", help="the sampler, by any name users know (default: the model's: 'DPM++ 2M Karras' for "
+                                     "Stable Diffusion, ddim for the built-in model); the list is below")
+    g.add_argument("--sigmas", choices=SIGMA_KINDS, help="the sigma grid of the ODE samplers (default: the sampler "
+                                                         "name's, e.g. karras for 'DPM++ 2M Karras', else default)")
     g.add_argument("--eta", type=finite, default=0.0, help="DDIM's eta (0: deterministic)")
     g.add_argument("--height", type=positive, help="image height, a multiple of the model's size step "
                                                    "(default: the model's size, or the init image's)")
@@ -67,6 +74,15 @@ def add(sub):
     m.set_defaults(func=evaluate_mini_sd)
 
 
+def _samplers_help() -> str:
+    from ..diffusion.solvers import SOLVERS
+
+    rows = [("ddim", "DDIM (Song et al. 2021), deterministic with --eta 0"), ("ddpm", "DDPM's ancestral chain")]
+    rows += [(s.name, s.about) for s in SOLVERS.values()]
+    return ("samplers (--sampler; also 'DPM++ 2M Karras', 'Euler a', dpmpp_2m, euler_ancestral, uni_pc, pndm...):\n"
+            + "\n".join(f"  {name:13s} {about}" for name, about in rows))
+
+
 def txt2img(args):
     from ..images import image_size
 
@@ -81,6 +97,8 @@ def txt2img(args):
     if args.token and len(args.embedding or []) != 1:
         raise ValueError("--token renames the word of a single --embedding file")
     init_size = image_size(args.init_image, f"--init-image {args.init_image}") if args.init_image else None
+    if args.sampler is not None:
+        resolve(args.sampler, args.sigmas)  # a bad name is an error now
     if args.model is not None and not Path(args.model).exists():
         raise ValueError(f"--model {args.model}: no such file or folder (a converted .safetensors, a diffusers "
                          "folder or a single-file checkpoint)")
@@ -107,13 +125,15 @@ def txt2img(args):
     for path in args.embedding or []:
         added += pipe.load_textual_inversion(path, token=args.token if len(args.embedding) == 1 else None)
     guidance = pipe.guidance_scale if args.guidance is None else args.guidance
+    sampler, sigmas = resolve(args.sampler or pipe.default_sampler, args.sigmas)
+    steps = args.steps or pipe.default_steps
     strength = 0.6 if args.strength is None else args.strength
-    images = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=guidance,
-                  seed=args.seed, sampler=args.sampler, eta=args.eta, height=height, width=width,
+    images = pipe(args.prompt, negative_prompt=args.negative, steps=steps, guidance_scale=guidance,
+                  seed=args.seed, sampler=sampler, sigmas=sigmas, eta=args.eta, height=height, width=width,
                   num_images_per_prompt=args.n, init_image=init, strength=strength, dtype=dtype,
                   progress=not args.no_progress)
-    meta = {"prompt": args.prompt, "negative_prompt": args.negative or "", "seed": args.seed, "steps": args.steps,
-            "guidance_scale": guidance, "sampler": args.sampler, "eta": args.eta,
+    meta = {"prompt": args.prompt, "negative_prompt": args.negative or "", "seed": args.seed, "steps": steps,
+            "guidance_scale": guidance, "sampler": sampler, "sigmas": sigmas, "eta": args.eta,
             "height": images.shape[1], "width": images.shape[2], "n": args.n, "dtype": dtype,
             "model": pipe.name}
     if init is not None:

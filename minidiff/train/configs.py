@@ -261,6 +261,8 @@ class MiniSDConfig:
     ema_decay: float = 0.999
     pool: int = 16384  # pictures encoded once into latents, drawn from at every step
     guidance: float = 3.0  # the model's default guidance scale (at 7.5 squares turn into stars, blue into violet)
+    sampler: str = "ddim"  # and its default sampler and steps (the setting its figures were measured with)
+    sample_steps: int = 30
 
     def __post_init__(self):
         self.held_out = tuple(tuple(p) for p in self.held_out)

@@ -253,7 +253,8 @@ def train_mini_sd(cfg: MiniSDConfig | None = None, out="runs/mini_sd", progress:
     config = StableDiffusionConfig(family="sd1", unet=cfg.unet_config(), vae=vae_config, text_encoder=text_config,
                                    prediction_type=PREDICTION, scheduler=dict(SCHEDULER), dtype="float16",
                                    source={"trained_by": "minidiff train-mini-sd", "settings": dataclasses.asdict(cfg)},
-                                   guidance_scale=cfg.guidance, vocabulary=caption_words(cfg.dataset().shapes, cfg.dataset().colors))
+                                   guidance_scale=cfg.guidance, vocabulary=caption_words(cfg.dataset().shapes, cfg.dataset().colors),
+                                   sampler=cfg.sampler, steps=cfg.sample_steps)
     params = {"unet": unet_params, "vae": vae_params, "text_encoder": unused_tokens_zeroed(text_params, cfg)}
     half = jax.tree.map(lambda a: np.asarray(a, np.float16), params)
     save_clip_towers(clip_params, cfg, out / CLIP_FILE)
