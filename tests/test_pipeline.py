@@ -409,12 +409,8 @@ def test_cli_img2img(converted, tmp_path, capsys, photo):
 # --- parity with diffusers -------------------------------------------------------------------------
 
 
-@pytest.mark.parity
-@pytest.mark.slow
-def test_ddim_cfg_loop_matches_diffusers_stable_diffusion_pipeline(tmp_path):
-    """diffusers' StableDiffusionPipeline (DDIMScheduler with SD's settings) and minidiff on the same
-    tiny random models (weights copied with minidiff.weights), the same text ids and the same initial
-    latents: latents within 2e-5 relative, pixels within 1 / 255."""
+def _reference_sd():
+    """Tiny random SD models built by diffusers / transformers, and minidiff's pipeline on their weights."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     transformers = pytest.importorskip("transformers")
@@ -444,6 +440,18 @@ def test_ddim_cfg_loop_matches_diffusers_stable_diffusion_pipeline(tmp_path):
               "text_encoder": torch_to_flax(clip_text_state_dict(sd(text)), templates["text_encoder"], "CLIP")}
     ours = StableDiffusion(UNET, VAE, TEXT, params)
 
+    return unet, vae, text, ours
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+def test_ddim_cfg_loop_matches_diffusers_stable_diffusion_pipeline(tmp_path):
+    """diffusers' StableDiffusionPipeline (DDIMScheduler with SD's settings) and minidiff on the same
+    tiny random models (weights copied with minidiff.weights), the same text ids and the same initial
+    latents: latents within 2e-5 relative, pixels within 1 / 255."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    unet, vae, text, ours = _reference_sd()
     x_T = np.asarray(jax.random.normal(jax.random.key(0), (2, 8, 8, 4)), np.float32)
     kw = dict(steps=3, guidance_scale=7.5)
     got = ours.sample_latents(PROMPTS, latents=x_T, **kw)
@@ -474,6 +482,50 @@ def test_ddim_cfg_loop_matches_diffusers_stable_diffusion_pipeline(tmp_path):
     assert loaded.text_config == TEXT  # (the converter picks its own attention chunk sizes: a memory setting)
     assert replace(loaded.unet_config, attention_chunk_size=None) == UNET
     assert replace(loaded.vae_config, attention_chunk_size=None) == VAE
-    flat_ours, flat_loaded = flatten_dict(params), flatten_dict(loaded.params)
+    flat_ours, flat_loaded = flatten_dict(ours.params), flatten_dict(loaded.params)
     assert flat_ours.keys() == flat_loaded.keys()
     assert all(np.array_equal(flat_ours[k], flat_loaded[k]) for k in flat_ours)
+
+
+@pytest.mark.parity
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["DPM++ 2M Karras", "Euler a"])
+def test_the_samplers_users_name_match_diffusers_stable_diffusion_pipeline(name, monkeypatch):
+    """diffusers' StableDiffusionPipeline with DPMSolverMultistepScheduler (dpmsolver++, Karras) or
+    EulerAncestralDiscreteScheduler and minidiff on the same tiny random models, the same initial
+    latents and (Euler a) the same per-step noise: images within 2/255 mean absolute difference."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from minidiff.sampling import noise_keys
+
+    unet, vae, text, ours = _reference_sd()
+    x_T = np.asarray(jax.random.normal(jax.random.key(0), (2, 8, 8, 4)), np.float32)
+    steps = 6
+    got_latents = ours.sample_latents(PROMPTS, latents=x_T, steps=steps, guidance_scale=7.5, sampler=name, seed=5)
+    got = ours.decode(got_latents)
+    sd = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+              timestep_spacing="leading")
+    if name == "Euler a":
+        scheduler = diffusers.EulerAncestralDiscreteScheduler(**sd)
+        _, keys = noise_keys(jax.random.key(5), steps)  # the noise minidiff drew at each step
+        noises = [torch.from_numpy(np.array(jax.random.normal(k, x_T.shape, jnp.float32)).transpose(0, 3, 1, 2))
+                  for k in keys]
+        module = sys.modules[type(scheduler).__module__]
+        monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: noises.pop(0))
+    else:
+        scheduler = diffusers.DPMSolverMultistepScheduler(**sd, algorithm_type="dpmsolver++", solver_order=2,
+                                                          use_karras_sigmas=True)
+    ref = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler,
+                                            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        embeds = text(torch.from_numpy(ours.tokenize(PROMPTS)).long())[0]
+        negative = text(torch.from_numpy(ours.tokenize(["", ""])).long())[0]
+        want = ref(prompt_embeds=embeds, negative_prompt_embeds=negative, num_inference_steps=steps, guidance_scale=7.5,
+                   height=16, width=16, latents=torch.from_numpy(np.array(x_T.transpose(0, 3, 1, 2))),
+                   output_type="np").images
+    if name == "Euler a":
+        assert noises == [], "diffusers drew another number of noises than minidiff"
+    diff = np.abs(got.astype(float) - np.round(want * 255))
+    print(f"{name}: mean |diff| {diff.mean():.3f} / 255, max {diff.max():.0f}")
+    assert diff.mean() <= 2
