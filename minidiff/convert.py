@@ -132,8 +132,24 @@ def _prediction(requested: str | None, from_scheduler: str | None, family: str, 
     return pred
 
 
-def _scheduler_from_diffusers(path: Path, notes: list) -> tuple[dict, str | None]:
-    """(our scheduler dict, prediction_type) from ``scheduler/scheduler_config.json``."""
+def _sampler_from_diffusers(c: Mapping, notes: list) -> str:
+    """The sampler a diffusers scheduler config names (its class and flags): the command line's default."""
+    from .diffusion.solvers import DIFFUSERS_CLASSES
+
+    name = DIFFUSERS_CLASSES.get(c.get("_class_name"))
+    if name is None:
+        notes.append(f"sampler: {c.get('_class_name')!r} is not one minidiff has; DPM++ 2M Karras by default")
+        return "DPM++ 2M Karras"
+    if name == "dpmpp_2m" and str(c.get("algorithm_type", "")).startswith("sde"):
+        name = "dpmpp_2m_sde"
+    sigmas = "karras" if c.get("use_karras_sigmas") else "exponential" if c.get("use_exponential_sigmas") else ""
+    name = f"{name}_{sigmas}" if sigmas and name not in ("ddim", "ddpm", "plms", "lcm") else name
+    notes.append(f"sampler: {name} (the folder's {c.get('_class_name')})")
+    return name
+
+
+def _scheduler_from_diffusers(path: Path, notes: list) -> tuple[dict, str | None, str]:
+    """(our scheduler dict, prediction_type, sampler) from ``scheduler/scheduler_config.json``."""
     c = read_json(path)
     if c.get("trained_betas") is not None:
         raise ValueError(f"{path}: trained_betas (a hand-made schedule) is not supported")
@@ -147,7 +163,7 @@ def _scheduler_from_diffusers(path: Path, notes: list) -> tuple[dict, str | None
         raise ValueError(f"{path}: prediction_type={pred!r} is not supported")
     notes.append(f"schedule: {name} ({scheduler['beta_start']}..{scheduler['beta_end']}, "
                  f"{scheduler['num_train_timesteps']} steps) from {path.parent.name}/{path.name}")
-    return scheduler, pred
+    return scheduler, pred, _sampler_from_diffusers(c, notes)
 
 
 def ldm_schedule_buffers(schedule) -> dict[str, np.ndarray]:
@@ -426,9 +442,10 @@ def _read_diffusers_folder(folder: Path, requested, prediction, dtype, notes) ->
                  f"proj_in, context {unet_cfg.cross_attention_dim})")
     notes.append("EMA: a diffusers folder holds one UNet (no EMA copy to choose)")
 
-    scheduler, sched_pred = dict(SD_SCHEDULER), None
+    scheduler, sched_pred, sampler = dict(SD_SCHEDULER), None, "DPM++ 2M Karras"
     if (folder / "scheduler" / "scheduler_config.json").is_file():
-        scheduler, sched_pred = _scheduler_from_diffusers(folder / "scheduler" / "scheduler_config.json", notes)
+        scheduler, sched_pred, sampler = _scheduler_from_diffusers(folder / "scheduler" / "scheduler_config.json",
+                                                                   notes)
     else:
         notes.append("schedule: no scheduler/scheduler_config.json; assuming SD's scaled_linear schedule")
     pred = _prediction(prediction, sched_pred, family, notes)
@@ -444,7 +461,7 @@ def _read_diffusers_folder(folder: Path, requested, prediction, dtype, notes) ->
     params = _convert_models(sources, _templates(unet_cfg, vae_cfg, text_cfg), dtype, str(folder))
     config = StableDiffusionConfig(family, unet_cfg, vae_cfg, text_cfg, pred, scheduler, pad, ema=None,
                                    source={"path": str(folder), "layout": "diffusers", "files": files,
-                                           "dtypes": _dtype_counts(*state_dicts.values())})
+                                           "dtypes": _dtype_counts(*state_dicts.values())}, sampler=sampler)
     return params, config
 
 

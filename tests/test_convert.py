@@ -546,3 +546,20 @@ def test_full_size_sd15_both_layouts(tmp_path):
     got = jax.jit(UNet2DCondition(config.unet).apply)({"params": params["unet"]}, x.transpose(0, 2, 3, 1),
                                                        np.array([500]), ctx)
     _compare(np.asarray(got).transpose(0, 3, 1, 2), want, "SD 1.5 UNet")
+
+
+def test_a_diffusers_scheduler_config_names_the_default_sampler():
+    from minidiff.convert import _sampler_from_diffusers
+    from minidiff.diffusion.solvers import resolve
+
+    notes = []
+    cases = {"PNDMScheduler": ({}, "plms"), "EulerAncestralDiscreteScheduler": ({}, "euler_a"),
+             "DPMSolverMultistepScheduler": ({"use_karras_sigmas": True}, "dpmpp_2m_karras"),
+             "UniPCMultistepScheduler": ({}, "unipc"), "LCMScheduler": ({}, "lcm"),
+             "FlowMatchEulerDiscreteScheduler": ({}, "DPM++ 2M Karras")}
+    for cls, (flags, want) in cases.items():
+        assert _sampler_from_diffusers({"_class_name": cls, **flags}, notes) == want
+        resolve(want)  # every answer is a name the pipeline takes
+    sde = {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}
+    assert resolve(_sampler_from_diffusers(sde, notes)) == ("dpmpp_2m_sde", "karras")
+    assert any("not one minidiff has" in n for n in notes)

@@ -479,6 +479,7 @@ def test_ddim_cfg_loop_matches_diffusers_stable_diffusion_pipeline(tmp_path):
         part.save_pretrained(tmp_path / name)
     loaded = P.load_pipeline(tmp_path)
     assert loaded.scheduler == P.SchedulerConfig() and loaded.name == str(tmp_path)
+    assert loaded.default_sampler == "ddim"  # the sampler the folder's scheduler config names
     assert loaded.text_config == TEXT  # (the converter picks its own attention chunk sizes: a memory setting)
     assert replace(loaded.unet_config, attention_chunk_size=None) == UNET
     assert replace(loaded.vae_config, attention_chunk_size=None) == VAE
