@@ -68,6 +68,9 @@ def add(sub):
     m.add_argument("--model", help="default: the built-in mini model")
     m.add_argument("--samples-per-prompt", type=int, default=2)
     m.add_argument("--steps", type=int, default=30)
+    m.add_argument("--sampler", default="ddim", help="the sampler, by any name txt2img takes (default: %(default)s)")
+    m.add_argument("--sigmas", choices=SIGMA_KINDS, help="the sigma grid of the ODE samplers (default: the sampler "
+                                                         "name's, e.g. karras for 'DPM++ 2M Karras', else default)")
     m.add_argument("--guidance", type=float, nargs="+", default=[7.5], help="one or more scales (default: 7.5)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--figure", help="save a PNG: the same prompts and seeds at each guidance scale, with the accuracies")
@@ -210,12 +213,14 @@ def evaluate_mini_sd(args):
     from ..pipeline import load_pipeline
     from ..train.mini_sd import evaluate_prompt_following, guidance_figure
 
+    sampler, sigmas = resolve(args.sampler, args.sigmas)  # a bad name is an error before the model loads
+    named = sampler.upper() if sampler in ("ddim", "ddpm") else sampler + ("" if sigmas == "default" else f" {sigmas}")
     pipe = load_pipeline(args.model)
     results = {}
     for g in args.guidance:
         metrics, images = evaluate_prompt_following(pipe, samples_per_prompt=args.samples_per_prompt, steps=args.steps,
-                                                    guidance_scale=g, seed=args.seed)
-        print_metrics(f"{pipe.name}, prompt following at guidance {g}, {args.steps} DDIM steps:", metrics)
+                                                    guidance_scale=g, seed=args.seed, sampler=sampler, sigmas=sigmas)
+        print_metrics(f"{pipe.name}, prompt following at guidance {g}, {args.steps} {named} steps:", metrics)
         results[g] = (metrics, images)
     if args.figure:
         print(f"wrote {guidance_figure(results, args.figure)}")

@@ -318,10 +318,12 @@ def unused_tokens_zeroed(text_params, cfg: MiniSDConfig):
 # --- measuring prompt following -------------------------------------------------------------------
 
 def evaluate_prompt_following(pipe, cfg: MiniSDConfig | None = None, samples_per_prompt: int = 2, steps: int = 30,
-                              guidance_scale: float = 7.5, seed: int = 0, batch: int = 108) -> dict:
+                              guidance_scale: float = 7.5, seed: int = 0, batch: int = 108, sampler: str = "ddim",
+                              sigmas: str | None = None) -> dict:
     """Fraction of pictures whose shape, colour and position the shapes classifier reads as the
     prompt's, over the fixed prompt list (every shape x colour x position, sizes alternating), and the
-    same over the prompts whose (shape, colour) pair was held out of training."""
+    same over the prompts whose (shape, colour) pair was held out of training.  sampler, sigmas: as
+    the pipeline's (any name ``minidiff.diffusion.solvers.resolve`` reads; default DDIM)."""
     from .classifier import cached_classifier, evaluation_prompts, predict
 
     cfg = cfg or MiniSDConfig()
@@ -331,7 +333,8 @@ def evaluate_prompt_following(pipe, cfg: MiniSDConfig | None = None, samples_per
     for r in range(samples_per_prompt):
         for i in range(0, len(prompts), batch):
             images.append(pipe(prompts[i:i + batch], steps=steps, guidance_scale=guidance_scale,
-                               seed=seed + 1000 * r + i, height=cfg.image_size, width=cfg.image_size))
+                               seed=seed + 1000 * r + i, height=cfg.image_size, width=cfg.image_size,
+                               sampler=sampler, sigmas=sigmas))
     images = np.concatenate(images)
     labels = {k: np.tile(v, samples_per_prompt) for k, v in labels.items()}
     pred = predict(cached_classifier(ds), images)
