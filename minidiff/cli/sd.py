@@ -21,12 +21,12 @@ def add(sub):
                                    "Default: the built-in mini model")
     g.add_argument("--negative", help="negative prompt: the unconditional branch of the guidance (default: empty)")
     g.add_argument("--steps", type=positive, help="sampling steps (default: the model's: 25 for Stable Diffusion, "
-                                                  "30 for the built-in model)")
+                                                  "6 for the built-in model)")
     g.add_argument("--guidance", type=finite, help="classifier-free guidance scale (default: the model's: 7.5 for "
                                                    "Stable Diffusion, 3 for the built-in model)")
     g.add_argument("--seed", type=seed, default=0, help="0 to 2**32 - 1 (default: %(default)s)")
     g.add_argument("--sampler", help="the sampler, by any name users know (default: the model's: 'DPM++ 2M Karras' for "
-                                     "Stable Diffusion, ddim for the built-in model); the list is below")
+                                     "Stable Diffusion, 'Euler a' for the built-in model); the list is below")
     g.add_argument("--sigmas", choices=SIGMA_KINDS, help="the sigma grid of the ODE samplers (default: the sampler "
                                                          "name's, e.g. karras for 'DPM++ 2M Karras', else default)")
     g.add_argument("--eta", type=finite, default=0.0, help="DDIM's eta (0: deterministic)")

@@ -261,8 +261,8 @@ class MiniSDConfig:
     ema_decay: float = 0.999
     pool: int = 16384  # pictures encoded once into latents, drawn from at every step
     guidance: float = 3.0  # the model's default guidance scale (at 7.5 squares turn into stars, blue into violet)
-    sampler: str = "ddim"  # and its default sampler and steps (the setting its figures were measured with)
-    sample_steps: int = 30
+    sampler: str = "euler_a"  # and its default sampler and steps: the cheapest setting measured >= 80 %
+    sample_steps: int = 6       # (Euler a at 6 steps: 89.4 % of 216 pictures; DDIM at 30: 87.0 %)
 
     def __post_init__(self):
         self.held_out = tuple(tuple(p) for p in self.held_out)
