@@ -69,34 +69,28 @@ def write_history(out: Path, history: dict, extra: dict):
 MAX_SEED = 2**32 - 1  # as minidiff.pipeline.MAX_SEED (kept here so that a bad seed is caught without JAX)
 
 
-def seed(text: str) -> int:
+def _checked(text: str, cast, what: str, ok, why: str):
+    """``cast(text)`` if it parses and ``ok(value)``; else argparse's error (shown as "argument --x: ...")."""
     try:
-        value = int(text)
+        value = cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: seeds run from 0 to {MAX_SEED} (2**32 - 1)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{text} {why}")
     return value
+
+
+def seed(text: str) -> int:
+    return _checked(text, int, "an integer", lambda v: 0 <= v <= MAX_SEED,
+                    f"is out of range: seeds run from 0 to {MAX_SEED} (2**32 - 1)")
 
 
 def finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-    return value
+    return _checked(text, float, "a number", math.isfinite, "is not a finite number")
 
 
 def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
+    return _checked(text, int, "an integer", lambda v: v >= 1, "must be at least 1")
 
 
 def output_image(path: str, flag: str = "-o") -> Path:
