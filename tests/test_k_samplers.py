@@ -30,7 +30,7 @@ model = fake_model(np.tanh)
 
 
 def run_ours(name, grid, x, noise, prediction_type, **options):
-    tables_fn, init, step = ks.SAMPLERS[name]
+    tables_fn, init, step = (getattr(ks, f"{name}_{part}") for part in ("tables", "init", "step"))
     tables = tables_fn(grid, **options)
     assert all(v.shape == (len(grid),) for v in tables.values())
     state, trajectory = init(x), []
@@ -152,7 +152,7 @@ def test_a_jitted_scan_matches_the_numpy_loop(name):
     """The steps are plain arithmetic: the same functions run inside jax.jit / jax.lax.scan."""
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
-    tables_fn, init, step = ks.SAMPLERS[name]
+    tables_fn, init, step = (getattr(ks, f"{name}_{part}") for part in ("tables", "init", "step"))
     grid = ks.euler_grid(SCHEDULE, 20, "karras", steps_offset=1)
     tables = tables_fn(grid)
     rng = np.random.default_rng(3)

@@ -192,8 +192,3 @@ def lms_step(predict, x, state, k, noise=None, *, prediction_type="epsilon"):
         x_next = x_next + expand_like(k[f"c_{j}"], x) * d_j
     return from_sigma_space(x_next, k["sigma_next"]), slopes[:-1]
 
-
-SAMPLERS = {
-    name: (globals()[f"{name}_tables"], globals()[f"{name}_init"], globals()[f"{name}_step"])
-    for name in ("euler", "euler_ancestral", "heun", "lms")
-}

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._arrays import expand_like
+from .samplers import inference_timesteps
 from .schedule import NoiseSchedule
 
 SIGMA_KINDS = ("default", "karras", "exponential")
@@ -99,8 +100,6 @@ def sigma_grid(schedule: NoiseSchedule, num_steps: int, kind: str = "default", s
     ``sigma_range``: Karras / exponential grids span the spaced timesteps' sigmas ("spaced": diffusers'
     Euler, Heun, LMS) or all the training sigmas ("train": its DPM-Solver, UniPC).
     ``timesteps``: explicit decreasing timesteps (a solver's own spacing) instead of the spaced ones."""
-    from .samplers import inference_timesteps
-
     if kind not in SIGMA_KINDS:
         raise ValueError(f"unknown sigma grid {kind!r}; choose one of {', '.join(SIGMA_KINDS)}")
     if final not in ("zero", "sigma_min"):
