@@ -1,9 +1,11 @@
 """Full Stable Diffusion 1.5-size text-to-image sampling with random weights: minidiff's pipeline next
 to diffusers' StableDiffusionPipeline, on the same CPU, in one run.
 
-    python benchmarks/txt2img.py [--sizes 256 512] [--steps 3] [--guidance 7.5] [--plot benchmarks/txt2img.png]
+    python benchmarks/txt2img.py [--sizes 256 512] [--steps 3] [--guidance 7.5] [--sampler ddim]
+                                 [--plot benchmarks/txt2img.png]
 
-One prompt, guidance on (so the UNet runs on a batch of 2), DDIM.  Each implementation runs in its
+One prompt, guidance on (so the UNet runs on a batch of 2), DDIM or another sampler (``--sampler``:
+"ddim", "DPM++ 2M Karras", "UniPC Karras", "Euler a": diffusers runs the matching scheduler).  Each implementation runs in its
 own subprocess (its peak RSS is its own).  minidiff: the first call compiles and runs, the second
 only runs (compile = first - second); diffusers: one warm-up call, then the timed call.  Printed:
 seconds per step (the whole call / steps: text encoding and VAE decoding included), total seconds,
@@ -42,7 +44,27 @@ def random_tree(template, rng):
     return jax.tree_util.tree_map_with_path(draw, template)
 
 
-def run_minidiff(size, steps, guidance):
+def diffusers_scheduler(sampler):
+    """The diffusers scheduler that runs what minidiff's ``sampler`` names, with SD 1.5's schedule."""
+    import diffusers
+
+    from minidiff.diffusion.solvers import resolve
+
+    name, sigmas = resolve(sampler)
+    sd = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+              timestep_spacing="leading")
+    karras = dict(use_karras_sigmas=sigmas == "karras")
+    make = {"ddim": lambda: diffusers.DDIMScheduler(**sd, set_alpha_to_one=False, clip_sample=False),
+            "euler": lambda: diffusers.EulerDiscreteScheduler(**sd, **karras),
+            "euler_a": lambda: diffusers.EulerAncestralDiscreteScheduler(**sd),
+            "dpmpp_2m": lambda: diffusers.DPMSolverMultistepScheduler(**sd, **karras, algorithm_type="dpmsolver++"),
+            "unipc": lambda: diffusers.UniPCMultistepScheduler(**sd, **karras)}
+    if name not in make or (sigmas != "default" and name in ("ddim", "euler_a")):
+        raise SystemExit(f"this benchmark has no diffusers scheduler for {sampler!r}")
+    return make[name]()
+
+
+def run_minidiff(size, steps, guidance, sampler="ddim"):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -61,7 +83,7 @@ def run_minidiff(size, steps, guidance):
               "vae": random_tree(shapes(AutoencoderKL(vae_cfg), jnp.zeros((1, 16, 16, 3))), rng),
               "text_encoder": random_tree(shapes(CLIPTextModel(text_cfg), jnp.zeros((1, 77), jnp.int32)), rng)}
     pipe = StableDiffusion(unet_cfg, vae_cfg, text_cfg, params)
-    kw = dict(steps=steps, guidance_scale=guidance, height=size, width=size)
+    kw = dict(steps=steps, guidance_scale=guidance, height=size, width=size, sampler=sampler)
     t0 = time.perf_counter()
     pipe([PROMPT], seed=0, **kw)
     first = time.perf_counter() - t0
@@ -71,11 +93,11 @@ def run_minidiff(size, steps, guidance):
     return dict(total=total, per_step=total / steps, compile=max(first - total, 0.0))
 
 
-def run_diffusers(size, steps, guidance):
+def run_diffusers(size, steps, guidance, sampler="ddim"):
     import numpy as np
     import torch
     import transformers
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
     from minidiff.tokenizer import CLIPTokenizer
 
@@ -87,8 +109,7 @@ def run_diffusers(size, steps, guidance):
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
         max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=49407)).eval()
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                              set_alpha_to_one=False, clip_sample=False)
+    scheduler = diffusers_scheduler(sampler)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
@@ -109,9 +130,20 @@ def run_diffusers(size, steps, guidance):
 
 def child(args):
     run = run_minidiff if args.impl == "minidiff" else run_diffusers
-    r = run(args.size, args.steps, args.guidance)
+    r = run(args.size, args.steps, args.guidance, args.sampler)
     r["peak_rss_mib"] = peak_rss_mib()
     print("RESULT " + json.dumps(r))
+
+
+def measure(impl, size, steps, guidance, sampler="ddim"):
+    """One implementation's timings in a fresh subprocess (its peak RSS is its own)."""
+    cmd = [sys.executable, __file__, "--impl", impl, "--size", str(size), "--steps", str(steps),
+           "--guidance", str(guidance), "--sampler", sampler]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode or not line:
+        sys.exit(f"{impl} at {size} ({sampler}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[0][7:])
 
 
 def main():
@@ -119,6 +151,7 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--sampler", default="ddim")
     ap.add_argument("--plot", default="benchmarks/txt2img.png")
     ap.add_argument("--impl", choices=["minidiff", "diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -126,20 +159,14 @@ def main():
     if args.impl:
         return child(args)
 
-    print(f"SD 1.5-size txt2img, random weights, 1 prompt, guidance {args.guidance} (UNet batch 2), DDIM "
-          f"{args.steps} steps, fp32, CPU")
+    print(f"SD 1.5-size txt2img, random weights, 1 prompt, guidance {args.guidance} (UNet batch 2), "
+          f"{args.sampler} {args.steps} steps, fp32, CPU")
     print(f"{'size':>7s} {'impl':>9s} {'s/step':>8s} {'total s':>8s} {'compile s':>10s} {'peak RSS':>10s}")
     rows = []
     for size in args.sizes:
         res = {}
         for impl in ("minidiff", "diffusers"):
-            cmd = [sys.executable, __file__, "--impl", impl, "--size", str(size), "--steps", str(args.steps),
-                   "--guidance", str(args.guidance)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-            if out.returncode or not line:
-                sys.exit(f"{impl} at {size} failed:\n{out.stderr[-3000:]}")
-            r = res[impl] = json.loads(line[0][7:])
+            r = res[impl] = measure(impl, size, args.steps, args.guidance, args.sampler)
             print(f"{size:>5d}^2 {impl:>9s} {r['per_step']:8.2f} {r['total']:8.1f} {r['compile']:10.1f} "
                   f"{r['peak_rss_mib']:6.0f} MiB", flush=True)
         ratio = res["minidiff"]["per_step"] / res["diffusers"]["per_step"]
@@ -161,7 +188,7 @@ def main():
         ax.set_xticks(range(len(rows)), [f"{s}x{s}" for s, _ in rows])
         ax.set_ylabel(label)
     axes[0].legend()
-    fig.suptitle(f"SD 1.5-size txt2img on this CPU, {args.steps} DDIM steps, random weights")
+    fig.suptitle(f"SD 1.5-size txt2img on this CPU, {args.sampler}, {args.steps} steps, random weights")
     fig.savefig(args.plot, dpi=100, bbox_inches="tight")
     print(f"saved {args.plot}")
 
