@@ -203,11 +203,12 @@ class Trainer(EngineTrainer):
     """Trains :class:`TrainConfig` on the engine; saves checkpoints and sample grids into ``run_dir``.
 
     ``state`` is the engine's: step, params, ema_params, opt_state, key (the run's base key).
+    ``mesh``: train sharded over several devices (:func:`minidiff.train.sharding.make_mesh`).
     """
 
     kind, config_class = "diffusion", TrainConfig
 
-    def __init__(self, config: TrainConfig, run_dir=None):
+    def __init__(self, config: TrainConfig, run_dir=None, mesh=None):
         self.config = config
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.denoiser = Denoiser(config)
@@ -221,7 +222,7 @@ class Trainer(EngineTrainer):
         self.engine = Engine(self.loss, self.batches, self._init_params(init_key), tx, steps=config.steps, key=key,
                              ema_decay=config.ema_decay, run_dir=run_dir, config=dataclasses.asdict(config),
                              kind="diffusion", checkpoint_every=config.checkpoint_every, log_every=config.log_every,
-                             callbacks=samples, desc=f"train {config.data}")
+                             callbacks=samples, desc=f"train {config.data}", mesh=mesh)
 
     def _init_params(self, key):
         x0, y = self.batches(0, n=2)

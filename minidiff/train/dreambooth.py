@@ -35,12 +35,13 @@ def class_pictures(pipe, subject: Subject, cfg: DreamBoothConfig, progress: bool
 
 
 def train_dreambooth(pipe, subject: Subject, config: DreamBoothConfig | None = None, progress: bool = True,
-                     class_set=None, checkpoint=None, checkpoint_every: int = 0, run_dir=None):
+                     class_set=None, checkpoint=None, checkpoint_every: int = 0, run_dir=None, mesh=None):
     """Fine-tune the pipeline's UNet on the subject.  Returns (UNet params as float32 NumPy, history).
 
     ``class_set``: (images, prompts) to use as the prior-preservation pictures instead of drawing
     them (:func:`class_pictures`).  ``checkpoint(step, unet)`` is called every ``checkpoint_every``
-    steps; ``run_dir`` keeps the engine's checkpoints (a stopped run continues).  ``pipe`` is not changed."""
+    steps; ``run_dir`` keeps the engine's checkpoints (a stopped run continues); ``mesh``: train sharded
+    (:func:`minidiff.train.sharding.make_mesh`).  ``pipe`` is not changed."""
     cfg = config or DreamBoothConfig()
     prior = cfg.prior_weight > 0
     if prior and class_set is None:
@@ -71,7 +72,7 @@ def train_dreambooth(pipe, subject: Subject, config: DreamBoothConfig | None = N
     engine = Engine(loss, batches, float32_params(pipe.params["unet"]), tx, steps=cfg.steps,
                     key=jax.random.PRNGKey(cfg.seed), run_dir=run_dir, config={**asdict(cfg), "model": pipe.name},
                     kind="dreambooth", log_every=10, callbacks=checkpoint_callbacks(checkpoint, checkpoint_every, cfg.steps),
-                    desc=f"dreambooth {cfg.identifier}").resume_or_start()
+                    desc=f"dreambooth {cfg.identifier}", mesh=mesh).resume_or_start()
     start = time.perf_counter()
     history = {**engine.train(progress=progress), "seconds": time.perf_counter() - start, "config": asdict(cfg)}
     return jax.tree.map(lambda a: np.asarray(a, np.float32), engine.params), history

@@ -9,7 +9,9 @@ Everything random is a function of (seed, step), so a resumed run takes exactly 
 uninterrupted one.  ``frozen`` networks enter the compiled step as an argument (a closed-over array
 would be baked into the program as a constant).  The state is saved whole, atomically, every
 ``checkpoint_every`` steps, at the end and on Ctrl-C; the next batch is drawn on a second thread
-while the step runs.  Exports ``Engine``, ``EngineTrainer``, ``make_optimizer``, ``read_run``.
+while the step runs.  With a ``mesh`` (:mod:`minidiff.train.sharding`) the state is split FSDP-style
+and each batch over all devices; the step keeps every array where it is.  Exports ``Engine``,
+``EngineTrainer``, ``make_optimizer``, ``read_run``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 import optax
 
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from .sharding import gather, param_shardings, replicated, shard, shard_batch
 
 
 def make_optimizer(lr: float, steps: int, warmup: int = 0, decay: bool = True, weight_decay: float = 0.0,
@@ -107,13 +110,16 @@ class Engine:
       dead-code restarts); it may change ``engine.state``.
     - ``attachments``: arrays saved with every checkpoint but not trained (DALL-E's VQ-VAE);
       ``info``: JSON-able facts saved with them (its settings).
+    - ``mesh``: a ("data", "fsdp") mesh (``sharding.make_mesh``): params, optimizer state, EMA and model
+      state sharded by ``param_shardings``, ``frozen`` replicated, each batch split by ``shard_batch``.
+      The checkpoint is gathered whole (written by process 0: several hosts need a shared run_dir).
     """
 
     def __init__(self, loss: Callable, batches: Callable, params, optimizer: optax.GradientTransformation, *,
                  steps: int, key=None, frozen=None, model_state=None, ema_decay: float | None = None,
                  constrain: Callable | None = None, run_dir=None, config: dict | None = None, kind: str = "",
                  checkpoint_every: int | None = None, checkpoint_seconds: float = 300.0, log_every: int = 50,
-                 callbacks=(), attachments=None, info: dict | None = None, desc: str | None = None):
+                 callbacks=(), attachments=None, info: dict | None = None, desc: str | None = None, mesh=None):
         if steps < 1:
             raise ValueError(f"steps must be positive, got {steps}")
         self.loss, self.batches, self.tx, self.steps = loss, batches, optimizer, int(steps)
@@ -132,10 +138,16 @@ class Engine:
             state["ema_params"] = copy_tree(params)
         if model_state is not None:
             state["model_state"] = copy_tree(model_state)
-        self.state = state
+        self.state, self.mesh = state, mesh
         self.history: dict[str, list] = {"step": [], "loss": []}
         self._pending: list = []  # (loss, scalar aux) of the steps since the last history row
-        self._step = jax.jit(self._update, donate_argnums=0)
+        if mesh is None:
+            self._step = jax.jit(self._update, donate_argnums=0)
+        else:  # placed once; the step returns each array sharded as it came, so donation reuses its buffers
+            self._shardings = param_shardings(state, mesh)
+            self.state, self.frozen = shard(state, self._shardings), shard(frozen, replicated(mesh))
+            self._step = jax.jit(self._update, donate_argnums=0,
+                                 out_shardings=(self._shardings, replicated(mesh), replicated(mesh)))
 
     @property
     def step(self) -> int:
@@ -167,6 +179,10 @@ class Engine:
 
     # --- the loop ---
 
+    def _batch(self, step: int) -> tuple:
+        batch = tuple(self.batches(step))
+        return batch if self.mesh is None else shard_batch(batch, self.mesh)
+
     def train(self, until: int | None = None, progress: bool = True) -> dict:
         """Train up to step ``until`` (default: ``steps``).  Ctrl-C writes a checkpoint, then re-raises."""
         from tqdm.auto import tqdm
@@ -176,7 +192,7 @@ class Engine:
         prefetch = ThreadPoolExecutor(1)  # draws the next batch while this step runs
         step = self.step  # counted on the host: reading the state's step would wait for every step to finish
         self._saved_at = time.monotonic()
-        upcoming = prefetch.submit(self.batches, step)
+        upcoming = prefetch.submit(self._batch, step)
         stop = []  # Ctrl-C / SIGTERM: finish the step (never interrupt JAX mid-compile), save, then stop
 
         def request_stop(signum, frame):
@@ -192,8 +208,8 @@ class Engine:
                     raise KeyboardInterrupt
                 batch = upcoming.result()
                 if step + 1 < until:
-                    upcoming = prefetch.submit(self.batches, step + 1)
-                self.state, value, aux = self._step(self.state, self.frozen, tuple(batch))
+                    upcoming = prefetch.submit(self._batch, step + 1)
+                self.state, value, aux = self._step(self.state, self.frozen, batch)
                 self._pending.append((value, {k: v for k, v in aux.items() if np.ndim(v) == 0}))
                 bar.update()
                 step += 1
@@ -245,7 +261,13 @@ class Engine:
         pending = [(float(v), {k: float(x) for k, x in a.items()}) for v, a in jax.device_get(self._pending)]
         meta = {**self.info, "history": self.history, "pending": pending, "kind": self.kind,
                 "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
-        path = save_checkpoint(self.run_dir, jax.device_get(state), self.config, meta)
+        if self.mesh is None:
+            path = save_checkpoint(self.run_dir, jax.device_get(state), self.config, meta)
+        else:  # every process takes part in the gather; one writes
+            state = gather(state)
+            path = self.run_dir / CHECKPOINT
+            if jax.process_index() == 0:
+                save_checkpoint(self.run_dir, state, self.config, meta)
         self._saved_at = time.monotonic()
         return path
 
@@ -254,7 +276,9 @@ class Engine:
         The saved configuration must be this run's (the number of steps may differ)."""
         run_dir = run_dir or self.run_dir
         template = {**self.state, "attachments": self.attachments} if self.attachments is not None else self.state
-        state, config, meta = load_checkpoint(run_dir, target=jax.device_get(template))
+        template = (jax.device_get(template) if self.mesh is None  # with a mesh: structure and shapes only
+                    else jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), template))
+        state, config, meta = load_checkpoint(run_dir, target=template)
         if meta.get("kind", self.kind) != self.kind:
             raise ValueError(f"{run_dir} holds a {meta.get('kind')!r} run, not {self.kind!r}")
         mine = json.loads(json.dumps(self.config))  # tuples as lists, as read back from the file
@@ -265,7 +289,7 @@ class Engine:
         state = jax.tree.map(jnp.asarray, state)
         if self.attachments is not None:
             self.attachments = state.pop("attachments")
-        self.state = state
+        self.state = state if self.mesh is None else shard(state, self._shardings)
         self.history = meta.get("history", self.history)
         self._pending = [(np.float32(v), {k: np.float32(x) for k, x in a.items()}) for v, a in meta.get("pending", [])]
         return self
@@ -287,10 +311,12 @@ class EngineTrainer:
     engine: Engine
 
     @classmethod
-    def resume(cls, run_dir, steps: int | None = None):
-        """Rebuild a run from ``run_dir/checkpoint.msgpack`` (its saved config; ``steps`` may change)."""
+    def resume(cls, run_dir, steps: int | None = None, **kwargs):
+        """Rebuild a run from ``run_dir/checkpoint.msgpack`` (its saved config; ``steps`` may change);
+        keyword arguments go to the trainer (e.g. ``mesh``)."""
         _, config, _ = read_run(run_dir, cls.kind)
-        trainer = cls(cls.config_class.from_dict({**config, **({} if steps is None else {"steps": steps})}), run_dir)
+        trainer = cls(cls.config_class.from_dict({**config, **({} if steps is None else {"steps": steps})}), run_dir,
+                      **kwargs)
         trainer.engine.restore()
         return trainer
 
