@@ -1,14 +1,16 @@
 """Stable Diffusion: prompt -> image, with the whole denoising loop compiled once.
 
     prompts, negatives ("") -tokenizer-> (P, 77) -CLIP-> context, uncontext (n, 77, D)   n = P prompts x m
-    seed -> x_T (n, H/8, W/8, 4); N steps in ONE jax.lax.scan inside ONE jax.jit:
-        eps = eps_u + s (eps_c - eps_u)  (one doubled UNet batch);   x = ddim_step / ddpm_step(x, eps, ...)
+    seed -> x_T (n, H/8, W/8, 4); N times ONE jit-compiled step (a row of the sampler's tables):
+        eps = eps_u + s (eps_c - eps_u)  (one doubled UNet batch);   x, state = sampler step(x, eps, row, ...)
     images = VAE.images_from_latents(x_0) -> uint8 (n, H, W, 3)
 
-Built on :func:`minidiff.sampling.guided_output` and :func:`~minidiff.sampling.reverse_chain`, with
-``k_T, z_keys = noise_keys(jax.random.key(seed), N)``.  Step tables, keys, embeddings and guidance
-scale are arguments of the compiled loop; only a new shape or static choice (sampler, eta, dtype,
-devices) compiles again (``pipe.traces``).  img2img (SDEdit): the init latents are noised with
+Built on :func:`minidiff.sampling.guided_output`, :func:`~minidiff.sampling.reverse_step` and
+:func:`~minidiff.sampling.solver_step`, with ``k_T, z_keys = noise_keys(jax.random.key(seed), N)``.
+The step's row, key, embeddings and guidance scale are arguments of the compiled step; only a new
+shape or static choice (sampler, eta, dtype, devices) compiles again (``pipe.traces``).  The host
+loop drives the progress bar and stops at the first non-finite step; the step program has no host
+callback, so JAX's persistent cache (:mod:`minidiff.compile_cache`) keeps it across runs.  img2img (SDEdit): the init latents are noised with
 q(x_t | x_0) and the last k = round(strength * N) steps run.  The batch is sharded over the largest
 number of devices dividing n; ``dtype="bfloat16"`` runs the networks in bfloat16, the sampler in float32.
 """
@@ -35,7 +37,7 @@ from .images import to_uint8
 from .nn.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from .nn.clip import CLIPTextConfig, CLIPTextModel, add_token_rows
 from .nn.unet import UNet2DCondition, UNetConfig
-from .sampling import guided_output, noise_keys, reverse_chain, solver_chain
+from .sampling import guided_output, noise_keys, reverse_step, solver_step
 from .sdconfig import SchedulerConfig, StableDiffusionConfig
 from .tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 
@@ -68,8 +70,6 @@ def dtype_name(dtype) -> str:
 
 MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits of a seed (x64 off): larger ones would repeat pictures
 TRACES: Counter = Counter()  # incremented only while JAX traces (i.e. compiles) a function
-_PROGRESS: list = [None]  # the open tqdm bar, if any, advanced by the loop's host callback
-_FIRST_NONFINITE: list = [math.inf]  # the first denoising step whose output had a NaN or inf
 
 
 def _encode_text(params, ids, *, config: CLIPTextConfig, clip_skip: int, dtype: str):
@@ -90,19 +90,9 @@ def _decode(params, latents, *, config: AutoencoderKLConfig, dtype: str):
     return vae.apply({"params": params}, latents, method=AutoencoderKL.images_from_latents)
 
 
-def _on_step(i, finite):
-    """Host side of the progress bar: jax.debug.callback after each step (unordered: keep the largest),
-    and of the NaN watch: the first step whose x_t is not finite."""
-    if not finite:
-        _FIRST_NONFINITE[0] = min(int(i), _FIRST_NONFINITE[0])
-    bar = _PROGRESS[0]
-    if bar is not None and int(i) + 1 > bar.n:
-        bar.update(int(i) + 1 - bar.n)
-
-
-def _denoise(params, x_T, context, uncontext, guidance_scale, steps, *, config: UNetConfig, prediction_type: str,
-             sampler: str, eta: float, dtype: str, batch_sharding):
-    """x_T -> x_0 through ``steps`` = (timesteps, alpha_bar_t, alpha_bar_prev, noise keys), guided."""
+def _denoise(params, x, state, row, key, context, uncontext, guidance_scale, *, config: UNetConfig,
+             prediction_type: str, sampler: str, eta: float, dtype: str, batch_sharding):
+    """One row of the sampler's tables, guided: (x_t, state) -> (x_{t-1}, state, whether x is finite)."""
     TRACES["denoise"] += 1
     unet = UNet2DCondition(config, DTYPES[dtype])
 
@@ -110,12 +100,14 @@ def _denoise(params, x_T, context, uncontext, guidance_scale, steps, *, config: 
         return unet.apply({"params": p}, x, t, ctx)
 
     if batch_sharding is not None:
-        x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
+        x = jax.lax.with_sharding_constraint(x, batch_sharding)
     predict = lambda x, t: guided_output(model_fn, params, x, t, context, uncontext, guidance_scale)  # noqa: E731
     if sampler in ("ddim", "ddpm"):
-        return reverse_chain(predict, x_T, steps, sampler, eta, prediction_type, on_step=_on_step)
-    tables, keys = steps
-    return solver_chain(predict, x_T, tables, SOLVERS[sampler], prediction_type, keys, on_step=_on_step)
+        step = (row["t"], row["alpha_bar"], row["alpha_bar_prev"], key)
+        x = reverse_step(predict, x, step, sampler, eta, prediction_type)
+    else:
+        x, state = solver_step(predict, x, state, row, key, SOLVERS[sampler], prediction_type)
+    return x, state, jnp.all(jnp.isfinite(x))
 
 
 _text_fn = jax.jit(_encode_text, static_argnames=("config", "clip_skip", "dtype"))
@@ -210,7 +202,15 @@ class StableDiffusion:
         return weights + 2**29 + per_device * max(unet, vae)
 
     def _devices_for(self, n: int) -> list:
+        """The most devices that divide n.  Across processes (``minidiff.distributed``) each gives as
+        many; a batch that does not split over the processes runs whole on each one's own devices."""
         devices = self.devices or jax.devices()
+        groups = [[d for d in devices if d.process_index == p] for p in sorted({d.process_index for d in devices})]
+        if len(groups) > 1:
+            k = max((k for k in range(1, min(map(len, groups)) + 1) if n % (k * len(groups)) == 0), default=0)
+            if k:
+                return [d for group in groups for d in group[:k]]
+            devices = [d for d in devices if d.process_index == jax.process_index()]
         return devices[:max(k for k in range(1, len(devices) + 1) if n % k == 0)]
 
     # --- devices ----------------------------------------------------------------------------------
@@ -329,8 +329,8 @@ class StableDiffusion:
         params = self._place(dtype, shardings)["vae"]
         if shardings is not None:
             latents = jax.device_put(latents, shardings[0])
-        return to_uint8(_finite_or_raise(vae_decode(params, latents, config=self.vae_config, dtype=dtype),
-                                         "the VAE decoder's pixels"))
+        return to_uint8(_gather(_finite_or_raise(vae_decode(params, latents, config=self.vae_config, dtype=dtype),
+                                                 "the VAE decoder's pixels")))
 
     def sample_latents(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float | None = None,
                        seed: int = 0, sampler: str = "ddim", eta: float = 0.0, height: int | None = None,
@@ -414,42 +414,38 @@ class StableDiffusion:
             if run == 0:  # nothing to denoise: the VAE's own latents of the image
                 warnings.warn(f"strength {strength} x {steps} steps rounds to 0 steps: the result is the VAE's "
                               "reconstruction of the init image", stacklevel=3)
-                return np.asarray(x0)
+                return _gather(x0)
             # x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps at the first step run
             x_T = q_sample(x0, float(rows["alpha_bar"][first]), jax.random.normal(key_T, shape, jnp.float32))
         self.last_timesteps = rows["t"][first:]
-        if sampler in ("ddim", "ddpm"):
-            tables = (jnp.asarray(rows["t"][first:], jnp.int32), jnp.asarray(rows["alpha_bar"][first:], jnp.float32),
-                      jnp.asarray(rows["alpha_bar_prev"][first:], jnp.float32), z_keys[first:])
-        else:
-            tables = ({k: v[first:] for k, v in rows.items()}, z_keys[first:])
-
+        rows = {k: np.asarray(v[first:], np.int32 if k == "t" and sampler in ("ddim", "ddpm") else np.float32)
+                for k, v in rows.items()}
+        x = _put(x_T, shardings)
+        state = None if sampler in ("ddim", "ddpm") else SOLVERS[sampler].init(x)
+        context, uncontext = _put(context, shardings), _put(uncontext, shardings)
+        options = dict(config=self.unet_config, prediction_type=self.scheduler.prediction_type, sampler=sampler,
+                       eta=float(eta), dtype=dtype, batch_sharding=None if shardings is None else shardings[0])
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=R - first, unit="step",
                        desc=f"{sampler} {'img2img' if pixels is not None else 'txt2img'}")
-        _PROGRESS[0], _FIRST_NONFINITE[0] = bar, math.inf
         try:
-            x0 = _denoise_fn(params["unet"], _put(x_T, shardings), _put(context, shardings),
-                             _put(uncontext, shardings), jnp.float32(guidance_scale), tables,
-                             config=self.unet_config, prediction_type=self.scheduler.prediction_type,
-                             sampler=sampler, eta=float(eta), dtype=dtype,
-                             batch_sharding=None if shardings is None else shardings[0])
-            x0 = np.asarray(x0)  # waits for the loop
-            jax.effects_barrier()  # and for the last progress callbacks
+            for i in range(R - first):  # one compiled step, called per row: the program has no host callback,
+                row = {k: v[i] for k, v in rows.items()}  # so JAX's persistent cache can keep it
+                x, state, finite = _denoise_fn(params["unet"], x, state, row, z_keys[first + i], context,
+                                               uncontext, jnp.float32(guidance_scale), **options)
+                if not finite:  # waits for the step
+                    raise ValueError(f"the UNet's output is not finite (NaN or inf) from denoising step {i + 1} of "
+                                     f"{R - first} (timestep {self.last_timesteps[i]:g}): the model's UNet weights "
+                                     "or the settings (guidance scale, dtype) are broken")
+                if bar is not None:
+                    bar.update()
         finally:
-            _PROGRESS[0] = None
             if bar is not None:
                 bar.close()
-        if not np.all(np.isfinite(x0)):
-            i = _FIRST_NONFINITE[0]
-            at = (f"from denoising step {int(i) + 1} of {R - first} (timestep {self.last_timesteps[int(i)]:g})"
-                  if i < math.inf else "")
-            raise ValueError(f"the UNet's output is not finite (NaN or inf) {at}: the model's UNet weights or "
-                             "the settings (guidance scale, dtype) are broken")
-        return x0
+        return _gather(x)
 
     def __call__(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float | None = None, seed: int = 0,
                  sampler: str = "ddim", eta: float = 0.0, height: int | None = None, width: int | None = None,
@@ -507,6 +503,15 @@ def float32_params(tree):
     the built-in model's file is float16)."""
     return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32) if np.issubdtype(np.asarray(a).dtype, np.floating)
                         else jnp.asarray(a), tree)
+
+
+def _gather(x) -> np.ndarray:
+    """The whole array on this host; one split over several processes is all-gathered (each gets all)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def _put(x, shardings):

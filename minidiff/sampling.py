@@ -102,6 +102,17 @@ def guided_output(model_fn: ModelFn, params, x, t, cond, uncond=None, guidance_s
     return out_u + guidance_scale * (out_c - out_u)  # eps_u + s (eps_c - eps_u)
 
 
+def reverse_step(predict, x, step, sampler: str = "ddim", eta: float = 0.0, prediction_type: str = "epsilon",
+                 variance: str = "beta_tilde", clip_x0: float | None = None):
+    """One step of the chain, x_t -> x_{t-1}: ``step`` = (t, alpha_bar_t, alpha_bar_prev, noise key)."""
+    t, ab_t, ab_prev, k = step
+    out = predict(x, t)
+    z = jax.random.normal(k, x.shape, x.dtype) if sampler == "ddpm" or eta != 0 else None
+    if sampler == "ddpm":
+        return ddpm_step(x, out, ab_t, ab_prev, z, variance, prediction_type, clip_x0)[0]
+    return ddim_step(x, out, ab_t, ab_prev, eta, z, prediction_type, clip_x0)[0]
+
+
 def reverse_chain(predict, x, steps, sampler: str = "ddim", eta: float = 0.0, prediction_type: str = "epsilon",
                   variance: str = "beta_tilde", clip_x0: float | None = None, on_step=None,
                   return_trajectory: bool = False):
@@ -115,16 +126,9 @@ def reverse_chain(predict, x, steps, sampler: str = "ddim", eta: float = 0.0, pr
     largest i seen.
     Returns x0, or (x0, the stacked (N + 1, *shape) states x_T, ..., x0) with ``return_trajectory``.
     """
-    noisy = sampler == "ddpm" or eta != 0
-
     def body(x, step):
-        i, t, ab_t, ab_prev, k = step
-        out = predict(x, t)
-        z = jax.random.normal(k, x.shape, x.dtype) if noisy else None
-        if sampler == "ddpm":
-            x, _ = ddpm_step(x, out, ab_t, ab_prev, z, variance, prediction_type, clip_x0)
-        else:
-            x, _ = ddim_step(x, out, ab_t, ab_prev, eta, z, prediction_type, clip_x0)
+        i, *step = step
+        x = reverse_step(predict, x, step, sampler, eta, prediction_type, variance, clip_x0)
         if on_step is not None:
             jax.debug.callback(on_step, i, jnp.all(jnp.isfinite(x)))
         return x, (x if return_trajectory else None)
@@ -135,6 +139,12 @@ def reverse_chain(predict, x, steps, sampler: str = "ddim", eta: float = 0.0, pr
     return x0
 
 
+def solver_step(predict, x, state, row: dict, key, solver, prediction_type: str = "epsilon"):
+    """One row of a solver's tables: (x, state) -> (x, state); a stochastic solver draws its noise from ``key``."""
+    noise = jax.random.normal(key, x.shape, x.dtype) if solver.stochastic else None
+    return solver.step(predict, x, state, row, noise, prediction_type=prediction_type)
+
+
 def solver_chain(predict, x, tables: dict, solver, prediction_type: str = "epsilon", keys=None, on_step=None):
     """Any sampler of ``minidiff.diffusion.solvers`` as one ``jax.lax.scan`` over its tables (a dict
     of (R,) arrays, traced: new tables of the same length reuse the program); ``keys`` (R,) give the
@@ -143,10 +153,8 @@ def solver_chain(predict, x, tables: dict, solver, prediction_type: str = "epsil
     keys = jax.random.split(jax.random.key(0), rows) if keys is None else keys
 
     def body(carry, row):
-        x, state = carry
         i, k, key = row
-        noise = jax.random.normal(key, x.shape, x.dtype) if solver.stochastic else None
-        x, state = solver.step(predict, x, state, k, noise, prediction_type=prediction_type)
+        x, state = solver_step(predict, *carry, k, key, solver, prediction_type)
         if on_step is not None:
             jax.debug.callback(on_step, i, jnp.all(jnp.isfinite(x)))
         return (x, state), None

@@ -99,7 +99,9 @@ def test_new_prompt_seed_guidance_or_negative_prompt_reuse_the_compiled_loop(pip
     c = pipe(PROMPTS, seed=8, guidance_scale=12.0, negative_prompt=["x", "y"], **S)
     assert dict(P.TRACES) == before, "a new prompt / seed / guidance scale must not trace (compile) again"
     assert (b != c).mean() > 0.5
-    pipe(PROMPTS, seed=0, steps=2)  # another number of steps is another program
+    pipe(PROMPTS, seed=0, steps=2)  # one compiled step serves every number of steps
+    assert dict(P.TRACES) == before
+    pipe(PROMPTS, seed=0, steps=2, eta=0.123)  # another static choice (eta) is another program
     assert P.TRACES["denoise"] == before["denoise"] + 1
 
 
@@ -282,7 +284,7 @@ devices_used = []
 compiled = P._denoise_fn
 def spy(*args, **kwargs):
     out = compiled(*args, **kwargs)
-    devices_used.append(len(out.sharding.device_set))
+    devices_used.append(len(out[0].sharding.device_set))
     return out
 P._denoise_fn = spy
 
@@ -312,7 +314,7 @@ def test_eight_devices_give_the_images_of_one():
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     print(result)
-    assert result["devices"] == 8 and result["used"] == [8, 1]
+    assert result["devices"] == 8 and result["used"] == [8] * 3 + [1] * 3  # 3 steps on 8 devices, then on 1
     assert result["latent_err"] <= 1e-4 and result["pixel_err"] <= 1
 
 

@@ -38,7 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     for family in (toy, dalle, sd, finetune):
         family.add(sub)
+    for command in sub.choices.values():  # every command compiles: each takes the cache options
+        g = command.add_argument_group("compiled programs")
+        g.add_argument("--compile-cache", metavar="DIR", help="keep compiled programs in DIR, so that the next run "
+                       "with the same shapes skips compiling (default: $MINIDIFF_CACHE_DIR or ~/.cache/minidiff/jax)")
+        g.add_argument("--no-compile-cache", action="store_true", help="compile every program afresh")
     return p
+
+
+def use_compile_cache(args) -> None:
+    """Point JAX's persistent compilation cache where the options say (before JAX is imported)."""
+    from .. import compile_cache
+
+    if getattr(args, "no_compile_cache", False):
+        compile_cache.disable()
+    else:
+        try:
+            compile_cache.enable(getattr(args, "compile_cache", None))
+        except OSError as e:  # an unwritable folder costs speed, not the run
+            warnings.warn(f"compiled programs will not be kept: {e}")
 
 
 def run(func, args, prog: str) -> int:
@@ -54,6 +72,7 @@ def run(func, args, prog: str) -> int:
     show = warnings.formatwarning
     warnings.formatwarning = lambda message, *_, **__: f"{prog}: warning: {message}\n"  # one line each
     try:
+        use_compile_cache(args)
         func(args)
     except (ValueError, ImportError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
