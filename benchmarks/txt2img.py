@@ -64,7 +64,28 @@ def diffusers_scheduler(sampler):
     return make[name]()
 
 
-def run_minidiff(size, steps, guidance, sampler="ddim"):
+MODEL_FILE = "/tmp/minidiff-bench/sd15_random.safetensors"
+
+
+def minidiff_pipeline(from_file: bool = True):
+    """minidiff's StableDiffusion with SD 1.5's architecture and random weights (no init to compile).
+    ``from_file``: as a user runs a converted model: written once to MODEL_FILE (as ``minidiff convert``
+    writes one), then loaded from it (memory-mapped; on a CPU the device uses the mapped weights)."""
+    from pathlib import Path
+
+    if from_file:
+        from minidiff.pipeline import load_pipeline
+
+        if not Path(MODEL_FILE).is_file():
+            from minidiff.convert import save_converted
+            from minidiff.sdconfig import StableDiffusionConfig
+
+            pipe = minidiff_pipeline(from_file=False)
+            Path(MODEL_FILE).parent.mkdir(parents=True, exist_ok=True)
+            save_converted(pipe.params, StableDiffusionConfig(family="sd1", unet=pipe.unet_config, vae=pipe.vae_config,
+                                                              text_encoder=pipe.text_config), MODEL_FILE)
+            del pipe
+        return load_pipeline(MODEL_FILE)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -82,7 +103,34 @@ def run_minidiff(size, steps, guidance, sampler="ddim"):
                                          jnp.zeros((1, 77, 768))), rng),
               "vae": random_tree(shapes(AutoencoderKL(vae_cfg), jnp.zeros((1, 16, 16, 3))), rng),
               "text_encoder": random_tree(shapes(CLIPTextModel(text_cfg), jnp.zeros((1, 77), jnp.int32)), rng)}
-    pipe = StableDiffusion(unet_cfg, vae_cfg, text_cfg, params)
+    # the pipeline's are then the only references: placing them frees the host arrays as it goes
+    return StableDiffusion(unet_cfg, vae_cfg, text_cfg, params)
+
+
+def diffusers_pipeline(sampler="ddim", device="cpu", dtype=None):
+    """diffusers' StableDiffusionPipeline with SD 1.5's architecture and random weights, and its text
+    tower (run outside the pipeline, on our token ids: no tokenizer files needed)."""
+    import torch
+    import transformers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval()  # SD 1.x defaults
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=512).eval()
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=49407)).eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet,
+                                   scheduler=diffusers_scheduler(sampler), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device, dtype) if dtype else pipe.to(device), text.to(device=device, dtype=dtype)
+
+
+def run_minidiff(size, steps, guidance, sampler="ddim"):
+    pipe = minidiff_pipeline()
     kw = dict(steps=steps, guidance_scale=guidance, height=size, width=size, sampler=sampler)
     t0 = time.perf_counter()
     pipe([PROMPT], seed=0, **kw)
@@ -96,23 +144,10 @@ def run_minidiff(size, steps, guidance, sampler="ddim"):
 def run_diffusers(size, steps, guidance, sampler="ddim"):
     import numpy as np
     import torch
-    import transformers
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
     from minidiff.tokenizer import CLIPTokenizer
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).eval()  # SD 1.x defaults
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        sample_size=512).eval()
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=49407)).eval()
-    scheduler = diffusers_scheduler(sampler)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, text = diffusers_pipeline(sampler)
     ids = CLIPTokenizer.from_bpe_gz()([PROMPT, ""])
 
     def call():  # the text tower runs inside the timed call, as in minidiff's

@@ -28,7 +28,8 @@ from .config import config_from_dict, read_json
 from .diffusion.samplers import PREDICTION_TYPES
 from .files import atomic_write, check_writable, commit, remove_stale_temps
 from .sdconfig import SD_SCHEDULER, SchedulerConfig, StableDiffusionConfig
-from .tensorfiles import memmap_safetensors, machine_eps, open_safetensors, output_dtype, read_tensors
+from .tensorfiles import (machine_eps, memmap_safetensors, open_safetensors, output_dtype, read_tensors,
+                          write_safetensors)
 from .weights import (LDM_CLIP, LDM_EMA, LDM_OPENCLIP, LDM_UNET, LDM_VAE, _Shapes, clip_text_config_from_transformers,
                       clip_text_config_from_weights, clip_text_state_dict, ldm_unet_key, ldm_vae_key,
                       openclip_text_state_dict, torch_to_flax, unet_config_from_diffusers, unet_config_from_ldm,
@@ -548,8 +549,6 @@ def save_converted(params: Mapping, config: StableDiffusionConfig, dst, overwrit
     the config next to it (``.json``, for reading).  Both are finished under temporary names first,
     then renamed, weights first: a kill at any point leaves the old pair, or new weights that carry
     their own config."""
-    from safetensors.numpy import save_file
-
     dst, sidecar = Path(dst), config_path(dst)
     flat = flatten_dict(dict(params), sep="/")
     text = json.dumps(config.to_dict(), indent=1)
@@ -558,9 +557,8 @@ def save_converted(params: Mapping, config: StableDiffusionConfig, dst, overwrit
     temps = []
     try:
         temps.append(atomic_write(sidecar, (text + "\n").encode(), replace=False))
-        # no copies: safetensors writes straight from each (C-contiguous) array
-        temps.append(atomic_write(dst, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in flat.items()},
-                                                             str(tmp), metadata={"format": FORMAT, "config": text}),
+        # written straight from each array, 64-byte aligned (mapped back, they reach a CPU device uncopied)
+        temps.append(atomic_write(dst, lambda tmp: write_safetensors(tmp, flat, {"format": FORMAT, "config": text}),
                                   replace=False))
         for path in (dst, sidecar):  # the weights (with the config inside) first
             commit(temps[-1], path)

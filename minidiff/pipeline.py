@@ -48,8 +48,16 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 MINI_MODEL = Path(__file__).parent / "assets" / "mini_sd.safetensors"
 
 
+def default_dtype() -> str:
+    """The networks' compute dtype when none is asked: bfloat16 on GPU / TPU (their matrix units'
+    type, half the memory), float32 on CPU (where bfloat16 is emulated, slower)."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def dtype_name(dtype) -> str:
-    """'float32' / 'bfloat16' from a name, a NumPy / JAX dtype or a scalar type."""
+    """'float32' / 'bfloat16' from a name, a NumPy / JAX dtype or a scalar type; None: :func:`default_dtype`."""
+    if dtype is None:
+        return default_dtype()
     if isinstance(dtype, str):
         name = {"fp32": "float32", "bf16": "bfloat16", "f32": "float32"}.get(dtype, dtype)
     else:
@@ -144,7 +152,8 @@ class StableDiffusion:
             raise ValueError(f"the UNet works on {unet_config.in_channels} -> {unet_config.out_channels} channels but "
                              f"the VAE's latents have {vae_config.latent_channels}")
         self.unet_config, self.vae_config, self.text_config = unet_config, vae_config, text_config
-        self.params = {k: params[k] for k in ("unet", "vae", "text_encoder")}
+        # our own dicts (the arrays are shared): placing replaces their leaves, never the caller's
+        self.params = {k: _own_dicts(params[k]) for k in ("unet", "vae", "text_encoder")}
         self.tokenizer = tokenizer or CLIPTokenizer.from_bpe_gz()
         self.scheduler = scheduler or SchedulerConfig()
         self.clip_skip, self.pad_token, self.name = clip_skip, pad_token, name
@@ -185,7 +194,7 @@ class StableDiffusion:
         """The VAE's native image size (512 for SD)."""
         return self.vae_config.sample_size
 
-    def memory_estimate(self, n: int, height: int, width: int, dtype="float32") -> int:
+    def memory_estimate(self, n: int, height: int, width: int, dtype=None) -> int:
         """Bytes one device needs at the peak of a call for n images of height x width: the weights
         in the compute dtype, a runtime allowance, and per image the larger of the UNet's activations
         (guidance runs two rows) and the VAE decoder's.  Calibrated on the built-in model on CPU
@@ -225,18 +234,30 @@ class StableDiffusion:
         return jax.sharding.NamedSharding(mesh, P("batch")), jax.sharding.NamedSharding(mesh, P())
 
     def _place(self, dtype: str, shardings=None):
-        """The parameters on the device(s) in the compute dtype: cast on the host, then put on the
-        default device, or replicated on every device of the mesh.  One placement is kept at a time
-        (a new dtype or device set replaces it), so the device holds a single copy of the weights."""
+        """The parameters on the device(s) in the compute dtype, replicated over a mesh's devices.  The
+        weights exist once: placed on one device in a dtype that loses nothing (float32, or their own),
+        each placed array replaces its host array in ``self.params`` as it goes (a CPU backend takes a
+        64-byte-aligned host array, e.g. a memory-mapped converted file, in place, without a copy).
+        Otherwise one placement is kept at a time (a new dtype or device set replaces it)."""
         key = (dtype, None if shardings is None else shardings[1])
         if key not in self._placed:
-            def cast(a):
-                a = np.asarray(a)
-                return a.astype(DTYPES[dtype], copy=False) if np.issubdtype(a.dtype, np.floating) or a.dtype == jnp.bfloat16 else a
-
             self._placed.clear()
-            host = jax.tree.map(cast, self.params)
-            self._placed[key] = jax.device_put(host, None if shardings is None else shardings[1])
+            target, want = None if shardings is None else shardings[1], DTYPES[dtype]
+
+            def put(tree):  # leaf by leaf, so that a replaced host array can go before the next is placed
+                out = {}
+                for name, a in tree.items():
+                    if isinstance(a, Mapping):
+                        out[name] = put(a)
+                        continue
+                    a = a if isinstance(a, (np.ndarray, jax.Array)) else np.asarray(a)
+                    floating = np.issubdtype(a.dtype, np.floating) or a.dtype == jnp.bfloat16
+                    out[name] = jax.device_put(a.astype(want) if floating and a.dtype != want else a, target)
+                    if target is None and (not floating or a.dtype == want or want == jnp.float32):
+                        tree[name] = out[name]  # the host array is not needed any more
+                return out
+
+            self._placed[key] = {part: put(tree) for part, tree in self.params.items()}
         return self._placed[key]
 
     # --- the public steps -------------------------------------------------------------------------
@@ -321,7 +342,7 @@ class StableDiffusion:
         self._placed.clear()
         return list(vectors)
 
-    def decode(self, latents, dtype="float32") -> np.ndarray:
+    def decode(self, latents, dtype=None) -> np.ndarray:
         """Latents (n, h, w, c) -> uint8 images (n, f h, f w, 3) through ``images_from_latents``."""
         dtype = dtype_name(dtype)
         latents = jnp.asarray(latents, jnp.float32)
@@ -335,7 +356,7 @@ class StableDiffusion:
     def sample_latents(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float | None = None,
                        seed: int = 0, sampler: str = "ddim", eta: float = 0.0, height: int | None = None,
                        width: int | None = None, num_images_per_prompt: int = 1, init_image=None,
-                       strength: float = 0.6, dtype="float32", latents=None, progress: bool = False,
+                       strength: float = 0.6, dtype=None, latents=None, progress: bool = False,
                        sigmas: str | None = None) -> np.ndarray:
         """The denoised latents x_0 (n, H/f, W/f, c), float32, n = len(prompts) * num_images_per_prompt.
         Arguments as for ``__call__``; ``latents`` (n, H/f, W/f, c) replaces the x_T drawn from the seed."""
@@ -449,7 +470,7 @@ class StableDiffusion:
 
     def __call__(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float | None = None, seed: int = 0,
                  sampler: str = "ddim", eta: float = 0.0, height: int | None = None, width: int | None = None,
-                 num_images_per_prompt: int = 1, init_image=None, strength: float = 0.6, dtype="float32",
+                 num_images_per_prompt: int = 1, init_image=None, strength: float = 0.6, dtype=None,
                  latents=None, progress: bool = False, sigmas: str | None = None) -> np.ndarray:
         """uint8 images (n, H, W, 3), n = len(prompts) * num_images_per_prompt, prompt-major.
 
@@ -459,9 +480,10 @@ class StableDiffusion:
         only; default: the model's, 7.5 for SD, 3 for the built-in model).  seed: all randomness
         (x_T, the per-step noise, the img2img noise).  sampler: "ddim", "ddpm" or any of
         ``minidiff.diffusion.solvers`` by a name users know ("DPM++ 2M Karras", "Euler a", "unipc",
-        "lcm"...); sigmas: "default", "karras" or "exponential"; eta: DDIM's eta.  height, width: multiples of ``size_multiple`` (default: the
-        VAE's sample_size, or the init image's size).  init_image: uint8 (H, W, 3), or one per prompt
-        (P, H, W, 3), for img2img with ``strength`` in (0, 1].  dtype: "float32" or "bfloat16".
+        "lcm"...); sigmas: "default", "karras" or "exponential"; eta: DDIM's eta.  height, width:
+        multiples of ``size_multiple`` (default: the VAE's sample_size, or the init image's size).
+        init_image: uint8 (H, W, 3), or one per prompt (P, H, W, 3), for img2img with ``strength`` in
+        (0, 1].  dtype: "float32" or "bfloat16" (default: bfloat16 on GPU / TPU, float32 on CPU).
         latents: optional x_T (n, H/f, W/f, c) instead of the seed's.  progress: a tqdm bar.
         """
         x0 = self.sample_latents(prompts, negative_prompt, steps, guidance_scale, seed, sampler, eta, height, width,
@@ -503,6 +525,11 @@ def float32_params(tree):
     the built-in model's file is float16)."""
     return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32) if np.issubdtype(np.asarray(a).dtype, np.floating)
                         else jnp.asarray(a), tree)
+
+
+def _own_dicts(tree):
+    """The nested dicts of a parameter tree copied, the arrays shared."""
+    return {k: _own_dicts(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
 
 
 def _gather(x) -> np.ndarray:

@@ -118,3 +118,28 @@ def test_chunking_bounds_the_memory_of_the_weights():
 
     full, chunked = temp_bytes(None), temp_bytes(256)
     assert full > 64 * 2**20 and chunked < full / 4, (full, chunked)
+
+
+@pytest.mark.parametrize("chunk", [None, 100])
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_accelerator_kernel_agrees_with_the_reference(monkeypatch, chunk, masked):
+    """jax.nn.dot_product_attention's XLA graph (what GPUs in float32 and TPUs run; cuDNN's needs a GPU)
+    against the reference kernel that the CPU runs, through the same ``attention`` call."""
+    import minidiff.nn.layers as layers
+
+    q, k, v = inputs(lk=77)
+    mask = np.tril(np.ones((256, 77), bool), 10)[None, None] if masked else None
+    assert layers.attention_implementation(jnp.asarray(q)) == "reference"  # auto on this CPU
+    want = run(q, k, v, mask, chunk)
+    monkeypatch.setattr(layers, "ATTENTION", "xla")
+    got = run(q, k, v, mask, chunk)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    np.testing.assert_allclose(got, reference(q, k, v, mask), atol=2e-6)
+
+
+def test_an_unknown_attention_kernel_is_named(monkeypatch):
+    import minidiff.nn.layers as layers
+
+    monkeypatch.setattr(layers, "ATTENTION", "flash")
+    with pytest.raises(ValueError, match="MINIDIFF_ATTENTION='flash'"):
+        attention(*(jnp.zeros((1, 4, 1, 8)),) * 3)

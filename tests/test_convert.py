@@ -563,3 +563,30 @@ def test_a_diffusers_scheduler_config_names_the_default_sampler():
     sde = {"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}
     assert resolve(_sampler_from_diffusers(sde, notes)) == ("dpmpp_2m_sde", "karras")
     assert any("not one minidiff has" in n for n in notes)
+
+
+def test_written_safetensors_are_aligned_and_read_by_safetensors(tmp_path):
+    """minidiff's writer: any reader takes the file; tensors whose size is a multiple of 64 bytes start
+    at multiples of 64 (memory-mapped, a CPU device uses them in place); 0-d, empty and bf16 tensors."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from minidiff.tensorfiles import bfloat16, memmap_safetensors, write_safetensors
+
+    rng = np.random.default_rng(0)
+    tensors = {"a/kernel": rng.standard_normal((3, 3, 4, 16)).astype(np.float32), "b": np.float32(2.5).reshape(()),
+               "c": rng.standard_normal(5).astype(np.float16), "d": np.zeros((0, 3), np.float32),
+               "e": rng.standard_normal(64).astype(bfloat16()), "f": np.arange(7, dtype=np.int64),
+               "g": rng.standard_normal((32, 8)).astype(np.float32).T}  # not contiguous
+    path = tmp_path / "w.safetensors"
+    write_safetensors(path, tensors, {"format": "test"})
+    with safe_open(str(path), "np") as f:
+        assert f.metadata() == {"format": "test"}
+    back = load_file(str(path))
+    mapped = memmap_safetensors(path)
+    for name, want in tensors.items():
+        for got in (back[name], mapped[name]):
+            assert got.shape == want.shape and got.dtype == want.dtype, name
+            np.testing.assert_array_equal(np.asarray(got, np.float64), np.asarray(want, np.float64))
+        if want.nbytes % 64 == 0:
+            assert mapped[name].ctypes.data % 64 == 0, name

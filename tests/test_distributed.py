@@ -157,3 +157,19 @@ def test_two_processes_train_and_sample_like_one(tmp_path):
         images = np.load(tmp_path / "two" / f"images{i}.npy")
         assert images.shape == reference.shape
         assert np.abs(images.astype(int) - reference).max() <= 1
+
+
+@pytest.mark.slow
+def test_the_command_line_trains_sharded(tmp_path):
+    """``minidiff train --fsdp 4`` on 8 forced devices writes a checkpoint; --fsdp 3 (not a divisor of
+    8) is a one-line error naming the numbers."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "minidiff.cli", "train", "--data", "moons", "--steps", "3", "--batch", "16",
+           "--no-progress"]
+    r = subprocess.run(cmd + ["--fsdp", "4", "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoint.msgpack").is_file()
+    r = subprocess.run(cmd + ["--fsdp", "3", "--out", str(tmp_path / "bad")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "fsdp=3" in r.stderr, r.stderr

@@ -289,7 +289,7 @@ def spy(*args, **kwargs):
 P._denoise_fn = spy
 
 pipe = tiny_pipeline()
-kw = dict(steps=3, seed=5, num_images_per_prompt=4, sampler="ddpm")   # 8 images, noise in every step
+kw = dict(steps=3, seed=5, num_images_per_prompt=4, sampler={sampler!r})   # 8 images, noise in every step
 many = pipe.sample_latents(PROMPTS, **kw)
 images_many = pipe.decode(many)
 pipe.devices = jax.devices()[:1]
@@ -302,14 +302,15 @@ print(json.dumps(dict(devices=len(jax.devices()), used=devices_used,
 
 
 @pytest.mark.slow
-def test_eight_devices_give_the_images_of_one():
+@pytest.mark.parametrize("sampler", ["ddpm", "DPM++ 2M SDE Karras"])
+def test_eight_devices_give_the_images_of_one(sampler):
     """The batch of 8 sharded over 8 forced CPU devices (params replicated) against one device, DDPM
-    (noise drawn inside the loop).  Not bit-identical: a shard computes 1 row where one device
+    and SDE-DPM-Solver++ (noise drawn inside every step; the latter with a multistep state).  Not bit-identical: a shard computes 1 row where one device
     computes 8, and XLA's CPU kernels may round a row differently with another batch size (as two
     rows of one batch can differ, see test_prompts_are_repeated_prompt_major).  Tolerance: latents
     within 1e-4 of max |x0| (measured ~1e-5), pixels within 1 / 255."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    script = SHARDING_SCRIPT.format(tests=str(Path(__file__).parent))
+    script = SHARDING_SCRIPT.format(tests=str(Path(__file__).parent), sampler=sampler)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -356,6 +357,35 @@ def converted(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_converted(random_params(), StableDiffusionConfig(family="sd1", unet=UNET, vae=VAE, text_encoder=TEXT), path)
     return path
+
+
+def test_the_weights_exist_once_a_converted_file_is_used_in_place(converted):
+    """A converted file is memory-mapped; its tensors start at multiples of 64 bytes, so the CPU
+    device takes them without a copy, and the pipeline keeps no host tree beside the placed one."""
+    import jax
+
+    pipe = P.load_pipeline(converted)
+    host = jax.tree.leaves(pipe.params)
+    addresses = [a.ctypes.data for a in host]
+    whole = [i for i, a in enumerate(host) if a.nbytes % 64 == 0]  # the writer aligns these
+    assert len(whole) > len(host) / 2 and all(addresses[i] % 64 == 0 for i in whole)
+    pipe(PROMPTS, seed=0, **S)
+    placed = jax.tree.leaves(pipe.params)
+    assert all(isinstance(a, jax.Array) for a in placed)  # the host arrays were replaced, not kept beside
+    copied = [i for i in whole if placed[i].unsafe_buffer_pointer() != addresses[i]]
+    assert not copied, f"{len(copied)} of {len(whole)} aligned tensors were copied"
+    placed_tree = pipe._place("float32")
+    assert all(a is b for a, b in zip(jax.tree.leaves(placed_tree), placed))  # one tree, not two
+
+
+def test_bfloat16_keeps_the_float32_host_weights(pipe):
+    """Placing in a less precise dtype must not replace the weights a later float32 call needs."""
+    import jax
+
+    a = pipe(PROMPTS, seed=0, **S)
+    pipe(PROMPTS, seed=0, dtype="bfloat16", **S)
+    assert {str(x.dtype) for x in jax.tree.leaves(pipe.params)} == {"float32"}
+    np.testing.assert_array_equal(pipe(PROMPTS, seed=0, **S), a)
 
 
 def test_config_from_dict_builds_nested_configs_and_names_unknown_fields(converted, tmp_path):

@@ -108,3 +108,16 @@ def output_image(path: str, flag: str = "-o") -> Path:
         raise ValueError(f"{flag} {path}: unknown image type {out.suffix!r}; use {', '.join(IMAGE_TYPES)}")
     check_writable(out.parent, f"{flag} {path}")
     return out
+
+
+FSDP_HELP = ("shard the training over every device: the weights and optimizer state split in groups of N "
+             "devices (FSDP), the batch over all of them (N must divide the device count)")
+
+
+def mesh(fsdp: int | None):
+    """The training mesh of ``--fsdp N`` (None without it): every device, FSDP groups of N."""
+    if fsdp is None:
+        return None
+    from ..train.sharding import make_mesh
+
+    return make_mesh(fsdp=fsdp)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..train.configs import DreamBoothConfig, TextualInversionConfig
-from .common import given, print_metrics, write_history
+from .common import FSDP_HELP, given, mesh, positive, print_metrics, write_history
 
 
 def add(sub):
@@ -53,6 +53,7 @@ def add(sub):
     b.add_argument("--class-images", type=int, help=f"class pictures drawn per class prompt (default: {db.class_images})")
     b.add_argument("--gradient-checkpointing", action="store_true", help="recompute UNet activations in the "
                    "backward pass (less memory, more compute)")
+    b.add_argument("--fsdp", type=positive, metavar="N", help=FSDP_HELP)
     b.set_defaults(func=dreambooth)
 
     e = sub.add_parser("evaluate-finetune", help="how often a fine-tuned word gives its subject, and (ring) whether "
@@ -115,7 +116,7 @@ def textual_inversion(args):
         save_embedding(out / f"learned_embeds-{step}.safetensors", cfg.token, vector, {**meta, "step": step})
 
     vector, history = train_textual_inversion(pipe, subject, cfg, progress=not args.no_progress, checkpoint=checkpoint,
-                                              checkpoint_every=args.save_every, run_dir=out / "run")
+                                              checkpoint_every=args.save_every, run_dir=out / "run", mesh=mesh(args.fsdp))
     path = save_embedding(out / "learned_embeds.safetensors", cfg.token, vector, {**meta, "step": cfg.steps})
     write_history(out, history, {"subject": str(args.subject)})
     print(f"wrote {path} ({path.stat().st_size:,} bytes; loss {history['loss'][0]:.4f} -> {history['loss'][-1]:.4f}, "
@@ -159,7 +160,7 @@ def dreambooth(args):
 
     unet, history = train_dreambooth(pipe, subject, cfg, progress=not args.no_progress,
                                      checkpoint=lambda step, p: save(p, f"model-{step}.safetensors"),
-                                     checkpoint_every=args.save_every, run_dir=out / "run")
+                                     checkpoint_every=args.save_every, run_dir=out / "run", mesh=mesh(args.fsdp))
     model = save(unet, "model.safetensors")
     write_history(out, history, {"subject": str(args.subject)})
     print(f"wrote {model} ({model.stat().st_size / 2**20:.1f} MB; loss {history['loss'][0]:.4f} -> "

@@ -37,8 +37,8 @@ def add(sub):
     g.add_argument("--init-image", help="img2img (SDEdit): start from this picture, noised to --strength; "
                                         "resized to the image size")
     g.add_argument("--strength", type=finite, help="img2img: how much of the chain to run, in (0, 1] (default: 0.6)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute dtype of the networks (bfloat16: GPU/TPU)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="compute dtype of the networks (default: bfloat16 on a GPU / TPU, float32 on CPU)")
     g.add_argument("--embedding", action="append", help="a textual-inversion embedding (.safetensors, from "
                    "`minidiff textual-inversion` or diffusers) whose word the prompt may use; repeatable")
     g.add_argument("--token", help="the word to use for a single --embedding (default: the file's own)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..train.configs import DATA_DEFAULTS, DATASETS, TrainConfig
-from .common import json_arg, prediction, resume_dir
+from .common import FSDP_HELP, json_arg, mesh, positive, prediction, resume_dir
 
 
 def _per_data(name: str) -> str:
@@ -56,6 +56,7 @@ def add(sub):
                    + _per_data("checkpoint_every"))
     t.add_argument("--resume", action="store_true", help="continue the run in --out (its saved settings; --steps may grow)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--fsdp", type=positive, metavar="N", help=FSDP_HELP)
     t.set_defaults(func=train)
 
     for name, func, text in (("sample", sample, "sample from a trained run: an image grid, or a scatter plot for 2-D data"),
@@ -93,7 +94,7 @@ def train(args):
             raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
         from ..train.diffusion import Trainer
 
-        trainer = Trainer.resume(out, steps=args.steps)  # the saved config, except the number of steps
+        trainer = Trainer.resume(out, steps=args.steps, mesh=mesh(args.fsdp))  # the saved config but the steps
         print(f"resuming {out} at step {trainer.step} of {trainer.config.steps}")
     else:
         config = TrainConfig.create(  # checks every setting before JAX is imported
@@ -106,7 +107,7 @@ def train(args):
             lr_decay=False if args.no_lr_decay else None)
         from ..train.diffusion import Trainer
 
-        trainer = Trainer(config, out)
+        trainer = Trainer(config, out, mesh=mesh(args.fsdp))
     trainer.train(progress=not args.no_progress)
     print(f"step {trainer.step}: loss {trainer.history['loss'][-1]:.4f}; checkpoint in {out}")
 

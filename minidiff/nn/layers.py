@@ -10,6 +10,7 @@ public weights is renaming plus transposing (see ``minidiff.weights``).
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -110,6 +111,28 @@ def attention_scores(q, k, mask=None):
     return s if mask is None else jnp.where(mask, s, jnp.finfo(jnp.float32).min)
 
 
+# Which kernel computes attention: "reference" (below: the CPU's, and the definition the others are
+# tested against), "xla" (jax.nn.dot_product_attention's XLA graph), "cudnn" (cuDNN's fused flash
+# attention, NVIDIA GPUs, float16 / bfloat16), or "auto": cuDNN where it applies, else XLA's on
+# accelerators, the reference on CPU.  Read when a network is traced: $MINIDIFF_ATTENTION, or set it.
+ATTENTION = os.environ.get("MINIDIFF_ATTENTION", "auto")
+IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn")
+
+
+def attention_implementation(q, mask=None) -> str:
+    """The kernel ``attention`` uses for queries q (B, Lq, heads, d) on the default backend."""
+    if ATTENTION not in IMPLEMENTATIONS:
+        raise ValueError(f"MINIDIFF_ATTENTION={ATTENTION!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
+    if ATTENTION != "auto":
+        return ATTENTION
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "reference"
+    d = q.shape[-1]
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if backend in ("gpu", "cuda") and half and mask is None and d % 8 == 0 and d <= 128 else "xla"
+
+
 def attention(q, k, v, mask=None, chunk_size: int | None = None):
     """Multi-head scaled dot-product attention, the one kernel of every network in ``minidiff.nn``:
 
@@ -117,23 +140,30 @@ def attention(q, k, v, mask=None, chunk_size: int | None = None):
 
     q (B, Lq, heads, d), k and v (B, Lk, heads, d) -> (B, Lq, heads, d) in v's dtype.  ``mask``: bool,
     broadcastable to (B, heads, Lq, Lk), True where query i may attend to key j (see attention_scores).
-    Logits, softmax and sums in float32 whatever the input dtype; the weights meet v in v's dtype
-    (float32 accumulation) and are normalised after it: out = (exp(s - max s) v) / sum exp(s - max s).
+    The reference kernel: logits, softmax and sums in float32 whatever the input dtype; the weights
+    meet v in v's dtype (float32 accumulation) and are normalised after it: out = (exp(s - max s) v) /
+    sum exp(s - max s).  On accelerators ``jax.nn.dot_product_attention`` (see ``ATTENTION``).
     ``chunk_size``: queries per block (``lax.map``), so that (chunk_size x Lk) weights exist at a time,
-    not all Lq x Lk (4096^2 per head at SD's 64x64 latents); each row's numbers are unchanged.
+    not all Lq x Lk (4096^2 per head at SD's 64x64 latents); each row's numbers are unchanged.  (cuDNN's
+    flash attention never holds them all: it takes every query at once.)
     """
     B, Lq, H, d = q.shape
     if mask is not None:
         mask = jnp.asarray(mask)
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # (B or 1, heads or 1, Lq or 1, Lk)
+    kernel = attention_implementation(q, mask)
 
     def attend(q, mask):  # q (B, c, heads, d) -> (B, c, heads, d)
+        if kernel != "reference":
+            m = None if mask is None else jnp.broadcast_to(mask, (B, H, q.shape[1], k.shape[1]))
+            return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=m,
+                                                implementation=kernel).astype(v.dtype)
         s = attention_scores(q, k, mask)                                      # (B, heads, c, Lk)
         p = jnp.exp(s - s.max(axis=-1, keepdims=True))                        # unnormalised weights
         out = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return (out / p.sum(-1, keepdims=True)).transpose(0, 2, 1, 3).astype(v.dtype)  # (B, c, heads, d)
 
-    if chunk_size is None or Lq <= chunk_size:
+    if chunk_size is None or Lq <= chunk_size or kernel == "cudnn":
         return attend(q, mask)
     n, pad = -(-Lq // chunk_size), -Lq % chunk_size  # n blocks, the last one padded with zero queries
     q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))                        # (B, n c, heads, d)
