@@ -143,3 +143,17 @@ def test_an_unknown_attention_kernel_is_named(monkeypatch):
     monkeypatch.setattr(layers, "ATTENTION", "flash")
     with pytest.raises(ValueError, match="MINIDIFF_ATTENTION='flash'"):
         attention(*(jnp.zeros((1, 4, 1, 8)),) * 3)
+
+
+@pytest.mark.parametrize("chunk", [None, 300])
+@pytest.mark.parametrize("lk", [1024, 1088])  # 4 blocks of 256; 17 blocks of 64 (gcd(1088, 256) = 64)
+def test_the_online_softmax_over_key_blocks_is_the_softmax(chunk, lk):
+    """Many keys, no mask: the reference kernel walks the keys in blocks with a running max and sum."""
+    import minidiff.nn.layers as layers
+
+    assert layers._key_block(lk) in (256, 64)
+    q, k, v = inputs(lq=600, lk=lk)
+    np.testing.assert_allclose(run(q, k, v, chunk=chunk), reference(q, k, v), atol=2e-6)
+    bf = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
+    got = np.asarray(jax.jit(lambda q, k, v: attention(q, k, v, chunk_size=chunk))(*bf), np.float32)
+    np.testing.assert_allclose(got, reference(*[np.asarray(a, np.float32) for a in bf]), atol=2e-2)
