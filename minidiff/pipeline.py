@@ -162,6 +162,7 @@ class StableDiffusion:
         self.vocabulary = frozenset(vocabulary)  # the words a small model was trained on (empty: any)
         self.devices = list(devices) if devices is not None else None  # None: all of jax.devices()
         self._placed = {}
+        self._loras, self._lora_base = [], {}  # [(LoRA, scale)], the original leaves of the fused weights
         self.last_timesteps = None  # the timesteps the last call ran (img2img: the last k of the N)
 
     traces = TRACES  # how often each compiled part was traced, all pipelines together (tests count recompiles)
@@ -324,7 +325,46 @@ class StableDiffusion:
             raise ValueError(f"a pipeline's weights are 'unet', 'vae' and 'text_encoder', not {unknown}")
         new = copy.copy(self)
         new.params, new._placed = {**self.params, **parts}, {}
+        if self._loras:  # the LoRAs fused again, on the new weights
+            from .lora import fuse_loras, restore
+
+            base = {**restore(self.params, self._lora_base), **parts}
+            new.params, new._lora_base = fuse_loras(base, self._loras, self.unet_config.layers_per_block)
         return new
+
+    # --- LoRA -------------------------------------------------------------------------------------
+
+    @property
+    def loras(self) -> list[dict]:
+        """The LoRAs fused into the weights: [{"file", "sha256", "scale", "format", "layers"}]."""
+        return [{"file": lora.name, "sha256": lora.sha256, "scale": scale, "format": lora.format,
+                 "layers": len(lora.layers)} for lora, scale in self._loras]
+
+    def load_lora(self, path, scale: float = 1.0) -> str:
+        """Fuse a LoRA file (``.safetensors``; kohya or diffusers / PEFT names, see ``minidiff.lora``)
+        into the UNet and text encoder: W' = W + scale * (alpha / rank) * up @ down.  Several add up,
+        each with its own scale.  Only the touched weights are recomputed (from the originals, which
+        are kept); :meth:`remove_loras` restores them bit for bit.  A file that does not fit this model
+        raises ``ValueError`` and changes nothing.  Returns a one-line description."""
+        from .lora import describe, fuse_loras, read_lora
+
+        if not _finite(scale):
+            raise ValueError(f"a LoRA's scale must be a finite number, got {scale!r}")
+        lora = read_lora(path)
+        loras = [*self._loras, (lora, float(scale))]
+        self.params, self._lora_base = fuse_loras(self.params, loras, self.unet_config.layers_per_block,
+                                                  self._lora_base)
+        self._loras = loras
+        self._placed.clear()  # the device copies hold the old weights
+        return describe(lora, float(scale))
+
+    def remove_loras(self) -> None:
+        """Undo every :meth:`load_lora`: the original weights, bit for bit."""
+        from .lora import restore
+
+        self.params = restore(self.params, self._lora_base)
+        self._loras, self._lora_base = [], {}
+        self._placed.clear()
 
     def add_tokens(self, vectors: Mapping[str, np.ndarray]) -> list[str]:
         """Add tokens {token: (D,) embedding} to the tokenizer and the text encoder (see

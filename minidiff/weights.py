@@ -227,6 +227,26 @@ def ldm_unet_key(key: str, layers_per_block: int) -> str:
     return key
 
 
+
+_LDM_FLAT = re.compile(r"(input_blocks_\d+_\d+|output_blocks_\d+_\d+|middle_block_\d+)_(.+)")
+_LDM_FLAT_RESNET = re.compile(r"(in_layers|out_layers|emb_layers)_(\d+)")
+
+
+def ldm_unet_module_flat(name: str, layers_per_block: int) -> str | None:
+    """An ldm UNet *module* name with every dot flattened to "_" (kohya's LoRA names, e.g.
+    'input_blocks_1_1_transformer_blocks_0_attn1_to_q' or 'input_blocks_1_0_in_layers_2') -> the
+    diffusers module name flattened the same way ('down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q',
+    'down_blocks_0_resnets_0_conv1'), through ``ldm_unet_key``; None where it fits nowhere."""
+    m = _LDM_FLAT.fullmatch(name)
+    if m is None:
+        fixed = {k.replace(".", "_"): v for k, v in _LDM_UNET_FIXED.items()}
+        return fixed[name].replace(".", "_") if name in fixed else None
+    block = re.sub(r"_(\d+)", r".\1", m[1])  # input_blocks_1_1 -> input_blocks.1.1
+    rest = _LDM_FLAT_RESNET.sub(r"\1.\2", m[2])  # in_layers_2 -> in_layers.2 (ResBlock children)
+    key = ldm_unet_key(f"{block}.{rest}.weight", layers_per_block)
+    return None if key == f"{block}.{rest}.weight" else key.removesuffix(".weight").replace(".", "_")
+
+
 _LDM_VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import math
 from pathlib import Path
 
 from ..diffusion.sigmas import SIGMA_KINDS
@@ -42,6 +44,9 @@ def add(sub):
     g.add_argument("--embedding", action="append", help="a textual-inversion embedding (.safetensors, from "
                    "`minidiff textual-inversion` or diffusers) whose word the prompt may use; repeatable")
     g.add_argument("--token", help="the word to use for a single --embedding (default: the file's own)")
+    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]", type=lora_argument,
+                   help="a LoRA (.safetensors, kohya or diffusers / PEFT names) fused into the UNet and text "
+                        "encoder with SCALE (default 1.0); repeatable")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("-o", "--output", default="txt2img.png",
                    help="the image to write: .png, .jpg or .webp, the settings in its metadata (default: %(default)s)")
@@ -86,6 +91,21 @@ def _samplers_help() -> str:
             + "\n".join(f"  {name:13s} {about}" for name, about in rows))
 
 
+def lora_argument(text: str) -> tuple[str, float]:
+    """'style.safetensors:0.8' -> ('style.safetensors', 0.8); no ':SCALE' (or a path whose last ':'
+    part is not a number): scale 1.0."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            value = float(scale)
+        except ValueError:
+            return text, 1.0
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"the scale of --lora {text} must be a finite number")
+        return path, value
+    return text, 1.0
+
+
 def txt2img(args):
     from ..images import image_size
 
@@ -100,6 +120,11 @@ def txt2img(args):
     if args.token and len(args.embedding or []) != 1:
         raise ValueError("--token renames the word of a single --embedding file")
     init_size = image_size(args.init_image, f"--init-image {args.init_image}") if args.init_image else None
+    for path, _ in args.lora or []:
+        if not Path(path).is_file():
+            raise ValueError(f"--lora {path}: no such file")
+        if Path(path).suffix != ".safetensors":
+            raise ValueError(f"--lora {path}: LoRAs are read from .safetensors files only (nothing is unpickled)")
     if args.sampler is not None:
         resolve(args.sampler, args.sigmas)  # a bad name is an error now
     if args.model is not None and not Path(args.model).exists():
@@ -127,6 +152,8 @@ def txt2img(args):
     added = []
     for path in args.embedding or []:
         added += pipe.load_textual_inversion(path, token=args.token if len(args.embedding) == 1 else None)
+    for path, scale in args.lora or []:
+        print(f"LoRA {pipe.load_lora(path, scale)}")
     guidance = pipe.guidance_scale if args.guidance is None else args.guidance
     sampler, sigmas = resolve(args.sampler or pipe.default_sampler, args.sigmas)
     steps = args.steps or pipe.default_steps
@@ -143,6 +170,9 @@ def txt2img(args):
         meta.update(init_image=args.init_image, strength=strength)
     if added:
         meta.update(embeddings=", ".join(args.embedding), added_tokens=" ".join(added))
+    if pipe.loras:  # JSON: each file's name, the first 12 hex digits of its sha256, its scale
+        meta.update(loras=json.dumps([{"file": d["file"], "sha256": d["sha256"][:12], "scale": d["scale"]}
+                                      for d in pipe.loras]))
     pixels = images[0] if args.n == 1 else image_grid(images, min(args.n, 4))
     print(f"wrote {save_image(out, pixels, meta)}")
 
