@@ -49,7 +49,30 @@ def run_minidiff(size, repeats, chunk, config):
         t0 = time.perf_counter()
         compiled({"params": params}, x, t, ctx).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return dict(seconds=min(times), compile=compile_s)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return dict(seconds=min(times), compile=compile_s, flops=float(cost.get("flops", 0.0)))
+
+
+def matmul_peak(n=4096, repeats=3):
+    """The machine's float32 matmul rate (FLOP/s): the best of a few n x n products, in JAX and in torch."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = []
+    for name, mm in (("jax", lambda: f(a).block_until_ready()), ("torch", lambda: torch.ones(n, n) @ torch.ones(n, n))):
+        mm()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            mm()
+            times.append(time.perf_counter() - t0)
+        best.append((name, 2 * n**3 / min(times)))
+    return best
 
 
 def run_diffusers(size, repeats, config):
@@ -116,7 +139,14 @@ def main():
             res[impl] = json.loads(line[0][7:])
         m, d = res["minidiff"], res["diffusers"]
         print(f"{size:>5d}^2 {m['seconds']:11.2f} {d['seconds']:12.2f} {m['seconds'] / d['seconds']:6.2f} "
-              f"{m['compile']:10.1f} {m['peak_rss_mib']:10.0f} MiB {d['peak_rss_mib']:11.0f} MiB")
+              f"{m['compile']:10.1f} {m['peak_rss_mib']:10.0f} MiB {d['peak_rss_mib']:11.0f} MiB", flush=True)
+        if m.get("flops"):
+            print(f"{'':>8s} {m['flops'] / 1e9:.0f} GFLOP per forward (XLA's count): minidiff "
+                  f"{m['flops'] / m['seconds'] / 1e9:.1f} GFLOP/s, diffusers {m['flops'] / d['seconds'] / 1e9:.1f} "
+                  "GFLOP/s", flush=True)
+    peaks = matmul_peak()
+    print("float32 matmul peak of this machine (4096^2, best of 3): " +
+          ", ".join(f"{name} {rate / 1e9:.1f} GFLOP/s" for name, rate in peaks))
 
 
 if __name__ == "__main__":
