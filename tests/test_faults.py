@@ -189,17 +189,17 @@ DRIVER = textwrap.dedent("""
             die()
 
     os.replace = replace
-    import safetensors.numpy as stn
-    real_save = stn.save_file
+    import minidiff.convert as convert
+    real_write = convert.write_safetensors
 
-    def save_file(tensors, filename, metadata=None):
-        real_save(tensors, filename, metadata=metadata)
+    def write_safetensors(filename, tensors, metadata=None):
+        real_write(filename, tensors, metadata)
         if point == "mid_write":  # the weights half on disk
             with open(filename, "r+b") as f:
                 f.truncate(os.path.getsize(filename) // 2)
             die()
 
-    stn.save_file = save_file
+    convert.write_safetensors = write_safetensors
     from minidiff.cli import main
     sys.exit(main(args))
 """)
