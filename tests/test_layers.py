@@ -14,10 +14,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minidiff"
 LAYERS = (
     ("pure NumPy / Pillow", ("minidiff", "minidiff.diffusion", "minidiff.vq", "minidiff.images", "minidiff.metrics",
                              "minidiff.tokenizer", "minidiff.data", "minidiff.config", "minidiff.files")),
+    ("JAX's runtime: compile cache, processes", ("minidiff.compile_cache", "minidiff.distributed")),
     ("Flax networks", ("minidiff.nn",)),
     ("sampling", ("minidiff.sampling",)),
     ("Stable Diffusion stack", ("minidiff.sdconfig", "minidiff.tensorfiles", "minidiff.weights", "minidiff.convert",
-                                "minidiff.pipeline", "minidiff.embeddings")),
+                                "minidiff.pipeline", "minidiff.embeddings", "minidiff.lora")),
     ("training", ("minidiff.train",)),
     ("command line", ("minidiff.cli", "minidiff.demo")),
 )
@@ -185,9 +186,9 @@ def test_the_checker_sees_cycles_and_upward_imports():
              "minidiff.pipeline": ["minidiff.train.x"], "minidiff.train.x": []}
     assert cycles(graph) == [["minidiff.nn.a", "minidiff.nn.b", "minidiff.nn.c", "minidiff.nn.a"]]
     assert upward_imports(graph, {("minidiff.pipeline", "minidiff.train.x"): 7}) == [
-        "minidiff.pipeline (layer 3: Stable Diffusion stack) imports minidiff.train.x (layer 4: training) at line 7"]
-    with pytest.raises(AssertionError, match="minidiff.lora is in no layer"):  # "minidiff" covers only itself
-        layer_of("minidiff.lora")
+        "minidiff.pipeline (layer 4: Stable Diffusion stack) imports minidiff.train.x (layer 5: training) at line 7"]
+    with pytest.raises(AssertionError, match="minidiff.unheard_of is in no layer"):  # "minidiff" covers only itself
+        layer_of("minidiff.unheard_of")
     # relative imports, inside functions too, resolve to modules
     src = "from .. import vq\nfrom ..nn.clip import CLIPTextModel\ndef f():\n    from . import engine\n"
     tree_path = PACKAGE / "train" / "__probe__.py"

@@ -116,7 +116,7 @@ def textual_inversion(args):
         save_embedding(out / f"learned_embeds-{step}.safetensors", cfg.token, vector, {**meta, "step": step})
 
     vector, history = train_textual_inversion(pipe, subject, cfg, progress=not args.no_progress, checkpoint=checkpoint,
-                                              checkpoint_every=args.save_every, run_dir=out / "run", mesh=mesh(args.fsdp))
+                                              checkpoint_every=args.save_every, run_dir=out / "run")
     path = save_embedding(out / "learned_embeds.safetensors", cfg.token, vector, {**meta, "step": cfg.steps})
     write_history(out, history, {"subject": str(args.subject)})
     print(f"wrote {path} ({path.stat().st_size:,} bytes; loss {history['loss'][0]:.4f} -> {history['loss'][-1]:.4f}, "
