@@ -33,12 +33,9 @@ def load_embedding(path, token: str | None = None, hidden_size: int | None = Non
     ``hidden_size`` checks D against the text encoder that will use it."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"embedding file not found: {path}")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: embeddings are read from .safetensors files (a .bin/.pt pickle can be "
-                         "re-saved with safetensors.torch.save_file)")
+    from .tensorfiles import safetensors_file
+
+    path = safetensors_file(path, "embedding")
     try:
         with safe_open(str(path), "numpy") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}

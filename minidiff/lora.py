@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from .tensorfiles import open_safetensors, read_safetensors
+from .tensorfiles import open_safetensors, read_safetensors, safetensors_file
 from .weights import _fits, _to_flax_layout, ldm_unet_module_flat
 
 # the parts of a pipeline's params a LoRA can change, by the prefixes of the two formats
@@ -94,12 +94,7 @@ def file_sha256(path) -> str:
 def read_lora(path) -> LoRA:
     """Read a LoRA ``.safetensors`` file (kohya or diffusers / PEFT names; see the module's docstring).
     ``ValueError`` for a missing file, another file type, an unreadable file or one without LoRA tensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"LoRA file not found: {path}")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: LoRAs are read from .safetensors files only (a .ckpt/.pt/.bin pickle is not "
-                         "unpickled; re-save it with safetensors.torch.save_file)")
+    path = safetensors_file(path, "LoRA")
     tensors = read_safetensors(path)
     with open_safetensors(path) as f:
         meta = f.metadata() or {}

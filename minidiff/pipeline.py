@@ -484,6 +484,7 @@ class StableDiffusion:
         x = _put(x_T, shardings)
         state = None if sampler in ("ddim", "ddpm") else SOLVERS[sampler].init(x)
         context, uncontext = _put(context, shardings), _put(uncontext, shardings)
+        guidance = jnp.float32(guidance_scale)  # one device scalar for every step
         options = dict(config=self.unet_config, prediction_type=self.scheduler.prediction_type, sampler=sampler,
                        eta=float(eta), dtype=dtype, batch_sharding=None if shardings is None else shardings[0])
         bar = None
@@ -496,7 +497,7 @@ class StableDiffusion:
             for i in range(R - first):  # one compiled step, called per row: the program has no host callback,
                 row = {k: v[i] for k, v in rows.items()}  # so JAX's persistent cache can keep it
                 x, state, finite = _denoise_fn(params["unet"], x, state, row, z_keys[first + i], context,
-                                               uncontext, jnp.float32(guidance_scale), **options)
+                                               uncontext, guidance, **options)
                 if not finite:  # waits for the step
                     raise ValueError(f"the UNet's output is not finite (NaN or inf) from denoising step {i + 1} of "
                                      f"{R - first} (timestep {self.last_timesteps[i]:g}): the model's UNet weights "

@@ -59,6 +59,18 @@ def output_dtype(name: str) -> np.dtype:
     return DTYPES[name] or bfloat16()
 
 
+def safetensors_file(path, what: str) -> Path:
+    """``path`` as a Path; a ValueError naming ``what`` ("LoRA", "embedding") when the file is missing or
+    is not a ``.safetensors`` file (a pickle is never unpickled for these)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} file not found: {path}")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: {what}s are read from .safetensors files only (a .ckpt/.pt/.bin pickle is not "
+                         "unpickled; re-save it with safetensors.torch.save_file)")
+    return path
+
+
 def open_safetensors(path, pread: bool = True):
     """safetensors' ``safe_open`` with the NumPy API (reading with pread where safetensors has it)."""
     from safetensors import safe_open
