@@ -77,10 +77,20 @@ class LoRA:
     default_alpha: dict = field(default_factory=dict)  # part -> the metadata's lora_alpha
     alpha_pattern: dict = field(default_factory=dict)  # part -> {module pattern: alpha}
     problems: list = field(default_factory=list)  # keys that are not LoRA tensors
+    metadata: dict = field(default_factory=dict)  # the file's metadata
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def words(self) -> frozenset:
+        """The identifier a LoRA trained by ``minidiff lora`` was taught (its metadata), lower case."""
+        try:
+            identifier = json.loads(self.metadata.get("minidiff", "{}")).get("identifier", "")
+        except (json.JSONDecodeError, AttributeError):
+            return frozenset()
+        return frozenset(str(identifier).lower().split())
 
 
 def file_sha256(path) -> str:
@@ -99,7 +109,7 @@ def read_lora(path) -> LoRA:
     with open_safetensors(path) as f:
         meta = f.metadata() or {}
     kohya = any(k.startswith(tuple(_KOHYA_PARTS)) for k in tensors)
-    lora = LoRA(path, file_sha256(path), "kohya" if kohya else "peft")
+    lora = LoRA(path, file_sha256(path), "kohya" if kohya else "peft", metadata=dict(meta))
     parts, leaves = (_KOHYA_PARTS, _KOHYA_LEAVES) if kohya else (_PEFT_PARTS, _PEFT_LEAVES)
     found: dict[tuple, dict] = {}
     for key, t in tensors.items():
@@ -268,6 +278,35 @@ def fuse_loras(params: Mapping, loras: Sequence[tuple[LoRA, float]], layers_per_
         host = np.asarray(w)
         fused[path] = (host.astype(np.float32) + delta).astype(host.dtype)
     return replace_leaves(params, fused), new_base
+
+
+# --- writing: the diffusers / PEFT names ----------------------------------------------------------------------
+
+_INDEXED = re.compile(r"^(down_blocks|up_blocks|attentions|resnets|transformer_blocks|to_out|net|layers|downsamplers|"
+                      r"upsamplers)_(\d+)$")
+
+
+def module_name(part: str, path: Sequence[str]) -> str:
+    """The diffusers / transformers name of the module at a Flax path (the inverse of
+    ``weights.flax_path``): ("unet", (down_blocks_0, attentions_0, ..., attn1, to_out_0)) ->
+    "down_blocks.0.attentions.0...attn1.to_out.0"; text encoders get transformers' "text_model." prefix."""
+    name = ".".join(_INDEXED.sub(r"\1.\2", p) for p in path)
+    return name if part == "unet" else "text_model." + name
+
+
+def save_lora(path, layers: Mapping[tuple, tuple], metadata: Mapping[str, str] | None = None) -> Path:
+    """Write LoRA factors in the diffusers / PEFT layout that diffusers' ``load_lora_weights`` and
+    :func:`read_lora` load: ``{part}.{module}.lora_A.weight`` = down (rank, in), ``lora_B.weight`` = up
+    (out, rank), float32.  ``layers``: {(part, module name): (down, up)} with alpha / rank already
+    multiplied into up, so that the file needs no alpha (a reader takes alpha = rank: a factor of 1)."""
+    from .tensorfiles import write_safetensors
+
+    tensors = {}
+    for (part, module), (down, up) in sorted(layers.items()):
+        tensors[f"{part}.{module}.lora_A.weight"] = np.ascontiguousarray(down, np.float32)
+        tensors[f"{part}.{module}.lora_B.weight"] = np.ascontiguousarray(up, np.float32)
+    write_safetensors(path, tensors, {str(k): str(v) for k, v in (metadata or {}).items()})
+    return Path(path)
 
 
 def describe(lora: LoRA, scale: float) -> str:

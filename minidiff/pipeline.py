@@ -275,7 +275,8 @@ class StableDiffusion:
         """The words of ``prompt`` a small model never saw in training (its ``vocabulary``; none for SD)."""
         if not self.vocabulary:
             return []
-        known = self.vocabulary | {t.lower() for t in self.tokenizer.added}
+        known = (self.vocabulary | {t.lower() for t in self.tokenizer.added}
+                 | {w for lora, _ in self._loras for w in lora.words})  # a LoRA's identifier (minidiff lora)
         return [w for w in dict.fromkeys(re.findall(r"[^\s,.;:!?]+", prompt.lower())) if w not in known]
 
     def warn_unknown_words(self, prompts: Sequence[str]) -> None:

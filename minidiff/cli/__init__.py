@@ -3,7 +3,7 @@
     toy.py       demo, train, sample, evaluate               (toy diffusion models)
     dalle.py     train-vqvae, evaluate-vqvae, train-dalle, dalle, evaluate-dalle
     sd.py        txt2img, convert, train-mini-sd, evaluate-mini-sd
-    finetune.py  draw-subject, textual-inversion, dreambooth, evaluate-finetune
+    finetune.py  draw-subject, textual-inversion, dreambooth, lora, evaluate-finetune
 
 Defaults come from the config dataclasses (:mod:`minidiff.train.configs`); checking values is the
 library's job, whose ``ValueError`` is printed as one line.  Nothing here imports JAX until a

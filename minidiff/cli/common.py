@@ -121,3 +121,18 @@ def mesh(fsdp: int | None):
     from ..train.sharding import make_mesh
 
     return make_mesh(fsdp=fsdp)
+
+
+def lora_argument(text: str) -> tuple[str, float]:
+    """'style.safetensors:0.8' -> ('style.safetensors', 0.8); no ':SCALE' (or a path whose last ':'
+    part is not a number): scale 1.0."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            value = float(scale)
+        except ValueError:
+            return text, 1.0
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"the scale of --lora {text} must be a finite number")
+        return path, value
+    return text, 1.0

@@ -1,4 +1,4 @@
-"""draw-subject, textual-inversion, dreambooth, evaluate-finetune: teaching a model a subject."""
+"""draw-subject, textual-inversion, dreambooth, lora, evaluate-finetune: teaching a model a subject."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..train.configs import DreamBoothConfig, TextualInversionConfig
-from .common import FSDP_HELP, given, mesh, positive, print_metrics, write_history
+from ..train.configs import DreamBoothConfig, LoRAConfig, TextualInversionConfig
+from .common import FSDP_HELP, given, lora_argument, mesh, positive, print_metrics, write_history
 
 
 def add(sub):
@@ -56,11 +56,30 @@ def add(sub):
     b.add_argument("--fsdp", type=positive, metavar="N", help=FSDP_HELP)
     b.set_defaults(func=dreambooth)
 
+    lc = LoRAConfig
+    lo = sub.add_parser("lora", parents=[common], help="train low-rank adapters of the UNet's attention (and "
+                        "optionally the text encoder) on a few pictures of one subject (the result is a LoRA file "
+                        "for --lora)")
+    lo.add_argument("--identifier", help=f"the rare word naming the subject (default: {lc.identifier})")
+    lo.add_argument("--rank", type=positive, help=f"r (default: {lc.rank})")
+    lo.add_argument("--alpha", type=float, help="alpha; the update is (alpha / r) up @ down (default: r)")
+    lo.add_argument("--text-encoder", action="store_true", help="also adapt the text encoder's attention projections")
+    lo.add_argument("--steps", type=int, help=f"(default: {lc.steps})")
+    lo.add_argument("--lr", type=float, help=f"(default: {lc.lr})")
+    lo.add_argument("--batch", type=int, help=f"(default: {lc.batch})")
+    lo.add_argument("--prior-weight", type=float, help=f"lambda (default: {lc.prior_weight})")
+    lo.add_argument("--no-prior", action="store_true", help="no prior preservation (lambda = 0)")
+    lo.add_argument("--class-images", type=int, help=f"class pictures drawn per class prompt (default: {lc.class_images})")
+    lo.add_argument("--fsdp", type=positive, metavar="N", help=FSDP_HELP)
+    lo.set_defaults(func=lora)
+
     e = sub.add_parser("evaluate-finetune", help="how often a fine-tuned word gives its subject, and (ring) whether "
                                                  "the class 'circle' kept its meaning")
     e.add_argument("kind", choices=("ring", "orange"))
     e.add_argument("--model", help="a model (default: the built-in one), e.g. a DreamBooth model.safetensors")
     e.add_argument("--embedding", action="append", help="a textual-inversion file to load first")
+    e.add_argument("--lora", action="append", metavar="FILE[:SCALE]", type=lora_argument,
+                   help="a LoRA file to fuse first (repeatable)")
     e.add_argument("--identifier", help="the word in the prompts (default: the embedding's token)")
     e.add_argument("--samples", type=int, default=2, help="pictures per prompt (default: %(default)s)")
     e.add_argument("--steps", type=int, default=30)
@@ -172,6 +191,44 @@ def dreambooth(args):
     print(f'use it: minidiff txt2img "{subject.prompts(cfg.identifier)[0]}" --model {model}')
 
 
+def lora(args):
+    if args.no_prior and args.prior_weight:
+        raise ValueError("--no-prior and --prior-weight contradict each other")
+    cfg = LoRAConfig(**given(identifier=args.identifier, rank=args.rank, alpha=args.alpha,
+                             text_encoder=args.text_encoder or None, steps=args.steps, lr=args.lr, batch=args.batch,
+                             prior_weight=0.0 if args.no_prior else args.prior_weight, class_images=args.class_images,
+                             seed=args.seed))
+    import json
+
+    from ..lora import save_lora
+    from ..pipeline import load_pipeline
+    from ..train.finetune import load_subject
+    from ..train.lora import lora_layers, train_lora
+
+    subject = load_subject(args.subject, caption=args.caption)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(args.model)
+    factor = (cfg.alpha or cfg.rank) / cfg.rank
+    meta = {"minidiff": json.dumps({"model": pipe.name, "subject": str(args.subject), "captions": subject.captions,
+                                    **vars(cfg)})}
+
+    def save(adapters, name):
+        return save_lora(out / name, lora_layers(adapters, factor), meta)
+
+    adapters, history = train_lora(pipe, subject, cfg, progress=not args.no_progress,
+                                   checkpoint=lambda step, a: save(a, f"lora-{step}.safetensors"),
+                                   checkpoint_every=args.save_every, run_dir=out / "run", mesh=mesh(args.fsdp))
+    path = save(adapters, "lora.safetensors")
+    write_history(out, history, {"subject": str(args.subject)})
+    print(f"wrote {path} ({path.stat().st_size / 2**10:.0f} KB: {history['parameters']:,} numbers, rank {cfg.rank}; "
+          f"loss {history['loss'][0]:.4f} -> {history['loss'][-1]:.4f}, {history['seconds']:.0f} s)")
+    if not args.no_samples:
+        pipe.load_lora(path)
+        print(f"wrote {_subject_grid(pipe, subject, cfg.identifier, out / 'samples.png', {'lora': str(path)})}")
+    print(f'use it: minidiff txt2img "{subject.prompts(cfg.identifier)[0]}" --lora {path}')
+
+
 def evaluate_finetune(args):
     from ..pipeline import load_pipeline
     from ..train.finetune import evaluate_class, evaluate_subject
@@ -180,6 +237,8 @@ def evaluate_finetune(args):
     identifier = args.identifier
     for path in args.embedding or []:
         identifier = identifier or pipe.load_textual_inversion(path)[0]
+    for path, scale in args.lora or []:
+        print(f"LoRA {pipe.load_lora(path, scale)}")
     if identifier is None:
         raise ValueError("give --identifier (the word in the prompts, e.g. sks) or an --embedding")
     metrics, _ = evaluate_subject(pipe, args.kind, identifier, args.samples, args.steps, args.guidance, args.seed)

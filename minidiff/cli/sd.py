@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from ..diffusion.sigmas import SIGMA_KINDS
 from ..diffusion.solvers import resolve
 from ..train.configs import MiniSDConfig
-from .common import finite, given, output_image, positive, print_metrics, seed
+from .common import finite, given, lora_argument, output_image, positive, print_metrics, seed
 
 
 def add(sub):
@@ -89,21 +88,6 @@ def _samplers_help() -> str:
     rows += [(s.name, s.about) for s in SOLVERS.values()]
     return ("samplers (--sampler; also 'DPM++ 2M Karras', 'Euler a', dpmpp_2m, euler_ancestral, uni_pc, pndm...):\n"
             + "\n".join(f"  {name:13s} {about}" for name, about in rows))
-
-
-def lora_argument(text: str) -> tuple[str, float]:
-    """'style.safetensors:0.8' -> ('style.safetensors', 0.8); no ':SCALE' (or a path whose last ':'
-    part is not a number): scale 1.0."""
-    path, sep, scale = text.rpartition(":")
-    if sep:
-        try:
-            value = float(scale)
-        except ValueError:
-            return text, 1.0
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"the scale of --lora {text} must be a finite number")
-        return path, value
-    return text, 1.0
 
 
 def txt2img(args):

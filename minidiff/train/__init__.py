@@ -12,4 +12,5 @@
     finetune.py           subjects (pictures + captions), the latent loss, statistics of a subject
     textual_inversion.py  one new word's embedding
     dreambooth.py         the UNet on a subject, with prior preservation
+    lora.py               low-rank adapters (LoRA) of the attention projections, on a subject
 """

@@ -10,6 +10,7 @@ unknown fields are an error naming them).
     MiniSDConfig             the built-in mini Stable Diffusion (VAE, CLIP, UNet)   minidiff train-mini-sd
     TextualInversionConfig   one new word's embedding                               minidiff textual-inversion
     DreamBoothConfig         the UNet on a subject, with prior preservation         minidiff dreambooth
+    LoRAConfig               low-rank adapters on a subject (prior preservation)    minidiff lora
 """
 
 from __future__ import annotations
@@ -341,3 +342,34 @@ class DreamBoothConfig:
             raise ValueError("the identifier must be a word, e.g. 'sks'")
         if self.optimizer not in ("adamw", "adafactor"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'adamw' or 'adafactor'")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA on the subject folders DreamBooth uses; the prior-preservation fields mean what they mean there."""
+
+    identifier: str = "sks"
+    rank: int = 4  # r: the update of each d_out x d_in weight is (alpha / r) up @ down, r (d_in + d_out) numbers
+    alpha: float | None = None  # None: alpha = rank (a factor of 1)
+    targets: tuple = ("to_q", "to_k", "to_v", "to_out_0")  # the UNet's attention projections (both attentions)
+    text_encoder: bool = False  # also adapt the text encoder's q_proj, k_proj, v_proj, out_proj
+    steps: int = 300
+    lr: float = 1e-3  # adapters start at zero and are few: a larger step than DreamBooth's 1e-4
+    batch: int = 4
+    prior_weight: float = 1.0
+    class_images: int = 8
+    class_guidance: float = 7.5
+    class_steps: int = 30
+    seed: int = 0
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        for name in ("steps", "batch", "rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.prior_weight < 0:
+            raise ValueError(f"prior_weight must be >= 0, got {self.prior_weight}")
+        if not self.identifier.strip():
+            raise ValueError("the identifier must be a word, e.g. 'sks'")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")

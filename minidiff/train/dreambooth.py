@@ -21,7 +21,7 @@ import numpy as np
 from ..pipeline import float32_params
 from .configs import DreamBoothConfig
 from .engine import Engine, make_optimizer
-from .finetune import Subject, checkpoint_callbacks, latent_loss_fn
+from .finetune import Subject, checkpoint_callbacks, latent_loss_fn, prior_preservation_loss, subject_batches
 
 
 def class_pictures(pipe, subject: Subject, cfg: DreamBoothConfig, progress: bool = True):
@@ -47,25 +47,11 @@ def train_dreambooth(pipe, subject: Subject, config: DreamBoothConfig | None = N
     if prior and class_set is None:
         class_set = class_pictures(pipe, subject, cfg, progress)
 
-    z_inst = pipe.encode_images(subject.images)
-    c_inst = pipe.encode_text(subject.prompts(cfg.identifier))  # the frozen text encoder: once
-    if prior:
-        z_class, c_class = pipe.encode_images(class_set[0]), pipe.encode_text(class_set[1])
-    diffusion = latent_loss_fn(pipe, remat=cfg.remat)
+    diffusion = prior_preservation_loss(latent_loss_fn(pipe, remat=cfg.remat), cfg.prior_weight)
+    batches = subject_batches(pipe, subject, cfg.identifier, class_set if prior else None, cfg.batch, cfg.seed)
 
     def loss(unet_params, batch, key, frozen=None):
-        z, c, zc, cc = batch
-        k_inst, k_class = jax.random.split(key)
-        instance = diffusion(unet_params, z, c, k_inst)
-        return (instance + cfg.prior_weight * diffusion(unet_params, zc, cc, k_class) if prior else instance), {}
-
-    def batches(step):
-        rng = np.random.default_rng([cfg.seed, 5, step])
-        i = rng.integers(len(z_inst), size=cfg.batch)
-        if not prior:
-            return z_inst[i], c_inst[i], None, None
-        j = rng.integers(len(z_class), size=cfg.batch)
-        return z_inst[i], c_inst[i], z_class[j], c_class[j]
+        return diffusion(unet_params, batch, key), {}
 
     # AdamW keeps two moments per weight (the UNet 4x in memory with the gradients), Adafactor about 2x
     tx = make_optimizer(cfg.lr, cfg.steps, decay=False, weight_decay=1e-2, grad_clip=1.0, kind=cfg.optimizer)

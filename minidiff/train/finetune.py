@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -214,6 +215,46 @@ def latent_loss_fn(pipe, dtype=jnp.float32, remat: bool = False):
     def loss(unet_params, z0, context, key):
         return diffusion_loss(lambda z_t, t: unet.apply({"params": unet_params}, z_t, t, context), z0, alpha_bar,
                               key, prediction)
+
+    return loss
+
+
+def subject_batches(pipe, subject: Subject, identifier: str, class_set=None, batch: int = 4, seed: int = 0,
+                    token_ids: bool = False):
+    """``batches(step) -> (z, c, z_class, c_class)``: ``batch`` instance latents with their captions'
+    text states (with ``token_ids``: token ids, for a loss that runs the text encoder itself), and as
+    many of the class set's (None without one).  Drawn with replacement, a function of (seed, step);
+    the frozen VAE (and text encoder) run once, here."""
+    encode = pipe.tokenize if token_ids else pipe.encode_text
+    z_inst, c_inst = pipe.encode_images(subject.images), encode(subject.prompts(identifier))
+    if class_set is not None:
+        z_class, c_class = pipe.encode_images(class_set[0]), encode(class_set[1])
+
+    def batches(step):
+        rng = np.random.default_rng([seed, 5, step])
+        i = rng.integers(len(z_inst), size=batch)
+        if class_set is None:
+            return z_inst[i], c_inst[i], None, None
+        j = rng.integers(len(z_class), size=batch)
+        return z_inst[i], c_inst[i], z_class[j], c_class[j]
+
+    return batches
+
+
+def prior_preservation_loss(diffusion, prior_weight: float):
+    """DreamBooth's objective on a :func:`subject_batches` batch, for any way of getting the UNet's weights:
+
+        L = diffusion(instance) + lambda diffusion(class)       (lambda = prior_weight; no class batch: the first term)
+
+    ``loss(unet_params, batch, key, encode=identity)``; ``encode`` turns the batch's captions into text
+    states (a text encoder being trained)."""
+    def loss(unet_params, batch, key, encode=lambda c: c):
+        z, c, z_class, c_class = batch
+        k_inst, k_class = jax.random.split(key)
+        instance = diffusion(unet_params, z, encode(c), k_inst)
+        if z_class is None:
+            return instance
+        return instance + prior_weight * diffusion(unet_params, z_class, encode(c_class), k_class)
 
     return loss
 
