@@ -1,4 +1,4 @@
-"""Stable Diffusion 1.x / 2.x checkpoints -> one converted file that minidiff loads fast.
+"""Stable Diffusion 1.x / 2.x / XL checkpoints -> one converted file that minidiff loads fast.
 
     convert(src, dst)     write dst (.safetensors of the flattened Flax tree: unet/..., vae/...,
                           text_encoder/...) and dst's .json (configs, prediction, schedule, pad token, notes)
@@ -10,7 +10,10 @@
 SD 1.x vs 2.x is read from the weights: the text encoder (``cond_stage_model.transformer.`` vs
 ``.model.``), ``proj_in`` (1x1 conv vs linear), the context width (768 vs 1024).  The family gives
 the rest: heads (SD 1.x: 8; SD 2.x: width / 64) and, without a scheduler config, the prediction
-type (SD 2.x: v, with a note).  Names and shapes: ``minidiff.weights``; file reading: ``minidiff.tensorfiles``.
+type (SD 2.x: v, with a note).  SDXL is recognised by its second text encoder (``text_encoder_2/``
+in a folder; ``conditioner.embedders.*`` in Stability's single file, sd_xl_base_1.0.safetensors):
+its params gain a ``text_encoder_2`` tree (OpenCLIP bigG with its projection).  The SDXL refiner
+(bigG alone, aesthetic-score conditioning) is refused.  Names and shapes: ``minidiff.weights``; file reading: ``minidiff.tensorfiles``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from .weights import (LDM_CLIP, LDM_EMA, LDM_OPENCLIP, LDM_UNET, LDM_VAE, _Shape
                       openclip_text_state_dict, torch_to_flax, unet_config_from_diffusers, unet_config_from_ldm,
                       vae_config_from_diffusers, vae_config_from_ldm, vae_key_map)
 
-_WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+_WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                 "text_encoder_2": "model"}
 
 
 def _find_weights(folder: Path, stem: str) -> list[Path]:
@@ -68,7 +72,16 @@ FAMILIES = {
     "sd2": dict(name="SD 2.x", text="openclip", text_desc="OpenCLIP (gelu; cond_stage_model.model. in a single file)",
                 linear=True, context=1024, heads_per_channel=64, hidden_act="gelu", pad_token_id=0,
                 prediction_type="v_prediction"),
+    "sdxl": dict(name="SDXL", text="clip+openclip", text_desc="OpenAI CLIP-L and OpenCLIP bigG (conditioner.embedders.0 "
+                 "and .1 in a single file)", linear=True, context=2048, heads_per_channel=64, hidden_act="quick_gelu",
+                 pad_token_id=49407, prediction_type="epsilon"),
 }
+
+# Stability's SGM single files (sd_xl_base_1.0.safetensors): the text encoders live under conditioner.embedders
+SGM_CLIP, SGM_OPENCLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+SGM_REFINER_OPENCLIP = "conditioner.embedders.0.model."  # the refiner's only text encoder (bigG)
+REFINER_MESSAGE = ("the SDXL refiner (OpenCLIP bigG alone, conditioned on an aesthetic score) is not supported: "
+                   "minidiff runs SDXL base 1.0 and the models fine-tuned from it")
 
 _DIFFUSERS_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
 
@@ -88,7 +101,7 @@ def _family(evidence: dict, requested: str | None, where: str) -> str:
     if requested is not None and requested not in FAMILIES:
         raise ValueError(f"unknown config {requested!r}; choose one of {', '.join(FAMILIES)}")
     if evidence["text"] is not None:
-        detected = "sd2" if evidence["text"] == "openclip" else "sd1"
+        detected = {"openclip": "sd2", "clip+openclip": "sdxl"}.get(evidence["text"], "sd1")
     else:
         detected = "sd2" if evidence["linear"] or evidence["context"] == 1024 else "sd1"
     if requested is None or requested == detected:
@@ -129,7 +142,7 @@ def _prediction(requested: str | None, from_scheduler: str | None, family: str, 
                      "768-px models (2.0-v, 2.1) predict v, the 512-px 'base' models epsilon; pass --prediction "
                      "epsilon for a base model")
     else:
-        notes.append(f"prediction: {pred} (SD 1.x)")
+        notes.append(f"prediction: {pred} ({FAMILIES[family]['name']})")
     return pred
 
 
@@ -195,6 +208,8 @@ def check_schedule(buffers: Mapping[str, np.ndarray], scheduler: Mapping, where:
     from .diffusion.schedule import NoiseSchedule
 
     want = ldm_schedule_buffers(SchedulerConfig.from_diffusers(scheduler).noise_schedule())
+    ab = want["alphas_cumprod"]
+    want["denoiser.sigmas"] = np.sqrt((1 - ab) / ab)  # SGM (SDXL): sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)
     worst, worst_name, tol = 0.0, None, 0.0
     for name, w in buffers.items():
         got = np.asarray(w)
@@ -221,8 +236,8 @@ def check_schedule(buffers: Mapping[str, np.ndarray], scheduler: Mapping, where:
             f"max relative difference {worst:.2g}")
 
 
-def _templates(unet_cfg, vae_cfg, text_cfg) -> dict:
-    """The parameter shapes of the three models (``jax.eval_shape``: nothing is computed)."""
+def _templates(unet_cfg, vae_cfg, text_cfg, text_cfg_2=None) -> dict:
+    """The parameter shapes of the models (``jax.eval_shape``: nothing is computed)."""
     import jax
     import jax.numpy as jnp
 
@@ -235,17 +250,23 @@ def _templates(unet_cfg, vae_cfg, text_cfg) -> dict:
     x = jnp.zeros((1, f, f, unet_cfg.in_channels))
     ctx = None if unet_cfg.cross_attention_dim is None else jnp.zeros((1, 1, unet_cfg.cross_attention_dim))
     labels = None if unet_cfg.num_class_embeds is None else jnp.zeros(1, jnp.int32)
+    added = None if unet_cfg.addition_embed_type is None else {
+        "text_embeds": jnp.zeros((1, unet_cfg.pooled_text_dim)), "time_ids": jnp.zeros((1, 6))}
     img = jnp.zeros((1, vae_cfg.downsample_factor, vae_cfg.downsample_factor, vae_cfg.in_channels))
+    text = lambda cfg: jax.eval_shape(lambda: CLIPTextModel(cfg).init(key, jnp.zeros((1, 1), jnp.int32)))["params"]  # noqa: E731
+    unet = UNet2DCondition(unet_cfg)
     return {
-        "unet": jax.eval_shape(lambda: UNet2DCondition(unet_cfg).init(key, x, jnp.zeros(1, jnp.int32), ctx, labels))["params"],
+        "unet": jax.eval_shape(lambda: unet.init(key, x, jnp.zeros(1, jnp.int32), ctx, labels, added_cond=added))["params"],
         "vae": jax.eval_shape(lambda: AutoencoderKL(vae_cfg).init(key, img))["params"],
-        "text_encoder": jax.eval_shape(lambda: CLIPTextModel(text_cfg).init(key, jnp.zeros((1, 1), jnp.int32)))["params"],
+        "text_encoder": text(text_cfg),
+        **({"text_encoder_2": text(text_cfg_2)} if text_cfg_2 is not None else {}),
     }
 
 
 def _convert_models(sources: dict, templates: dict, dtype, where: str, extra_problems=()) -> dict:
     """torch_to_flax for each model; every model's problems (and ``extra_problems``) in ONE error."""
-    what = {"unet": "UNet", "vae": "VAE", "text_encoder": "CLIP text encoder"}
+    what = {"unet": "UNet", "vae": "VAE", "text_encoder": "CLIP text encoder",
+            "text_encoder_2": "second (OpenCLIP bigG) text encoder"}
     params, problems = {}, list(extra_problems)
     for part, (state_dict, names) in sources.items():
         try:
@@ -268,14 +289,15 @@ def _dtype_counts(*groups) -> dict:
 def _split_ldm(tensors: Mapping) -> dict:
     """Sort a single file's tensors by the model they belong to (names without the prefix), the
     schedule buffers, what is skipped by name (reason -> names) and what is unknown."""
-    groups = {g: {} for g in ("unet", "ema", "vae", "clip", "openclip", "buffers", "skipped")}
+    groups = {g: {} for g in ("unet", "ema", "vae", "clip", "openclip", "clip_xl", "openclip_xl", "buffers", "skipped")}
     groups["unknown"] = []
-    prefixes = (("unet", LDM_UNET), ("ema", LDM_EMA), ("vae", LDM_VAE), ("clip", LDM_CLIP), ("openclip", LDM_OPENCLIP))
+    prefixes = (("unet", LDM_UNET), ("ema", LDM_EMA), ("vae", LDM_VAE), ("clip", LDM_CLIP), ("openclip", LDM_OPENCLIP),
+                ("clip_xl", SGM_CLIP), ("openclip_xl", SGM_OPENCLIP))
     for k, t in tensors.items():
         group = next((g for g, prefix in prefixes if k.startswith(prefix)), None)
         if k in _SKIPPED:
             groups["skipped"].setdefault(_SKIPPED[k], []).append(k)
-        elif k in SCHEDULE_BUFFERS:
+        elif k in SCHEDULE_BUFFERS or k == "denoiser.sigmas":  # SGM's DiscreteDenoiser keeps sigma_t
             groups["buffers"][k] = t
         elif k.startswith(LDM_VAE + "loss."):
             groups["skipped"].setdefault("the VAE's training loss (LPIPS, discriminator)", []).append(k)
@@ -337,8 +359,10 @@ def _ldm_ema(unet: dict, ema_copy: dict, ema: bool | None, where: str, notes: li
 def _read_single_file(path: Path, requested, prediction, dtype, ema, notes) -> tuple[dict, StableDiffusionConfig]:
     tensors, extra = read_tensors(path)
     g, where = _split_ldm(tensors), str(path)
-    if any(k.startswith("conditioner.embedders.") for k in g["unknown"]):
-        raise ValueError(f"{where}: an SDXL checkpoint (conditioner.embedders.*): minidiff converts SD 1.x and 2.x")
+    if any(k.startswith(SGM_REFINER_OPENCLIP) for k in g["unknown"]):
+        raise ValueError(f"{where}: {REFINER_MESSAGE} ({SGM_REFINER_OPENCLIP}* found)")
+    if g["clip_xl"] or g["openclip_xl"]:
+        return _read_sgm_file(path, g, extra, requested, prediction, dtype, ema, notes)
     for group, prefix, what in (("unet", LDM_UNET, "UNet"), ("vae", LDM_VAE, "VAE")):
         if not g[group]:
             raise ValueError(f"{where}: no {what} tensors ({prefix}*): not a Stable Diffusion single-file checkpoint"
@@ -392,6 +416,70 @@ def _read_single_file(path: Path, requested, prediction, dtype, ema, notes) -> t
     return params, config
 
 
+def _read_sgm_file(path: Path, g: dict, extra: dict, requested, prediction, dtype, ema, notes):
+    """SDXL in Stability's single-file (SGM) layout: the UNet and VAE as in ldm files (the added embedding
+    as label_emb.0.0 / .0.2), CLIP-L under conditioner.embedders.0.transformer. (transformers' names),
+    bigG under conditioner.embedders.1.model. (open_clip's names, fused in_proj, text_projection)."""
+    where = str(path)
+    for group, prefix, what in (("unet", LDM_UNET, "UNet"), ("vae", LDM_VAE, "VAE"),
+                                ("clip_xl", SGM_CLIP, "CLIP-L text encoder"), ("openclip_xl", SGM_OPENCLIP, "bigG text encoder")):
+        if not g[group]:
+            raise ValueError(f"{where}: an SDXL single file (conditioner.embedders.*) without {what} tensors ({prefix}*)")
+    if requested not in (None, "sdxl"):
+        raise ValueError(f"{where}: --config {requested} does not fit these weights: the text encoders are "
+                         f"{FAMILIES['sdxl']['text_desc']}: an SDXL checkpoint")
+    unet_cfg = replace(unet_config_from_ldm(g["unet"], 64), sample_size=128)
+    vae_cfg = replace(vae_config_from_ldm(g["vae"]), sample_size=1024, scaling_factor=0.13025)
+    skipped = g["skipped"]
+    for k in g["clip_xl"]:
+        if k.removeprefix("text_model.") == "embeddings.position_ids":
+            skipped.setdefault("text position_ids buffer", []).append(SGM_CLIP + k)
+    text = clip_text_state_dict(g["clip_xl"])
+    text_names = {k.removeprefix("text_model."): SGM_CLIP + k for k in g["clip_xl"]}
+    text_cfg = clip_text_config_from_weights(text, "quick_gelu", SGM_CLIP)
+    blocks = _Shapes(g["openclip_xl"], SGM_OPENCLIP, "bigG text encoder").indices(r"transformer\.resblocks\.(\d+)\.")
+    if "text_projection" not in g["openclip_xl"]:
+        raise ValueError(f"{where}: {SGM_OPENCLIP}text_projection is missing (SDXL's pooled text goes through it)")
+    text_2, origin_2, left_out = openclip_text_state_dict(g["openclip_xl"], keep_layers=len(blocks), projection=True)
+    for k in left_out:
+        skipped.setdefault("OpenCLIP's logit_scale (unused by SD)", []).append(SGM_OPENCLIP + k)
+    text_cfg_2 = replace(clip_text_config_from_weights(text_2, "gelu", SGM_OPENCLIP),
+                         projection_dim=int(g["openclip_xl"]["text_projection"].shape[1]))
+    _check_sdxl(unet_cfg, text_cfg, text_cfg_2, where)
+    unet, unet_names, used_ema = _ldm_ema(g["unet"], g["ema"], ema, where, notes)
+    notes[:0] = [f"source: {path.name}, Stability's SDXL single-file (SGM) layout, {len(g['unet']) + len(g['vae'])}"
+                 f" UNet + VAE tensors",
+                 f"family: SDXL (detected: CLIP-L {text_cfg.hidden_size} + bigG {text_cfg_2.hidden_size} text encoders, "
+                 f"{len(blocks)} bigG blocks, context {unet_cfg.cross_attention_dim}, transformer depths "
+                 f"{unet_cfg.transformer_depths})"]
+    scheduler = dict(SD_SCHEDULER)
+    if g["buffers"]:
+        notes.append(check_schedule(g["buffers"], scheduler, where))
+    else:
+        notes.append("schedule: no schedule buffers in the file; SDXL's scaled_linear (0.00085..0.012, 1000 steps)")
+    for reason, keys in skipped.items():
+        notes.append(f"skipped {len(keys)} {reason} tensor(s): {', '.join(keys[:3])}")
+    pred = _prediction(prediction, None, "sdxl", notes)
+    notes.append("sampler: euler (SDXL base 1.0's EulerDiscreteScheduler)")
+    unknown = sorted(g["unknown"])
+    unknown_problem = ([f"{len(unknown)} tensors belong to no part of an SDXL checkpoint: {', '.join(unknown[:8])}"]
+                       if unknown else [])
+    L, n = unet_cfg.layers_per_block, len(vae_cfg.block_out_channels)
+    sources = {
+        "unet": _renamed(unet, lambda k: ldm_unet_key(k, L), unet_names),
+        "vae": _vae_source(*_renamed(g["vae"], lambda k: ldm_vae_key(k, n), {k: LDM_VAE + k for k in g["vae"]})),
+        "text_encoder": (text, text_names),
+        "text_encoder_2": (text_2, {k: SGM_OPENCLIP + v for k, v in origin_2.items()}),
+    }
+    params = _convert_models(sources, _templates(unet_cfg, vae_cfg, text_cfg, text_cfg_2), dtype, where, unknown_problem)
+    config = StableDiffusionConfig(
+        "sdxl", unet_cfg, vae_cfg, text_cfg, pred, scheduler, FAMILIES["sdxl"]["pad_token_id"], ema=used_ema,
+        source={"path": str(path), "layout": "sgm", "format": path.suffix.lstrip("."),
+                "dtypes": _dtype_counts(*(g[k] for k in ("unet", "vae", "clip_xl", "openclip_xl")))},
+        sampler="euler", **_sdxl_settings(text_cfg_2, 0, path))
+    return params, config
+
+
 def _renamed(state_dict: Mapping, rename, names: Mapping) -> tuple[dict, dict]:
     """(state dict under new names, {new name: name in the file}); two tensors for one name is an error."""
     out, origin = {}, {}
@@ -416,6 +504,8 @@ def _vae_source(state_dict: dict, names: dict) -> tuple[dict, dict]:
 
 
 def _read_diffusers_folder(folder: Path, requested, prediction, dtype, notes) -> tuple[dict, StableDiffusionConfig]:
+    if (folder / "text_encoder_2").is_dir() and not (folder / "text_encoder").is_dir():
+        raise ValueError(f"{folder}: {REFINER_MESSAGE} (text_encoder_2/ without text_encoder/)")
     for part in ("unet", "vae", "text_encoder"):
         if not (folder / part).is_dir():
             raise ValueError(f"{folder} is a folder but not a diffusers Stable Diffusion folder: {part}/ is missing "
@@ -424,13 +514,23 @@ def _read_diffusers_folder(folder: Path, requested, prediction, dtype, notes) ->
     vae_cfg = vae_config_from_diffusers(read_json(folder / "vae" / "config.json"), f"{folder}/vae/config.json")
     text_cfg = clip_text_config_from_transformers(read_json(folder / "text_encoder" / "config.json"),
                                                   f"{folder}/text_encoder/config.json")
-    evidence = {"text": "openclip" if text_cfg.hidden_act == "gelu" else "clip",
+    text_cfg_2 = None
+    if (folder / "text_encoder_2").is_dir():  # SDXL
+        text_cfg_2 = clip_text_config_from_transformers(read_json(folder / "text_encoder_2" / "config.json"),
+                                                        f"{folder}/text_encoder_2/config.json")
+        _check_sdxl(unet_cfg, text_cfg, text_cfg_2, str(folder))
+    elif unet_cfg.addition_embed_type is not None:
+        raise ValueError(f"{folder}: the UNet has SDXL's added embedding (addition_embed_type="
+                         f"{unet_cfg.addition_embed_type!r}) but there is no text_encoder_2/")
+    evidence = {"text": "clip+openclip" if text_cfg_2 else "openclip" if text_cfg.hidden_act == "gelu" else "clip",
                 "linear": unet_cfg.use_linear_projection, "context": unet_cfg.cross_attention_dim}
     family = _family(evidence, requested, str(folder))
     fam = FAMILIES[family]
 
     state_dicts, files = {}, []
     for part, stem in _WEIGHT_FILES.items():
+        if part == "text_encoder_2" and text_cfg_2 is None:
+            continue
         sd = {}
         for f in _find_weights(folder / part, stem):
             sd.update(read_tensors(f)[0])
@@ -439,7 +539,7 @@ def _read_diffusers_folder(folder: Path, requested, prediction, dtype, notes) ->
     notes.append(f"source: diffusers folder {folder.name}/ ({', '.join(files)}), "
                  f"{sum(map(len, state_dicts.values()))} tensors {_dtype_counts(*state_dicts.values())}")
     notes.append(f"family: {fam['name']} ({'detected' if requested is None else 'as requested, consistent'}: "
-                 f"{text_cfg.hidden_act} text encoder, {'linear' if unet_cfg.use_linear_projection else '1x1-conv'} "
+                 f"{text_cfg.hidden_act} text encoder{' + bigG' if text_cfg_2 else ''}, {'linear' if unet_cfg.use_linear_projection else '1x1-conv'} "
                  f"proj_in, context {unet_cfg.cross_attention_dim})")
     notes.append("EMA: a diffusers folder holds one UNet (no EMA copy to choose)")
 
@@ -450,20 +550,52 @@ def _read_diffusers_folder(folder: Path, requested, prediction, dtype, notes) ->
     else:
         notes.append("schedule: no scheduler/scheduler_config.json; assuming SD's scaled_linear schedule")
     pred = _prediction(prediction, sched_pred, family, notes)
-    pad = _pad_token_id(folder / "tokenizer")
-    if pad is None:
-        pad = fam["pad_token_id"]
-        notes.append(f"tokenizer: no pad token found in tokenizer/; {fam['name']}'s is id {pad}")
-    else:
-        notes.append(f"tokenizer: pad token id {pad} (tokenizer/)")
+    pad = _folder_pad_token(folder / "tokenizer", fam["pad_token_id"], fam["name"], notes)
 
     text = clip_text_state_dict(state_dicts["text_encoder"])
     sources = {"unet": (state_dicts["unet"], {}), "vae": _vae_source(state_dicts["vae"], {}), "text_encoder": (text, {})}
-    params = _convert_models(sources, _templates(unet_cfg, vae_cfg, text_cfg), dtype, str(folder))
+    sdxl = {}
+    if text_cfg_2 is not None:
+        sources["text_encoder_2"] = (clip_text_state_dict(state_dicts["text_encoder_2"]), {})
+        pad_2 = _folder_pad_token(folder / "tokenizer_2", 0, "bigG", notes)
+        sdxl = _sdxl_settings(text_cfg_2, pad_2, folder)
+    params = _convert_models(sources, _templates(unet_cfg, vae_cfg, text_cfg, text_cfg_2), dtype, str(folder))
     config = StableDiffusionConfig(family, unet_cfg, vae_cfg, text_cfg, pred, scheduler, pad, ema=None,
                                    source={"path": str(folder), "layout": "diffusers", "files": files,
-                                           "dtypes": _dtype_counts(*state_dicts.values())}, sampler=sampler)
+                                           "dtypes": _dtype_counts(*state_dicts.values())}, sampler=sampler, **sdxl)
     return params, config
+
+
+def _folder_pad_token(folder: Path, default: int, name: str, notes: list) -> int:
+    pad = _pad_token_id(folder)
+    if pad is None:
+        notes.append(f"tokenizer: no pad token found in {folder.name}/; {name}'s is id {default}")
+        return default
+    notes.append(f"tokenizer: pad token id {pad} ({folder.name}/)")
+    return pad
+
+
+def _check_sdxl(unet_cfg, text_cfg, text_cfg_2, where: str):
+    """The SDXL pieces fit together: context = both encoders' widths, pooled text = bigG's projection."""
+    if unet_cfg.addition_embed_type != "text_time":
+        raise ValueError(f"{where}: two text encoders but the UNet lacks SDXL's 'text_time' added embedding")
+    if text_cfg_2.projection_dim is None:
+        raise ValueError(f"{where}: the second text encoder has no text_projection (SDXL's bigG is a "
+                         "CLIPTextModelWithProjection)")
+    if unet_cfg.cross_attention_dim != text_cfg.hidden_size + text_cfg_2.hidden_size:
+        raise ValueError(f"{where}: the UNet's context width {unet_cfg.cross_attention_dim} is not the text encoders' "
+                         f"{text_cfg.hidden_size} + {text_cfg_2.hidden_size}")
+    if unet_cfg.pooled_text_dim != text_cfg_2.projection_dim:
+        raise ValueError(f"{where}: the UNet's added embedding takes {unet_cfg.pooled_text_dim} pooled features "
+                         f"+ 6 x {unet_cfg.addition_time_embed_dim}; the second text encoder projects to "
+                         f"{text_cfg_2.projection_dim} (a refiner? {REFINER_MESSAGE})")
+
+
+def _sdxl_settings(text_cfg_2, pad_2: int, where) -> dict:
+    """StableDiffusionConfig fields of an SDXL model: the second encoder, its pad id, SDXL's defaults
+    (guidance 5; a missing negative prompt gives zero embeddings, as in diffusers' SDXL base)."""
+    return dict(text_encoder_2=text_cfg_2, pad_token_id_2=pad_2, force_zeros_for_empty_prompt=True,
+                guidance_scale=5.0, steps=30)
 
 
 def _pad_token_id(folder: Path) -> int | None:
@@ -655,6 +787,6 @@ def load_converted(path, mmap: bool = True) -> tuple[dict, StableDiffusionConfig
                       "only a copy for reading; a conversion killed mid-way leaves this: convert again to renew it)",
                       stacklevel=2)
     params = unflatten_dict(flat, sep="/")
-    if set(params) != {"unet", "vae", "text_encoder"}:
-        raise ValueError(f"{path} holds {sorted(params)}, expected unet, vae and text_encoder")
+    if set(params) != set(config.parts):
+        raise ValueError(f"{path} holds {sorted(params)}, expected {', '.join(config.parts)}")
     return params, config

@@ -13,6 +13,13 @@ loop drives the progress bar and stops at the first non-finite step; the step pr
 callback, so JAX's persistent cache (:mod:`minidiff.compile_cache`) keeps it across runs.  img2img (SDEdit): the init latents are noised with
 q(x_t | x_0) and the last k = round(strength * N) steps run.  The batch is sharded over the largest
 number of devices dividing n; ``dtype="bfloat16"`` runs the networks in bfloat16, the sampler in float32.
+
+SDXL (a config with ``text_encoder_2``): two tokenizations (CLIP-L pads with the end token, bigG with
+"!"), context = [CLIP-L hidden_states[-2], bigG hidden_states[-2]] (n, 77, 2048), pooled text = bigG's
+projected end-token state (n, 1280), and the micro-conditioning time_ids = (original_size,
+crops_coords_top_left, target_size) go into the UNet's added embedding.  A missing negative prompt
+gives zero embeddings (diffusers' ``force_zeros_for_empty_prompt`` of SDXL base).  SDXL's VAE
+overflows in float16; minidiff computes it in float32 whatever ``dtype`` the rest runs in.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from .tokenizer import CONTEXT_LENGTH, CLIPTokenizer
 
 SAMPLERS = ("ddim", "ddpm", *SOLVERS)  # and the names users know: solvers.resolve
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                      "negative_crops_coords_top_left", "negative_target_size")  # SDXL's (Podell et al. 2023, 2.2)
 
 # The built-in mini model: weights + config side by side.
 MINI_MODEL = Path(__file__).parent / "assets" / "mini_sd.safetensors"
@@ -86,6 +95,31 @@ def _encode_text(params, ids, *, config: CLIPTextConfig, clip_skip: int, dtype: 
     return out.last_hidden_state.astype(jnp.float32)
 
 
+def _encode_text_xl(params, params_2, ids, ids_2, *, config: CLIPTextConfig, config_2: CLIPTextConfig,
+                    clip_skip: int, dtype: str):
+    """SDXL: context = [CLIP-L hidden_states[-2 - clip_skip], bigG hidden_states[-2 - clip_skip]] (n, 77,
+    D1 + D2), pooled = text_projection(bigG's final-LayerNorm state at the end token) (n, P)."""
+    TRACES["text"] += 1
+    out = CLIPTextModel(config, DTYPES[dtype]).apply({"params": params}, ids, output_hidden_states=True)
+    out_2 = CLIPTextModel(config_2, DTYPES[dtype]).apply({"params": params_2}, ids_2, output_hidden_states=True)
+    context = jnp.concatenate([out.hidden_states[-2 - clip_skip], out_2.hidden_states[-2 - clip_skip]], axis=-1)
+    return context.astype(jnp.float32), out_2.text_embeds.astype(jnp.float32)
+
+
+def sdxl_time_ids(height: int, width: int, original_size=None, crops_coords_top_left=(0, 0),
+                  target_size=None) -> np.ndarray:
+    """SDXL's micro-conditioning, (6,) float32: (orig_h, orig_w, crop_top, crop_left, target_h, target_w).
+    original_size and target_size are (height, width), default the image's; crops_coords_top_left is
+    (top, left), default (0, 0) (an uncropped picture)."""
+    values = []
+    for what, v in (("original_size", original_size or (height, width)),
+                    ("crops_coords_top_left", crops_coords_top_left), ("target_size", target_size or (height, width))):
+        if len(tuple(v)) != 2 or not all(_finite(a) and float(a) >= 0 for a in v):
+            raise ValueError(f"{what} must be two numbers >= 0 (height, width or top, left), got {v!r}")
+        values += [float(a) for a in v]
+    return np.asarray(values, np.float32)
+
+
 def _encode_image(params, images, *, config: AutoencoderKLConfig, dtype: str):
     TRACES["image"] += 1
     vae = AutoencoderKL(config, DTYPES[dtype])
@@ -105,6 +139,8 @@ def _denoise(params, x, state, row, key, context, uncontext, guidance_scale, *, 
     unet = UNet2DCondition(config, DTYPES[dtype])
 
     def model_fn(p, x, t, ctx):  # float32 in and out; the UNet computes in its dtype
+        if isinstance(ctx, Mapping):  # SDXL: {"context", "added_cond": {"text_embeds", "time_ids"}}
+            return unet.apply({"params": p}, x, t, ctx["context"], added_cond=ctx["added_cond"])
         return unet.apply({"params": p}, x, t, ctx)
 
     if batch_sharding is not None:
@@ -119,6 +155,7 @@ def _denoise(params, x, state, row, key, context, uncontext, guidance_scale, *, 
 
 
 _text_fn = jax.jit(_encode_text, static_argnames=("config", "clip_skip", "dtype"))
+_text_xl_fn = jax.jit(_encode_text_xl, static_argnames=("config", "config_2", "clip_skip", "dtype"))
 # the one VAE encode / decode pair: images in [-1, 1] <-> latents (posterior mean * scaling_factor)
 vae_encode = jax.jit(_encode_image, static_argnames=("config", "dtype"))
 vae_decode = jax.jit(_decode, static_argnames=("config", "dtype"))
@@ -127,9 +164,11 @@ _denoise_fn = jax.jit(_denoise, static_argnames=("config", "prediction_type", "s
 
 
 class StableDiffusion:
-    """Text-to-image (and image-to-image) with a UNet, a VAE and a CLIP text encoder.
+    """Text-to-image (and image-to-image) with a UNet, a VAE and a CLIP text encoder (SDXL: two).
 
-    ``params``: {"unet": ..., "vae": ..., "text_encoder": ...} Flax parameter trees (float32).
+    ``params``: {"unet": ..., "vae": ..., "text_encoder": ...} Flax parameter trees (float32), plus
+    "text_encoder_2" for SDXL (``text_config_2``: bigG with its projection; ``pad_token_2``: its
+    tokenizer's pad id; ``force_zeros_for_empty_prompt``: no negative prompt = zero embeddings).
 
         pipe = StableDiffusion(UNetConfig.sd15(), AutoencoderKLConfig.sd(), CLIPTextConfig.sd15(), params)
         images = pipe(["a lighthouse at dusk"], steps=30, guidance_scale=7.5, seed=0)  # uint8 (1, 512, 512, 3)
@@ -141,19 +180,31 @@ class StableDiffusion:
                  params: Mapping[str, Any], tokenizer: CLIPTokenizer | None = None,
                  scheduler: SchedulerConfig | None = None, clip_skip: int = 0, pad_token: int | None = None,
                  name: str = "", devices: Sequence | None = None, guidance_scale: float = 7.5,
-                 vocabulary: Sequence[str] = (), default_sampler: str = "DPM++ 2M Karras", default_steps: int = 25):
-        missing = sorted({"unet", "vae", "text_encoder"} - set(params))
+                 vocabulary: Sequence[str] = (), default_sampler: str = "DPM++ 2M Karras", default_steps: int = 25,
+                 text_config_2: CLIPTextConfig | None = None, pad_token_2: int = 0,
+                 force_zeros_for_empty_prompt: bool = False):
+        self.parts = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if text_config_2 is not None else ())
+        missing = sorted(set(self.parts) - set(params))
         if missing:
-            raise ValueError(f"params must hold 'unet', 'vae' and 'text_encoder' trees; missing {missing}")
-        if unet_config.cross_attention_dim != text_config.hidden_size:
+            raise ValueError(f"params must hold {', '.join(map(repr, self.parts))} trees; missing {missing}")
+        width = text_config.hidden_size + (text_config_2.hidden_size if text_config_2 is not None else 0)
+        if unet_config.cross_attention_dim != width:
             raise ValueError(f"the UNet's cross_attention_dim ({unet_config.cross_attention_dim}) must equal the "
-                             f"text encoder's hidden_size ({text_config.hidden_size})")
+                             f"text encoder's hidden_size ({width}{' = both encoders' if text_config_2 else ''})")
+        if (text_config_2 is not None) != (unet_config.addition_embed_type == "text_time") or (
+                text_config_2 is not None and text_config_2.projection_dim != unet_config.pooled_text_dim):
+            raise ValueError("SDXL needs both a second text encoder with a projection (text_config_2) and a UNet "
+                             "with the 'text_time' added embedding taking its pooled width; got "
+                             f"{None if text_config_2 is None else text_config_2.projection_dim} and "
+                             f"{unet_config.addition_embed_type} ({unet_config.pooled_text_dim})")
         if unet_config.in_channels != vae_config.latent_channels or unet_config.out_channels != vae_config.latent_channels:
             raise ValueError(f"the UNet works on {unet_config.in_channels} -> {unet_config.out_channels} channels but "
                              f"the VAE's latents have {vae_config.latent_channels}")
         self.unet_config, self.vae_config, self.text_config = unet_config, vae_config, text_config
+        self.text_config_2, self.pad_token_2 = text_config_2, pad_token_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         # our own dicts (the arrays are shared): placing replaces their leaves, never the caller's
-        self.params = {k: _own_dicts(params[k]) for k in ("unet", "vae", "text_encoder")}
+        self.params = {k: _own_dicts(params[k]) for k in self.parts}
         self.tokenizer = tokenizer or CLIPTokenizer.from_bpe_gz()
         self.scheduler = scheduler or SchedulerConfig()
         self.clip_skip, self.pad_token, self.name = clip_skip, pad_token, name
@@ -177,7 +228,19 @@ class StableDiffusion:
         kwargs.setdefault("vocabulary", config.vocabulary)
         kwargs.setdefault("default_sampler", config.sampler)
         kwargs.setdefault("default_steps", config.steps)
+        if config.text_encoder_2 is not None:
+            kwargs.setdefault("text_config_2", config.text_encoder_2)
+            kwargs.setdefault("pad_token_2", config.pad_token_id_2)
+            kwargs.setdefault("force_zeros_for_empty_prompt", config.force_zeros_for_empty_prompt)
         return cls(config.unet, config.vae, config.text_encoder, params, scheduler=config.scheduler_config(), **kwargs)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_config_2 is not None
+
+    def vae_dtype(self, dtype: str) -> str:
+        """What the VAE computes in: float32 for SDXL (its VAE overflows in half precision), else ``dtype``."""
+        return "float32" if self.is_sdxl else dtype
 
     # --- sizes ------------------------------------------------------------------------------------
 
@@ -290,11 +353,47 @@ class StableDiffusion:
         return self.tokenizer(list(prompts), CONTEXT_LENGTH, self.pad_token, names)
 
     def encode_text(self, prompts: Sequence[str]) -> jax.Array:
-        """The frozen text encoder's states (n, 77, D), float32: the UNet's cross-attention context.
-        The weights are used as they are (float32 NumPy arrays in place, not copied: the pipeline's
-        own device copy, made for sampling, is not needed)."""
+        """The frozen text encoder's states (n, 77, D), float32: the UNet's cross-attention context
+        (SDXL: both encoders', see :meth:`encode_prompt`).  The weights are used as they are (float32
+        NumPy arrays in place, not copied: the pipeline's own device copy, made for sampling, is not needed)."""
+        if self.is_sdxl:
+            return self.encode_prompt(prompts)[0]
         return _text_fn(float32_params(self.params["text_encoder"]), jnp.asarray(self.tokenize(list(prompts))),
                         config=self.text_config, clip_skip=self.clip_skip, dtype="float32")
+
+    def encode_prompt(self, prompts: Sequence[str], params=None, dtype: str = "float32", names=None):
+        """SDXL: (context (n, 77, D1 + D2), pooled text (n, P)), float32, of the prompts."""
+        if not self.is_sdxl:
+            raise ValueError("encode_prompt is SDXL's (two text encoders); use encode_text")
+        if params is None:
+            params = {k: float32_params(self.params[k]) for k in ("text_encoder", "text_encoder_2")}
+        prompts = list(prompts)
+        ids = jnp.asarray(self.tokenize(prompts, names))
+        ids_2 = jnp.asarray(self.tokenizer(prompts, CONTEXT_LENGTH, self.pad_token_2, names))
+        return _text_xl_fn(params["text_encoder"], params["text_encoder_2"], ids, ids_2, config=self.text_config,
+                           config_2=self.text_config_2, clip_skip=self.clip_skip, dtype=dtype)
+
+    def _sdxl_conditions(self, prompts, negatives, zero_negatives: bool, names, params, dtype, m, height, width,
+                         micro: Mapping):
+        """The guided UNet's two conditions, {"context", "added_cond": {"text_embeds", "time_ids"}} each
+        with n = len(prompts) x m rows: the prompts' and the negatives' (zeros when ``zero_negatives``)."""
+        p = len(prompts)
+        ctx, pooled = self.encode_prompt(prompts if zero_negatives else prompts + negatives, params, dtype,
+                                         names[:p] if zero_negatives else names)
+        _finite_or_raise(ctx, "the text encoders' states")
+        if zero_negatives:
+            ctx, pooled = jnp.concatenate([ctx, jnp.zeros_like(ctx)]), jnp.concatenate([pooled, jnp.zeros_like(pooled)])
+        time_ids = sdxl_time_ids(height, width, micro.get("original_size"), micro.get("crops_coords_top_left") or (0, 0),
+                                 micro.get("target_size"))
+        negative_ids = sdxl_time_ids(height, width, micro.get("negative_original_size") or micro.get("original_size"),
+                                     micro.get("negative_crops_coords_top_left") or micro.get("crops_coords_top_left")
+                                     or (0, 0), micro.get("negative_target_size") or micro.get("target_size"))
+
+        def rows(i, ids):  # the prompts' (i = 0) or the negatives' (i = 1) rows, each repeated m times
+            return {"context": jnp.repeat(ctx[i * p:(i + 1) * p], m, axis=0),
+                    "added_cond": {"text_embeds": jnp.repeat(pooled[i * p:(i + 1) * p], m, axis=0),
+                                   "time_ids": jnp.broadcast_to(jnp.asarray(ids), (p * m, 6))}}
+        return rows(0, time_ids), rows(1, negative_ids)
 
     def encode_images(self, images) -> jax.Array:
         """The VAE latents (n, H/f, W/f, c), float32, of uint8 images (n, H, W, 3): the posterior
@@ -306,7 +405,7 @@ class StableDiffusion:
             raise ValueError(f"pictures must be (n, H, W, 3) with H and W multiples of {f} for this model, got "
                              f"{images.shape}")
         return vae_encode(float32_params(self.params["vae"]), jnp.asarray(_init_pixels(images, len(images), 1)),
-                         config=self.vae_config, dtype="float32")
+                          config=self.vae_config, dtype="float32")
 
     def load_textual_inversion(self, path, token: str | None = None) -> list[str]:
         """Teach this pipeline the word(s) of a textual-inversion embedding file (minidiff's, or
@@ -321,9 +420,9 @@ class StableDiffusion:
         weights replaced, e.g. ``pipe.with_params(unet=tuned)`` after DreamBooth."""
         import copy
 
-        unknown = sorted(set(parts) - {"unet", "vae", "text_encoder"})
+        unknown = sorted(set(parts) - set(self.parts))
         if unknown:
-            raise ValueError(f"a pipeline's weights are 'unet', 'vae' and 'text_encoder', not {unknown}")
+            raise ValueError(f"a pipeline's weights are {', '.join(map(repr, self.parts))}, not {unknown}")
         new = copy.copy(self)
         new.params, new._placed = {**self.params, **parts}, {}
         if self._loras:  # the LoRAs fused again, on the new weights
@@ -372,6 +471,8 @@ class StableDiffusion:
         :meth:`load_textual_inversion`)."""
         import copy
 
+        if self.is_sdxl:
+            raise ValueError("textual-inversion tokens for SDXL (an embedding per text encoder) are not supported")
         tokenizer = copy.deepcopy(self.tokenizer)  # a tokenizer may be shared by several pipelines
         ids = tokenizer.add_tokens(list(vectors))
         if ids and ids[0] != self.text_config.vocab_size:
@@ -391,16 +492,20 @@ class StableDiffusion:
         params = self._place(dtype, shardings)["vae"]
         if shardings is not None:
             latents = jax.device_put(latents, shardings[0])
-        return to_uint8(_gather(_finite_or_raise(vae_decode(params, latents, config=self.vae_config, dtype=dtype),
-                                                 "the VAE decoder's pixels")))
+        decoded = vae_decode(params, latents, config=self.vae_config, dtype=self.vae_dtype(dtype))
+        return to_uint8(_gather(_finite_or_raise(decoded, "the VAE decoder's pixels")))
 
     def sample_latents(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float | None = None,
                        seed: int = 0, sampler: str = "ddim", eta: float = 0.0, height: int | None = None,
                        width: int | None = None, num_images_per_prompt: int = 1, init_image=None,
                        strength: float = 0.6, dtype=None, latents=None, progress: bool = False,
-                       sigmas: str | None = None) -> np.ndarray:
+                       sigmas: str | None = None, **micro) -> np.ndarray:
         """The denoised latents x_0 (n, H/f, W/f, c), float32, n = len(prompts) * num_images_per_prompt.
         Arguments as for ``__call__``; ``latents`` (n, H/f, W/f, c) replaces the x_T drawn from the seed."""
+        unknown = sorted(set(micro) - set(MICRO_CONDITIONING))
+        if unknown or (micro and not self.is_sdxl):
+            raise ValueError(f"unexpected argument(s) {', '.join(unknown or micro)}"
+                             + ("" if unknown else ": micro-conditioning is SDXL's"))
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a string or a non-empty list of strings")
@@ -453,10 +558,15 @@ class StableDiffusion:
         p = len(prompts)
         names = ([f"prompt {i}" for i in range(p)] + [f"negative prompt {i}" for i in range(p)] if p > 1
                  else ["the prompt", "the negative prompt"])
-        ctx = _text_fn(params["text_encoder"], jnp.asarray(self.tokenize(prompts + negatives, names)),
-                       config=self.text_config, clip_skip=self.clip_skip, dtype=dtype)
-        _finite_or_raise(ctx, "the text encoder's states")
-        context, uncontext = jnp.repeat(ctx[:len(prompts)], m, axis=0), jnp.repeat(ctx[len(prompts):], m, axis=0)
+        if self.is_sdxl:  # conditions are {"context", "added_cond"}; no negative prompt: zeros (SDXL base)
+            zero = negative_prompt is None and self.force_zeros_for_empty_prompt
+            context, uncontext = self._sdxl_conditions(prompts, negatives, zero, names, params, dtype, m, height, width,
+                                                       micro)
+        else:
+            ctx = _text_fn(params["text_encoder"], jnp.asarray(self.tokenize(prompts + negatives, names)),
+                           config=self.text_config, clip_skip=self.clip_skip, dtype=dtype)
+            _finite_or_raise(ctx, "the text encoder's states")
+            context, uncontext = jnp.repeat(ctx[:len(prompts)], m, axis=0), jnp.repeat(ctx[len(prompts):], m, axis=0)
 
         # the schedule (all N steps, or the last k for img2img) as per-step tables, and the start x_T
         rows = self._rows(sampler, sigmas, int(steps))
@@ -469,7 +579,8 @@ class StableDiffusion:
             x_T = jax.random.normal(key_T, shape, jnp.float32)
         else:
             x0 = _finite_or_raise(vae_encode(params["vae"], _put(jnp.asarray(pixels), shardings),
-                                             config=self.vae_config, dtype=dtype), "the VAE encoder's latents")
+                                             config=self.vae_config, dtype=self.vae_dtype(dtype)),
+                                  "the VAE encoder's latents")
             run = math.floor(strength * R + 0.5)  # k = round(strength * N), halves up
             first = R - run
             self.last_timesteps = rows["t"][first:]
@@ -513,7 +624,7 @@ class StableDiffusion:
     def __call__(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float | None = None, seed: int = 0,
                  sampler: str = "ddim", eta: float = 0.0, height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, init_image=None, strength: float = 0.6, dtype=None,
-                 latents=None, progress: bool = False, sigmas: str | None = None) -> np.ndarray:
+                 latents=None, progress: bool = False, sigmas: str | None = None, **micro) -> np.ndarray:
         """uint8 images (n, H, W, 3), n = len(prompts) * num_images_per_prompt, prompt-major.
 
         prompts: a string or a list of strings.  negative_prompt: the unconditional branch of
@@ -527,9 +638,12 @@ class StableDiffusion:
         init_image: uint8 (H, W, 3), or one per prompt (P, H, W, 3), for img2img with ``strength`` in
         (0, 1].  dtype: "float32" or "bfloat16" (default: bfloat16 on GPU / TPU, float32 on CPU).
         latents: optional x_T (n, H/f, W/f, c) instead of the seed's.  progress: a tqdm bar.
+        SDXL only, keywords (``MICRO_CONDITIONING``): original_size and target_size (height, width),
+        crops_coords_top_left (top, left), defaults (H, W), (0, 0), (H, W), and their negative_
+        versions for the unconditional branch (default: the same as the prompt's).
         """
         x0 = self.sample_latents(prompts, negative_prompt, steps, guidance_scale, seed, sampler, eta, height, width,
-                                 num_images_per_prompt, init_image, strength, dtype, latents, progress, sigmas)
+                                 num_images_per_prompt, init_image, strength, dtype, latents, progress, sigmas, **micro)
         return self.decode(x0, dtype)
 
 

@@ -72,7 +72,7 @@ class StableDiffusionConfig:
     weights came from.  Saved as JSON next to converted weights; read back with
     ``config_from_dict(StableDiffusionConfig, d)``."""
 
-    family: str  # "sd1" or "sd2"
+    family: str  # "sd1", "sd2" or "sdxl"
     unet: UNetConfig
     vae: AutoencoderKLConfig  # its scaling_factor: latents = z * 0.18215 for SD
     text_encoder: CLIPTextConfig
@@ -87,6 +87,16 @@ class StableDiffusionConfig:
     sampler: str = "DPM++ 2M Karras"  # the command line's default sampler and steps for this model
     steps: int = 25
     vocabulary: list = field(default_factory=list)  # the only words the model was trained on; [] for real SD
+    # SDXL: the second text encoder (OpenCLIP bigG with projection), its tokenizer's pad id ("!" = 0), and
+    # diffusers' rule that a missing negative prompt means zero embeddings (not the encoded "")
+    text_encoder_2: CLIPTextConfig | None = None
+    pad_token_id_2: int = 0
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The networks of this model: unet, vae, text_encoder (and text_encoder_2 for SDXL)."""
+        return ("unet", "vae", "text_encoder") + (("text_encoder_2",) if self.text_encoder_2 is not None else ())
 
     def scheduler_config(self) -> SchedulerConfig:
         """The sampler settings: ``scheduler`` with ``prediction_type``."""

@@ -178,7 +178,8 @@ _LDM_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "
                "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 _LDM_UNET_FIXED = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
                    "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out",
-                   "label_emb": "class_embedding"}
+                   "label_emb": "class_embedding", "label_emb.0.0": "add_embedding.linear_1",
+                   "label_emb.0.2": "add_embedding.linear_2"}  # SDXL's "text_time" embedding: label_emb.0 = MLP
 
 
 def _ldm_resnet(prefix: str, rest: str) -> str:
@@ -277,7 +278,8 @@ def ldm_vae_key(key: str, num_blocks: int) -> str:
     return key
 
 
-def openclip_text_state_dict(state_dict: Mapping[str, np.ndarray], keep_layers: int) -> tuple[dict, dict, list]:
+def openclip_text_state_dict(state_dict: Mapping[str, np.ndarray], keep_layers: int,
+                             projection: bool = False) -> tuple[dict, dict, list]:
     """OpenCLIP's text tower (SD 2.x single files, names without ``cond_stage_model.model.``) in the
     ``minidiff.nn.clip`` layout:
 
@@ -290,8 +292,10 @@ def openclip_text_state_dict(state_dict: Mapping[str, np.ndarray], keep_layers: 
         ln_final                                       final_layer_norm
 
     Blocks N >= ``keep_layers`` are left out (SD 2.x conditions on the penultimate layer: diffusers,
-    and ``CLIPTextConfig.sd2()``, keep 23 of the 24), as are ``text_projection`` and ``logit_scale``
-    (CLIP's contrastive head, unused by SD).  A fused tensor may be a
+    and ``CLIPTextConfig.sd2()``, keep 23 of the 24), as is ``logit_scale`` (CLIP's contrastive head,
+    unused by SD), and ``text_projection`` unless ``projection`` (SDXL's bigG: pooled text =
+    pooled @ text_projection, stored (width, proj); transformers' ``text_projection.weight`` is its
+    transpose, (proj, width)).  A fused tensor may be a
     ``minidiff.tensorfiles.LazyTensor``: its thirds are then read when converted.
 
     Returns (state dict, {new name: OpenCLIP name}, the names left out)."""
@@ -304,6 +308,10 @@ def openclip_text_state_dict(state_dict: Mapping[str, np.ndarray], keep_layers: 
     for key, w in state_dict.items():
         if key in fixed:
             out[fixed[key]], origin[fixed[key]] = w, key
+        elif key == "text_projection" and projection:
+            if len(w.shape) != 2:
+                raise ValueError(f"text_projection has shape {tuple(w.shape)}: expected (width, projection)")
+            out["text_projection.weight"], origin["text_projection.weight"] = _transposed(w), key
         elif key in ("text_projection", "logit_scale", "attn_mask"):
             left_out.append(key)
         elif m := re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+)\.(\w+)", key):
@@ -321,6 +329,13 @@ def openclip_text_state_dict(state_dict: Mapping[str, np.ndarray], keep_layers: 
         else:
             out[key], origin[key] = w, key  # reported as unexpected by torch_to_flax
     return out, origin, left_out
+
+
+def _transposed(w):
+    """w.T, lazily for a LazyTensor."""
+    if hasattr(w, "rows"):
+        return type(w)(tuple(w.shape)[::-1], w.dtype, lambda: np.asarray(w).T)
+    return np.asarray(w).T
 
 
 def _rows(w, start: int, stop: int):
@@ -356,13 +371,17 @@ def unet_config_from_diffusers(config: Mapping, where: str = "unet/config.json")
 
     _check_fields(config, where, {
         "act_fn": "silu", "center_input_sample": False, "time_embedding_type": "positional",
-        "class_embed_type": None, "addition_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
+        "class_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
         "only_cross_attention": False, "dual_cross_attention": False, "resnet_time_scale_shift": "default",
         "conv_in_kernel": 3, "conv_out_kernel": 3, "timestep_post_act": None, "cross_attention_norm": None,
         "attention_type": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
         "mid_block_type": "UNetMidBlock2DCrossAttn", "class_embeddings_concat": False,
-        "mid_block_only_cross_attention": None, "reverse_transformer_layers_per_block": None,
+        "mid_block_only_cross_attention": None,
     }, "UNet")
+    added = config.get("addition_embed_type")
+    if added not in (None, "text_time"):
+        raise ValueError(f"{where}: addition_embed_type={added!r} is not supported: minidiff's UNet implements None "
+                         "(SD 1.x / 2.x) and 'text_time' (SDXL)")
     down = list(config.get("down_block_types", ()))
     if not down or any(t not in ("CrossAttnDownBlock2D", "DownBlock2D") for t in down):
         raise ValueError(f"{where}: down_block_types={down!r} is not supported: minidiff's UNet has "
@@ -376,12 +395,24 @@ def unet_config_from_diffusers(config: Mapping, where: str = "unet/config.json")
         raise ValueError(f"{where}: a per-block cross_attention_dim is not supported")
     # diffusers' historical naming: SD's configs put the number of heads in "attention_head_dim"
     heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+    depth = config.get("transformer_layers_per_block", 1)
+    if isinstance(depth, (list, tuple)):
+        if any(isinstance(d, (list, tuple)) for d in depth):
+            raise ValueError(f"{where}: transformer_layers_per_block={depth!r} (a depth per layer) is not supported")
+        depth = depth[0] if len(set(depth)) == 1 else tuple(depth)
+    reverse = config.get("reverse_transformer_layers_per_block")
+    mirrored = list(reversed(depth)) if isinstance(depth, tuple) else [depth] * len(down)
+    if reverse is not None and list(reverse) != mirrored:
+        raise ValueError(f"{where}: reverse_transformer_layers_per_block={reverse!r} is not supported: minidiff's up "
+                         f"blocks mirror the down blocks ({mirrored})")
     return UNetConfig(
         sample_size=config.get("sample_size", 64), in_channels=config.get("in_channels", 4),
         out_channels=config.get("out_channels", 4), block_out_channels=tuple(config["block_out_channels"]),
         layers_per_block=_one_value(config, "layers_per_block", where, 2), attention=attention,
         num_attention_heads=tuple(heads) if isinstance(heads, (list, tuple)) else heads,
-        transformer_layers_per_block=_one_value(config, "transformer_layers_per_block", where, 1),
+        transformer_layers_per_block=depth, addition_embed_type=added,
+        addition_time_embed_dim=config.get("addition_time_embed_dim") if added else None,
+        projection_class_embeddings_input_dim=config.get("projection_class_embeddings_input_dim") if added else None,
         cross_attention_dim=config.get("cross_attention_dim", 1280),
         use_linear_projection=config.get("use_linear_projection", False),
         num_class_embeds=config.get("num_class_embeds"), norm_num_groups=config.get("norm_num_groups", 32),
@@ -411,8 +442,9 @@ def clip_text_config_from_transformers(config: Mapping, where: str = "text_encod
     from .nn.clip import CLIPTextConfig
 
     archs = config.get("architectures") or ["CLIPTextModel"]
-    if archs != ["CLIPTextModel"]:
-        raise ValueError(f"{where}: architectures={archs!r} is not supported: SD 1.x / 2.x use a CLIPTextModel")
+    if archs not in (["CLIPTextModel"], ["CLIPTextModelWithProjection"]):
+        raise ValueError(f"{where}: architectures={archs!r} is not supported: SD uses a CLIPTextModel (SDXL's "
+                         "second encoder a CLIPTextModelWithProjection)")
     act = config.get("hidden_act", "quick_gelu")
     if act not in ("quick_gelu", "gelu"):
         raise ValueError(f"{where}: hidden_act={act!r} is not supported (quick_gelu for SD 1.x, gelu for SD 2.x)")
@@ -421,7 +453,8 @@ def clip_text_config_from_transformers(config: Mapping, where: str = "text_encod
         intermediate_size=config.get("intermediate_size", 3072),
         num_hidden_layers=config.get("num_hidden_layers", 12), num_attention_heads=config.get("num_attention_heads", 12),
         max_position_embeddings=config.get("max_position_embeddings", 77), hidden_act=act,
-        layer_norm_eps=config.get("layer_norm_eps", 1e-5))
+        layer_norm_eps=config.get("layer_norm_eps", 1e-5),
+        projection_dim=config.get("projection_dim", 512) if archs == ["CLIPTextModelWithProjection"] else None)
 
 
 class _Shapes:
@@ -468,7 +501,11 @@ def unet_config_from_ldm(tensors: Mapping, heads_per_channel: int | None, prefix
     attention = tuple(shape.has(f"input_blocks.{k}.1.") for k in first)
     attn = next((f"input_blocks.{k}.1." for k, a in zip(first, attention) if a), "middle_block.1.")
     context = shape(f"{attn}transformer_blocks.0.attn2.to_k.weight")[1]
-    depth = len(shape.indices(re.escape(attn) + r"transformer_blocks\.(\d+)\."))
+    # transformer blocks per Transformer2D, per down block (SDXL: 1 / 2 / 10; 1 for a block without
+    # attention, as diffusers' configs write it); the mid block has the last block's
+    depths = [len(shape.indices(re.escape(f"input_blocks.{k}.1.") + r"transformer_blocks\.(\d+)\.")) if a else 1
+              for k, a in zip(first, attention)]
+    depth = depths[0] if len(set(depths)) == 1 else tuple(depths)
     if heads_per_channel is None:
         heads = 8
     else:
@@ -480,7 +517,19 @@ def unet_config_from_ldm(tensors: Mapping, heads_per_channel: int | None, prefix
         layers_per_block=L1 - 1, attention=attention, mid_block_attention=shape.has("middle_block.1.transformer_blocks."),
         num_attention_heads=heads, transformer_layers_per_block=depth, cross_attention_dim=context,
         use_linear_projection=len(shape(f"{attn}proj_in.weight")) == 2,
-        num_class_embeds=shape("label_emb.weight")[0] if "label_emb.weight" in tensors else None)
+        num_class_embeds=shape("label_emb.weight")[0] if "label_emb.weight" in tensors else None,
+        **_text_time_from_ldm(shape, tensors))
+
+
+def _text_time_from_ldm(shape, tensors) -> dict:
+    """SDXL's added embedding (label_emb.0.0 = linear_1 of [pooled text, 6 x sin/cos]): its input width.
+    The width per size/crop number is not in the weights: SDXL's 256 (pooled text = the rest)."""
+    if "label_emb.0.0.weight" not in tensors:
+        return {}
+    width = shape("label_emb.0.0.weight")[1]
+    if width <= 6 * 256:
+        raise ValueError(f"label_emb.0.0.weight takes {width} features: not SDXL's pooled text + 6 x 256")
+    return dict(addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=width)
 
 
 def vae_config_from_ldm(tensors: Mapping, prefix: str = LDM_VAE):

@@ -130,7 +130,8 @@ def ldm_unet_name(name, layers_per_block, attention):
     L = layers_per_block
     parts = name.split(".")
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL
     head = ".".join(parts[:-1])
     if head in fixed:
         return f"{fixed[head]}.{parts[-1]}"
@@ -285,3 +286,130 @@ def save_ldm(sd, path, dtype=None):
     else:
         torch.save({"state_dict": sd, "global_step": 470000, "epoch": 3}, path)
     return path
+
+
+# --- SDXL: two text encoders, the added "text_time" embedding, the SGM single-file layout ----------
+
+# SDXL's block structure (no attention in the first block, transformer depth per block, linear
+# proj_in/out, heads of width 64) at reduced widths; the text encoders keep CLIP's vocabulary so that
+# the real tokenizer can drive the whole pipeline.  Context = 128 (CLIP-L's width) + 192 (bigG's).
+SDXL_SMALL = dict(
+    family="sdxl", sample_size=256,
+    unet=dict(block_out_channels=(64, 128, 128), attention_head_dim=(1, 2, 2), transformer_layers_per_block=(1, 2, 3),
+              cross_attention_dim=320, addition_time_embed_dim=256, projection_class_embeddings_input_dim=192 + 6 * 256),
+    vae=dict(block_out_channels=(32, 32, 64, 64), scaling_factor=0.13025, force_upcast=True),
+    text=dict(vocab_size=49408, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
+              hidden_act="quick_gelu"),
+    text_2=dict(vocab_size=49408, hidden_size=192, intermediate_size=384, num_hidden_layers=3, num_attention_heads=3,
+                hidden_act="gelu", projection_dim=192),
+)
+SDXL = dict(  # the public SDXL base 1.0 architecture
+    family="sdxl", sample_size=1024,
+    unet=dict(block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+              cross_attention_dim=2048, addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+    vae=dict(block_out_channels=(128, 256, 512, 512), scaling_factor=0.13025, force_upcast=True),
+    text=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              hidden_act="quick_gelu"),
+    text_2=dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                hidden_act="gelu", projection_dim=1280),
+)
+
+
+def _perturb(models):
+    import torch
+
+    with torch.no_grad():
+        for model in models:
+            for p in model.parameters():  # norm scales (ones) and biases (zeros): make them random
+                if p.numel() > 1 and bool(torch.all(p == p.flatten()[0])):
+                    p.add_(0.1 * torch.randn_like(p))
+
+
+def build_sdxl_models(spec=SDXL_SMALL, seed=0, perturb=True):
+    """(unet, vae, text_encoder, text_encoder_2): random reference SDXL models (eval mode, float32):
+    diffusers' UNet2DConditionModel with the "text_time" added embedding, AutoencoderKL, transformers'
+    CLIPTextModel and CLIPTextModelWithProjection."""
+    import diffusers
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=spec["sample_size"] // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+        addition_embed_type="text_time", addition_embed_type_num_heads=64, **spec["unet"]).eval()
+    n = len(spec["vae"]["block_out_channels"])
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+                                  down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                                  sample_size=spec["sample_size"], **spec["vae"]).eval()
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(max_position_embeddings=77, **spec["text"])).eval()
+    text_2 = transformers.CLIPTextModelWithProjection(
+        transformers.CLIPTextConfig(max_position_embeddings=77, **spec["text_2"])).eval()
+    if perturb:
+        _perturb((unet, vae, text, text_2))
+    return unet, vae, text, text_2
+
+
+def sdxl_scheduler():
+    """The scheduler_config.json of SDXL base 1.0: Euler, leading spacing, steps_offset 1."""
+    import diffusers
+
+    return diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            steps_offset=1, timestep_spacing="leading", interpolation_type="linear",
+                                            use_karras_sigmas=False, prediction_type="epsilon")
+
+
+def sdxl_pipeline(unet, vae, text, text_2, folder):
+    """diffusers' StableDiffusionXLPipeline of these models (tokenizers written under ``folder``)."""
+    import diffusers
+    import transformers
+
+    folder = Path(folder)
+    write_tokenizer(folder / "_tok", "<|endoftext|>")
+    write_tokenizer(folder / "_tok2", "!")  # bigG's tokenizer pads with "!" (id 0)
+    tok, tok_2 = (transformers.CLIPTokenizer.from_pretrained(folder / name) for name in ("_tok", "_tok2"))
+    return diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tok,
+                                               tokenizer_2=tok_2, unet=unet, scheduler=sdxl_scheduler(),
+                                               force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+def save_sdxl_folder(folder, unet, vae, text, text_2, safe_serialization=True):
+    """``StableDiffusionXLPipeline.save_pretrained``: unet/ vae/ text_encoder/ text_encoder_2/ tokenizer/
+    tokenizer_2/ scheduler/ (the tokenizers as vocab.json + merges.txt, as the public folder has them)."""
+    folder = Path(folder)
+    pipe = sdxl_pipeline(unet, vae, text, text_2, folder)
+    pipe.save_pretrained(folder, safe_serialization=safe_serialization)
+    for tok, name in (("_tok", "tokenizer"), ("_tok2", "tokenizer_2")):
+        for f in (folder / tok).iterdir():
+            f.replace(folder / name / f.name)
+        (folder / tok).rmdir()
+    return folder
+
+
+def sgm_state_dict(unet, vae, text, text_2):
+    """The four models in the single-file layout of sd_xl_base_1.0.safetensors (Stability's SGM code):
+    model.diffusion_model.* (ldm names, the added embedding as label_emb.0.0 / .0.2),
+    first_stage_model.*, conditioner.embedders.0.transformer.text_model.* (CLIP-L in transformers'
+    names), conditioner.embedders.1.model.* (bigG in open_clip's names: fused in_proj, text_projection
+    stored (width, proj) = transformers' weight transposed, logit_scale)."""
+    import torch
+
+    cfg = unet.config
+    attention = [t.startswith("CrossAttn") for t in cfg.down_block_types]
+    sd = {"model.diffusion_model." + ldm_unet_name(k, cfg.layers_per_block, attention): v
+          for k, v in unet.state_dict().items()}
+    n = len(vae.config.block_out_channels)
+    for k, v in vae.state_dict().items():
+        name = ldm_vae_name(k, n)
+        if ".mid.attn_1." in name and v.ndim == 2:  # 1x1 convs
+            v = v[:, :, None, None]
+        sd["first_stage_model." + name] = v
+    prefix = "conditioner.embedders.0.transformer.text_model."
+    sd.update({prefix + k.removeprefix("text_model."): v for k, v in text.state_dict().items()})
+    sd[prefix + "embeddings.position_ids"] = torch.arange(77)[None]
+    g = {k.removeprefix("text_model."): v for k, v in text_2.state_dict().items()}
+    open_clip = openclip_state_dict(g, text_2.config.num_hidden_layers, np.random.default_rng(0))
+    open_clip["text_projection"] = g["text_projection.weight"].T.contiguous()  # (width, proj)
+    sd.update({"conditioner.embedders.1.model." + k: v for k, v in open_clip.items()})
+    return sd

@@ -446,14 +446,18 @@ def test_bad_checkpoints_name_the_problem(sd1, sd2, tmp_path):
     with pytest.raises(ValueError, match="attn2.to_k has 768 input features: an SD 1.x checkpoint; --config sd2 expects 1024"):
         read_checkpoint(sd1.single, config="sd2")
 
-    # a diffusers folder whose UNet is not SD's (SDXL's added embeddings)
+    # a diffusers folder whose UNet is not SD's (Kandinsky's added image embedding; SDXL's without its second encoder)
     folder = tmp_path / "sdxl_like"
     (folder / "unet").mkdir(parents=True)
     for part in ("vae", "text_encoder"):
         os.symlink(sd1.folder / part, folder / part, target_is_directory=True)
     unet_config = json.loads((sd1.folder / "unet" / "config.json").read_text())
-    (folder / "unet" / "config.json").write_text(json.dumps(unet_config | {"addition_embed_type": "text_time"}))
-    with pytest.raises(ValueError, match="addition_embed_type='text_time' is not supported"):
+    (folder / "unet" / "config.json").write_text(json.dumps(unet_config | {"addition_embed_type": "image"}))
+    with pytest.raises(ValueError, match="addition_embed_type='image' is not supported"):
+        read_checkpoint(folder)
+    (folder / "unet" / "config.json").write_text(json.dumps(unet_config | {
+        "addition_embed_type": "text_time", "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816}))
+    with pytest.raises(ValueError, match="SDXL's added embedding .* but there is no text_encoder_2/"):
         read_checkpoint(folder)
 
 

@@ -9,7 +9,9 @@ first N - k layers, then final_layer_norm (diffusers: ``final_layer_norm(hidden_
 SD 2.x's is the final LayerNorm of the penultimate of OpenCLIP ViT-H/14's 24 layers, (B, 77, 1024):
 diffusers stores just those 23 (``CLIPTextConfig.sd2()``, clip_skip 0); a full 24-layer tower needs
 ``clip_skip=1``.  Names mirror transformers' ``CLIPTextModel`` (``encoder/layers_0/self_attn/q_proj``),
-so weights convert by renaming plus transposing (``minidiff.weights``).  Also: the toy
+so weights convert by renaming plus transposing (``minidiff.weights``).  With ``projection_dim`` set the
+model is transformers' ``CLIPTextModelWithProjection``: text_embeds = text_projection(pooled), a linear
+map without bias (SDXL's second encoder, OpenCLIP ViT-bigG/14: ``CLIPTextConfig.sdxl_g()``).  Also: the toy
 ``ContrastiveCLIP``, and ``add_token_rows`` / ``table_with`` for textual inversion.  Lesson 8.
 """
 
@@ -41,6 +43,7 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP) or "gelu" (exact, OpenCLIP)
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407  # <|endoftext|>; the pooled output is the state at its first occurrence
+    projection_dim: int | None = None  # CLIPTextModelWithProjection: text_projection's width (SDXL's bigG: 1280)
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
@@ -66,6 +69,19 @@ class CLIPTextConfig:
         return replace(base, **overrides)
 
     @classmethod
+    def sdxl_l(cls, **overrides) -> "CLIPTextConfig":
+        """SDXL's first text encoder: SD 1.x's OpenAI CLIP ViT-L/14 (SDXL takes its penultimate state)."""
+        return cls.sd15(**overrides)
+
+    @classmethod
+    def sdxl_g(cls, **overrides) -> "CLIPTextConfig":
+        """SDXL's second text encoder: OpenCLIP ViT-bigG/14's text tower with its projection, width 1280,
+        32 layers, 20 heads, exact gelu; 694,659,840 parameters."""
+        base = cls(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   hidden_act="gelu", projection_dim=1280)
+        return replace(base, **overrides)
+
+    @classmethod
     def toy(cls, **overrides) -> "CLIPTextConfig":
         """A small tower for tests and CPU training (SD's vocabulary and 77 positions, width 64)."""
         base = cls(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
@@ -84,6 +100,7 @@ class CLIPTextOutput(NamedTuple):
     last_hidden_state: jax.Array  # (B, L, D), after final_layer_norm
     pooler_output: jax.Array  # (B, D), last_hidden_state at the first end token
     hidden_states: tuple | None  # embeddings, then the output of every layer run (before final_layer_norm)
+    text_embeds: jax.Array | None = None  # (B, projection_dim): text_projection(pooler_output), with a projection
 
 
 class CLIPAttention(nn.Module):
@@ -180,7 +197,8 @@ class CLIPTextModel(nn.Module):
     token and lets the padding attend).  clip_skip: run only the first N - clip_skip layers and apply
     final_layer_norm to their output (0 = all layers; see the module docstring for what SD 1.x and
     SD 2.x use).  output_hidden_states: also return (embeddings, layer 1, ..., layer N - clip_skip),
-    as transformers' ``hidden_states`` (without final_layer_norm).
+    as transformers' ``hidden_states`` (without final_layer_norm).  With ``config.projection_dim``
+    (``CLIPTextModelWithProjection``) also ``text_embeds`` = pooled @ W_proj (parameter ``text_projection``).
     """
 
     config: CLIPTextConfig
@@ -212,7 +230,10 @@ class CLIPTextModel(nn.Module):
         # largest id, this equals the argmax(ids) rule of the original CLIP and of SD's configs)
         eos = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)
         pooled = x[jnp.arange(B), eos]
-        return CLIPTextOutput(x, pooled, states if output_hidden_states else None)
+        text_embeds = None
+        if cfg.projection_dim is not None:  # CLIPTextModelWithProjection: a linear map, no bias
+            text_embeds = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")(pooled)
+        return CLIPTextOutput(x, pooled, states if output_hidden_states else None, text_embeds)
 
 
 class ToyImageEncoder(nn.Module):

@@ -1,8 +1,8 @@
 """UNet2DCondition: the noise predictor eps_theta(x_t, t, context) of Stable Diffusion.
 
-One config dataclass covers SD 1.x, SD 2.x and the toy sizes that train on a CPU.  The network:
+One config dataclass covers SD 1.x, SD 2.x, SDXL and the toy sizes that train on a CPU.  The network:
 
-    t ──sinusoidal──► MLP ──► temb (+ class embedding)              (added inside every ResnetBlock)
+    t ──sinusoidal──► MLP ──► temb (+ class embedding) (+ SDXL's added embedding)   (added inside every ResnetBlock)
     x ─► conv_in ─► down blocks ─► mid block ─► up blocks ─► GroupNorm, SiLU, conv_out ─► eps
                        │  [ResnetBlock, Transformer2D] x layers,          ▲
                        │  then a stride-2 Downsample                     │ each up block concatenates
@@ -10,6 +10,13 @@ One config dataclass covers SD 1.x, SD 2.x and the toy sizes that train on a CPU
 
 Transformer2D blocks attend over the pixels (self-attention) and to the text tokens
 (cross-attention, keys/values from ``context``).  NHWC throughout.
+
+SDXL ("text_time" added embedding, Podell et al. 2023): the pooled text embedding p (B, 1280) and the
+six size/crop numbers  time_ids = (orig_h, orig_w, crop_top, crop_left, target_h, target_w)  condition
+the network like the timestep does:
+
+    e_add = add_embedding([p, sin/cos(time_ids_1), ..., sin/cos(time_ids_6)])   (each 256-dim, flattened)
+    temb  = time_embedding(sin/cos(t)) + e_add
 """
 
 from __future__ import annotations
@@ -29,7 +36,11 @@ class UNetConfig:
 
     ``attention`` says which down blocks carry Transformer2D layers (the up blocks mirror it);
     ``num_attention_heads`` is one count or one per block (SD 2.x: 5, 10, 20, 20; head_dim =
-    channels / heads).  ``cross_attention_dim=None`` gives self-attention only (unconditional or
+    channels / heads); ``transformer_layers_per_block`` is one depth or one per down block (SDXL:
+    1, 2, 10; the mid block takes the last, the up blocks mirror the down blocks).
+    ``addition_embed_type="text_time"`` (SDXL) adds the embedding of the pooled text and the six
+    size/crop numbers to the time embedding: ``addition_time_embed_dim`` per number,
+    ``projection_class_embeddings_input_dim`` = pooled width + 6 x that.  ``cross_attention_dim=None`` gives self-attention only (unconditional or
     class-conditional toys); ``num_class_embeds`` adds a class embedding to the time embedding.
     """
 
@@ -41,7 +52,7 @@ class UNetConfig:
     attention: tuple[bool, ...] = (True, True, True, False)
     mid_block_attention: bool = True
     num_attention_heads: int | tuple[int, ...] = 8
-    transformer_layers_per_block: int = 1
+    transformer_layers_per_block: int | tuple[int, ...] = 1
     cross_attention_dim: int | None = 768
     use_linear_projection: bool = False
     num_class_embeds: int | None = None
@@ -51,9 +62,20 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     attention_chunk_size: int | None = 1024  # queries per attention block (memory at 64x64 latents)
+    addition_embed_type: str | None = None  # None (SD 1.x / 2.x) or "text_time" (SDXL)
+    addition_time_embed_dim: int | None = None  # SDXL: 256
+    projection_class_embeddings_input_dim: int | None = None  # SDXL: 2816 = 1280 + 6 x 256
 
     def __post_init__(self):
         n = len(self.block_out_channels)
+        if len(self.transformer_depths) != n:
+            raise ValueError(f"transformer_layers_per_block has {len(self.transformer_depths)} entries, "
+                             f"block_out_channels {n}")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"addition_embed_type={self.addition_embed_type!r} is not supported (None or 'text_time')")
+        if self.addition_embed_type and not (self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
+            raise ValueError("addition_embed_type='text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim")
         if len(self.attention) != n:
             raise ValueError(f"attention has {len(self.attention)} entries, block_out_channels {n}")
         heads = self.heads_per_block
@@ -71,6 +93,19 @@ class UNetConfig:
         return tuple(h) if isinstance(h, (tuple, list)) else (h,) * len(self.block_out_channels)
 
     @property
+    def transformer_depths(self) -> tuple[int, ...]:
+        """Transformer blocks per Transformer2D, one count per down block."""
+        d = self.transformer_layers_per_block
+        return tuple(d) if isinstance(d, (tuple, list)) else (d,) * len(self.block_out_channels)
+
+    @property
+    def pooled_text_dim(self) -> int | None:
+        """SDXL: the width of the pooled text embedding the added embedding takes (1280)."""
+        if self.addition_embed_type is None:
+            return None
+        return self.projection_class_embeddings_input_dim - 6 * self.addition_time_embed_dim
+
+    @property
     def time_embed_dim(self) -> int:
         return 4 * self.block_out_channels[0]
 
@@ -86,6 +121,17 @@ class UNetConfig:
                        **overrides)
 
     @classmethod
+    def sdxl(cls, **overrides) -> "UNetConfig":
+        """SDXL base 1.0: blocks of 320, 640, 1280 channels, no attention in the first, 1 / 2 / 10
+        transformer blocks (10 in the mid block), heads of 64, context 2048 (CLIP-L ++ OpenCLIP bigG),
+        the "text_time" added embedding; 128x128 latents; 2,567,463,684 parameters."""
+        base = cls(sample_size=128, block_out_channels=(320, 640, 1280), attention=(False, True, True),
+                   num_attention_heads=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+                   use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                   projection_class_embeddings_input_dim=2816)
+        return replace(base, **overrides)
+
+    @classmethod
     def toy(cls, in_channels: int = 3, out_channels: int | None = None, sample_size: int = 32, **overrides) -> "UNetConfig":
         """A few hundred thousand parameters, for 32x32 images on a CPU."""
         base = cls(sample_size=sample_size, in_channels=in_channels, out_channels=out_channels or in_channels,
@@ -98,8 +144,10 @@ def _resnet(cfg: UNetConfig, channels: int, dtype, name: str) -> ResnetBlock:
     return ResnetBlock(channels, cfg.norm_num_groups, cfg.norm_eps, cfg.dropout, dtype, name=name)
 
 
-def _transformer(cfg: UNetConfig, channels: int, heads: int, dtype, name: str) -> Transformer2D:
-    return Transformer2D(heads, channels // heads, cfg.transformer_layers_per_block, cfg.cross_attention_dim is not None,
+def _transformer(cfg: UNetConfig, block: int, dtype, name: str) -> Transformer2D:
+    """The Transformer2D of down block ``block`` (its mirror up block; -1: the mid block, as the last block)."""
+    channels, heads, depth = cfg.block_out_channels[block], cfg.heads_per_block[block], cfg.transformer_depths[block]
+    return Transformer2D(heads, channels // heads, depth, cfg.cross_attention_dim is not None,
                          cfg.use_linear_projection, cfg.norm_num_groups, cfg.attention_chunk_size, dtype, name=name)
 
 
@@ -118,7 +166,7 @@ class DownBlock(nn.Module):
         for j in range(cfg.layers_per_block):
             h = _resnet(cfg, ch, self.dtype, f"resnets_{j}")(h, temb, train)
             if cfg.attention[i]:
-                h = _transformer(cfg, ch, cfg.heads_per_block[i], self.dtype, f"attentions_{j}")(h, context)
+                h = _transformer(cfg, i, self.dtype, f"attentions_{j}")(h, context)
             skips.append(h)
         if i < len(cfg.block_out_channels) - 1:
             h = Downsample(ch, self.dtype, name="downsamplers_0")(h)
@@ -138,7 +186,7 @@ class MidBlock(nn.Module):
         ch = cfg.block_out_channels[-1]
         h = _resnet(cfg, ch, self.dtype, "resnets_0")(h, temb, train)
         if cfg.mid_block_attention:
-            h = _transformer(cfg, ch, cfg.heads_per_block[-1], self.dtype, "attentions_0")(h, context)
+            h = _transformer(cfg, -1, self.dtype, "attentions_0")(h, context)
         return _resnet(cfg, ch, self.dtype, "resnets_1")(h, temb, train)
 
 
@@ -162,7 +210,7 @@ class UpBlock(nn.Module):
             h = jnp.concatenate([h, skips.pop()], axis=-1)
             h = _resnet(cfg, ch, self.dtype, f"resnets_{j}")(h, temb, train)
             if cfg.attention[b]:
-                h = _transformer(cfg, ch, cfg.heads_per_block[b], self.dtype, f"attentions_{j}")(h, context)
+                h = _transformer(cfg, b, self.dtype, f"attentions_{j}")(h, context)
         if i < n - 1:
             h = Upsample(ch, self.dtype, name="upsamplers_0")(h)
         return h
@@ -177,11 +225,12 @@ class UNet2DCondition(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, x, t, context=None, class_labels=None, train: bool = False):
+    def __call__(self, x, t, context=None, class_labels=None, train: bool = False, added_cond=None):
         """x (B, H, W, in_channels), t (B,) timesteps, context (B, L, cross_attention_dim) or None,
-        class_labels (B,) or None.  Returns (B, H, W, out_channels) float32."""
+        class_labels (B,) or None; added_cond (SDXL): {"text_embeds": (B, pooled width), "time_ids":
+        (B, 6)} (diffusers' ``added_cond_kwargs``).  Returns (B, H, W, out_channels) float32."""
         cfg, dt = self.config, self.dtype
-        self._check_inputs(x, t, context, class_labels)
+        self._check_inputs(x, t, context, class_labels, added_cond)
         t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
 
         # time (and class) embedding
@@ -189,6 +238,8 @@ class UNet2DCondition(nn.Module):
         temb = TimestepEmbedding(cfg.time_embed_dim, dt, name="time_embedding")(temb.astype(dt))
         if cfg.num_class_embeds is not None:
             temb = temb + nn.Embed(cfg.num_class_embeds, cfg.time_embed_dim, dtype=dt, name="class_embedding")(class_labels)
+        if cfg.addition_embed_type == "text_time":
+            temb = temb + self._text_time_embedding(added_cond["text_embeds"], added_cond["time_ids"])
         if context is not None:
             context = context.astype(dt)
 
@@ -209,7 +260,15 @@ class UNet2DCondition(nn.Module):
         h = nn.silu(nn.GroupNorm(cfg.norm_num_groups, epsilon=cfg.norm_eps, name="conv_norm_out")(h))
         return conv3x3(cfg.out_channels, "conv_out", dt)(h).astype(jnp.float32)
 
-    def _check_inputs(self, x, t, context, class_labels):
+    def _text_time_embedding(self, text_embeds, time_ids):
+        """SDXL: add_embedding([pooled text, sin/cos of each of the six size/crop numbers])."""
+        cfg, B = self.config, text_embeds.shape[0]
+        times = timestep_embedding(jnp.reshape(time_ids, (-1,)), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                   cfg.freq_shift).reshape(B, -1)  # (B, 6 x 256)
+        e = jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), times], axis=-1).astype(self.dtype)
+        return TimestepEmbedding(cfg.time_embed_dim, self.dtype, name="add_embedding")(e)
+
+    def _check_inputs(self, x, t, context, class_labels, added_cond):
         cfg = self.config
         if x.ndim != 4 or x.shape[-1] != cfg.in_channels:
             raise ValueError(f"x must be NHWC with {cfg.in_channels} channels, got shape {x.shape}")
@@ -225,3 +284,13 @@ class UNet2DCondition(nn.Module):
         if (cfg.num_class_embeds is None) != (class_labels is None):
             raise ValueError("class_labels must be given exactly when the config has num_class_embeds "
                              f"(num_class_embeds={cfg.num_class_embeds})")
+        if cfg.addition_embed_type is None:
+            if added_cond is not None:
+                raise ValueError("added_cond (SDXL's pooled text and size/crop numbers) was given, but this UNet "
+                                 "has no added embedding (addition_embed_type=None)")
+            return
+        want = {"text_embeds": (x.shape[0], cfg.pooled_text_dim), "time_ids": (x.shape[0], 6)}
+        got = {k: tuple(jnp.shape(added_cond[k])) if added_cond is not None and k in added_cond else None for k in want}
+        if got != want:
+            raise ValueError(f"this UNet (addition_embed_type='text_time') needs added_cond with text_embeds "
+                             f"and time_ids of shapes {want}, got {got}")
