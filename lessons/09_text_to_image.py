@@ -28,8 +28,8 @@ from _lesson import QUICK, plt, savefig
 from minidiff.data import ShapesDataset
 from minidiff.diffusion import ddim_step, split_prediction
 from minidiff.images import to_unit_range
-from minidiff.nn.clip import ContrastiveCLIP
-from minidiff.nn.unet import UNet2DCondition
+from minidiff.nn.clip import CLIPTextConfig, CLIPTextModel, ContrastiveCLIP
+from minidiff.nn.unet import UNet2DCondition, UNetConfig
 from minidiff.pipeline import load_pipeline
 from minidiff.train.mini_sd import load_clip
 
@@ -256,4 +256,55 @@ for ax in axes:
 fig.suptitle(f'"{prompt}": cross-attention weight of each token, averaged over heads, layers and late steps',
              fontsize=9)
 savefig(fig, "09_cross_attention.png")
+
+# %% [markdown]
+# ## 7. What SDXL changed
+#
+# Stable Diffusion XL (Podell et al. 2023) keeps the recipe -- a VAE, a text-conditioned UNet
+# predicting eps, classifier-free guidance -- and changes four things:
+#
+# 1. **Two text encoders.**  The context is the penultimate hidden states of OpenAI CLIP ViT-L
+#    (768 wide) and of OpenCLIP ViT-bigG (1280 wide) concatenated: 77 x 2048.
+# 2. **Pooled text.**  bigG's final-LayerNorm state at the end token, through its `text_projection`
+#    (a 1280 x 1280 matrix, no bias), conditions the network globally, like the timestep does.
+# 3. **Micro-conditioning.**  Six numbers -- the training picture's original size, the crop's top-left
+#    corner and the target size -- each get a 256-dim sinusoidal embedding; with the pooled text they
+#    form a 2816-vector that an MLP (`add_embedding`) maps to the time-embedding width, added to
+#    temb:  temb = MLP(sin/cos(t)) + MLP([pooled, sin/cos(h0), sin/cos(w0), sin/cos(top), ...]).
+#    At sampling time one asks for an uncropped, high-resolution picture: (1024, 1024, 0, 0, 1024, 1024).
+# 4. **A different UNet shape.**  Three levels instead of four (320, 640, 1280 channels), no attention
+#    at the highest resolution, and the depth moved into the transformers: 1, 2 and 10 transformer
+#    blocks per attention layer (10 in the mid block).  The VAE is SD's architecture retrained
+#    (scaling factor 0.13025); it overflows in float16, so minidiff runs it in float32.
+#
+# The parameter count per block, from `jax.eval_shape` (shapes only: no memory is allocated):
+
+# %%
+def unet_shapes(cfg):
+    added = None if cfg.addition_embed_type is None else {"text_embeds": jnp.zeros((1, cfg.pooled_text_dim)),
+                                                          "time_ids": jnp.zeros((1, 6))}
+    args = (jnp.zeros((1, 8, 8, 4)), jnp.zeros(1), jnp.zeros((1, 1, cfg.cross_attention_dim)))
+    return jax.eval_shape(lambda: UNet2DCondition(cfg).init(jax.random.key(0), *args, added_cond=added))["params"]
+
+
+def count(tree):
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
+
+sd15, sdxl = unet_shapes(UNetConfig.sd15()), unet_shapes(UNetConfig.sdxl())
+print(f"{'block':<18}{'SD 1.5':>15}{'SDXL':>15}")
+for name in sorted(set(sd15) | set(sdxl), key=lambda n: (n.split("_")[0] not in ("time", "add", "conv"), n)):
+    print(f"{name:<18}{count(sd15.get(name, {})):>15,}{count(sdxl.get(name, {})):>15,}")
+print(f"{'UNet':<18}{count(sd15):>15,}{count(sdxl):>15,}")
+for what, cfg in (("CLIP ViT-L text", CLIPTextConfig.sd15()), ("OpenCLIP bigG text", CLIPTextConfig.sdxl_g())):
+    n = count(jax.eval_shape(lambda cfg=cfg: CLIPTextModel(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))))
+    print(f"{what:<18}{n:>30,}")
+
+# %% [markdown]
+# The UNet triples (most of it in the ten-deep transformers of the two low-resolution levels), and the
+# text side grows from 123 M to 818 M parameters.  `minidiff.pipeline.sdxl_time_ids` builds the six
+# numbers; `StableDiffusion(...)(prompt, original_size=..., crops_coords_top_left=..., target_size=...)`
+# passes them for an SDXL model (README, "SDXL").
+
+# %%
 print(f"lesson 9 took {time.perf_counter() - t_start:.0f} s")
