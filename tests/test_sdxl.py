@@ -299,3 +299,41 @@ def test_whole_image_matches_stable_diffusion_xl_pipeline(sdxl_files, sdxl_conve
     cropped = ours.sample_latents(["a lighthouse at dusk"], steps=2, height=64, width=64, latents=x_T,
                                   sampler="euler", crops_coords_top_left=(256, 0))
     assert np.abs(plain - cropped).max() > 1e-3
+
+
+@pytest.mark.parity
+def test_full_size_sdxl_configs_are_read_off_the_layouts():
+    """SDXL base 1.0 at full size on torch's meta device (shapes only, no memory): the diffusers
+    config and the SGM single file's shapes give minidiff's SDXL configs."""
+    from dataclasses import replace
+
+    from minidiff.weights import (clip_text_config_from_transformers, clip_text_config_from_weights,
+                                  clip_text_state_dict, openclip_text_state_dict, unet_config_from_diffusers,
+                                  unet_config_from_ldm)
+
+    with torch.device("meta"):
+        unet, vae, text, text_2 = fx.build_sdxl_models(fx.SDXL, perturb=False)
+    assert unet_config_from_diffusers(dict(unet.config)) == UNetConfig.sdxl()
+    assert clip_text_config_from_transformers(text_2.config.to_dict() | {"architectures": ["CLIPTextModelWithProjection"]}
+                                              ) == CLIPTextConfig.sdxl_g()
+    sd = fx.sgm_state_dict(unet, vae, text, text_2)
+    part = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}  # noqa: E731
+    assert replace(unet_config_from_ldm(part("model.diffusion_model."), 64), sample_size=128) == UNetConfig.sdxl()
+    assert clip_text_config_from_weights(clip_text_state_dict(part("conditioner.embedders.0.transformer.")),
+                                         "quick_gelu") == CLIPTextConfig.sdxl_l()
+    g = openclip_text_state_dict(part("conditioner.embedders.1.model."), keep_layers=32, projection=True)[0]
+    assert g["text_projection.weight"].shape == (1280, 1280)
+    assert replace(clip_text_config_from_weights(g, "gelu"), projection_dim=1280) == CLIPTextConfig.sdxl_g()
+
+
+def test_micro_conditioning_is_checked():
+    from minidiff.pipeline import load_pipeline, sdxl_time_ids
+
+    np.testing.assert_array_equal(sdxl_time_ids(1024, 768), [1024, 768, 0, 0, 1024, 768])
+    np.testing.assert_array_equal(sdxl_time_ids(64, 64, (512, 256), (8, 4), (32, 16)), [512, 256, 8, 4, 32, 16])
+    with pytest.raises(ValueError, match="crops_coords_top_left must be two numbers"):
+        sdxl_time_ids(64, 64, crops_coords_top_left=(1, 2, 3))
+    with pytest.raises(ValueError, match="micro-conditioning is SDXL's"):
+        load_pipeline().sample_latents("a red circle", original_size=(64, 64))
+    with pytest.raises(ValueError, match="unexpected argument.* crop_size"):
+        load_pipeline().sample_latents("a red circle", crop_size=(64, 64))
