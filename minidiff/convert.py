@@ -297,8 +297,10 @@ def _split_ldm(tensors: Mapping) -> dict:
         group = next((g for g, prefix in prefixes if k.startswith(prefix)), None)
         if k in _SKIPPED:
             groups["skipped"].setdefault(_SKIPPED[k], []).append(k)
-        elif k in SCHEDULE_BUFFERS or k == "denoiser.sigmas":  # SGM's DiscreteDenoiser keeps sigma_t
+        elif k in SCHEDULE_BUFFERS:
             groups["buffers"][k] = t
+        elif k == "denoiser.sigmas":  # SGM's DiscreteDenoiser: sigma_t of the schedule (compared in ascending order)
+            groups["buffers"][k] = np.sort(np.asarray(t).reshape(-1))
         elif k.startswith(LDM_VAE + "loss."):
             groups["skipped"].setdefault("the VAE's training loss (LPIPS, discriminator)", []).append(k)
         elif group is not None:

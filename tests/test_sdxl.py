@@ -255,6 +255,15 @@ def test_bad_sdxl_checkpoints_name_the_problem(sdxl_files, tmp_path):
         read_checkpoint(fx.save_ldm(wrong, tmp_path / "wrong_shape.safetensors"))
     with pytest.raises(ValueError, match="--config sd1 does not fit these weights.*an SDXL checkpoint"):
         read_checkpoint(sdxl_files.single, config="sd1")
+    # SGM's denoiser keeps sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) as a buffer: checked when present
+    ab = np.cumprod(1 - fx.sd_betas())
+    with_sigmas = dict(sgm, **{"denoiser.sigmas": torch.from_numpy(np.sqrt((1 - ab) / ab).astype(np.float32))})
+    notes = "\n".join(read_checkpoint(fx.save_ldm(with_sigmas, tmp_path / "sigmas.safetensors"))[1].notes)
+    assert "schedule: 1 buffers (denoiser.sigmas" in notes
+    ab = np.cumprod(1 - fx.sd_betas("linear"))
+    with_sigmas["denoiser.sigmas"] = torch.from_numpy(np.sqrt((1 - ab) / ab).astype(np.float32))
+    with pytest.raises(ValueError, match="noise schedule differs .* denoiser.sigmas is off"):
+        read_checkpoint(fx.save_ldm(with_sigmas, tmp_path / "linear_sigmas.safetensors"))
 
 
 @pytest.mark.slow
