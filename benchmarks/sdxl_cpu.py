@@ -12,7 +12,9 @@ SDXL run takes 30 steps: total ~ text + 30 x step + decode.
 Measured on the 2-core, 24 GB build machine (2026-12-02): the random float32 weights took 91 s and
 13.3 GiB; the first 1024 x 1024 call then grew past 21 GiB RSS before its first step finished, and was
 stopped so as not to exhaust the (shared) machine -- in line with ``StableDiffusion.memory_estimate``
-(about 21 GB for float32 at 1024 px).  A 1024 px float32 SDXL image on a 23 GB CPU machine therefore
+(about 21 GB for float32 at 1024 px).  At ``--size 512``: the first step (with compiling) 42 s, the
+second 28 s (guided batch of 2); the process then held ~17 GiB, and the VAE decode at 512 px took the
+machine under 2.4 GB available, where a watchdog stopped it.  A 1024 px float32 SDXL image on a 23 GB CPU machine therefore
 needs the peak brought down first (e.g. bfloat16 weights held once, smaller attention chunks); not done.
 """
 
