@@ -5,17 +5,17 @@
 # ---
 
 # %% [markdown]
-# # Lesson 10 — Teaching a model a new subject: textual inversion vs DreamBooth
+# # Lesson 10 — Teaching a model a new subject: textual inversion, DreamBooth and LoRA
 #
 # The built-in model knows four colours, three shapes, two sizes and nine places.  We show it
 # four pictures of something it has never drawn — **a red ring** (a circle with a hole; it only ever
-# drew filled discs) — and teach it two ways:
+# drew filled discs) — and teach it three ways:
 #
-# | | textual inversion (Gal et al. 2022) | DreamBooth (Ruiz et al. 2023) |
-# |---|---|---|
-# | learns | one new word's embedding, $e_{v}$ | the UNet's weights $\theta$ |
-# | prompt | "a red <ring> circle in the top left" | "a red sks circle in the top left" |
-# | keeps the class by | construction (nothing else changes) | a prior-preservation loss on the frozen model's "a red circle ..." |
+# | | textual inversion (Gal et al. 2022) | DreamBooth (Ruiz et al. 2023) | LoRA (Hu et al. 2021) |
+# |---|---|---|---|
+# | learns | one new word's embedding, $e_{v}$ | the UNet's weights $\theta$ | a low-rank update $\frac{\alpha}{r} BA$ of each attention projection |
+# | prompt | "a red <ring> circle in the top left" | "a red sks circle in the top left" | "a red sks circle in the top left" |
+# | keeps the class by | construction (nothing else changes) | a prior-preservation loss on the frozen model's "a red circle ..." | the same prior loss, and few parameters |
 #
 # Both minimise the same diffusion loss on the subject's latents, $\| v - \hat v(z_t, t, c) \|^2$;
 # they differ only in *what* the gradient may move.  We then measure the seed's comparison: storage,
@@ -23,7 +23,9 @@
 # what textual inversion *can* do: a concept within the frozen model's reach, a new colour (orange).
 
 # %%
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -32,6 +34,8 @@ from _lesson import QUICK, plt, savefig
 from minidiff.pipeline import load_pipeline
 from minidiff.train import finetune as F
 from minidiff.train.dreambooth import DreamBoothConfig, class_pictures, train_dreambooth
+from minidiff.lora import save_lora
+from minidiff.train.lora import LoRAConfig, init_adapters, lora_layers, lora_targets, train_lora, with_adapters
 from minidiff.train.textual_inversion import TextualInversionConfig, train_textual_inversion
 
 t_start = time.perf_counter()
@@ -91,20 +95,56 @@ unet_free, h_free = train_dreambooth(pipe, ring, DreamBoothConfig(steps=STEPS, p
 db_prior, db_free = pipe.with_params(unet=unet_prior), pipe.with_params(unet=unet_free)
 db_prior.vocabulary = db_free.vocabulary = pipe.vocabulary | {"sks"}  # the tuned UNets know the identifier
 
+# %% [markdown]
+# ## 3. LoRA: a low-rank change of a few weights
+#
+# DreamBooth moves all of the UNet's weights.  LoRA freezes them and learns, for each attention
+# projection $W$ ($d_{out} \times d_{in}$: $W_q, W_k, W_v, W_o$ of every self- and cross-attention), two thin
+# matrices: $W' = W + \frac{\alpha}{r} B A$ with $A$ ($r \times d_{in}$) and $B$ ($d_{out} \times r$).  That is
+# $r (d_{in} + d_{out})$ numbers instead of $d_{in} d_{out}$, and the update has rank at most $r$.  $B$
+# starts at zero, so training starts exactly at the frozen model (checked below); $A$ starts random,
+# so that $B$'s gradient, $\partial L / \partial W' \cdot A^T$, is not zero.  The loss is DreamBooth's, prior
+# term included, and the result is a small file in the diffusers / PEFT layout (`minidiff lora`;
+# `txt2img --lora`; diffusers' `load_lora_weights` reads it too).
+
+# %%
+unet32 = jax.tree.map(lambda a: np.asarray(a, np.float32), pipe.params["unet"])
+targets = lora_targets(unet32, LoRAConfig.targets)
+for r in (1, 4, 16):
+    a0 = init_adapters(unet32, targets, r, jax.random.PRNGKey(0))
+    n_lora = sum(f["down"].size + f["up"].size for f in a0.values())
+    n_dense = sum(f["down"].shape[1] * f["up"].shape[0] for f in a0.values())
+    same = all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(with_adapters(unet32, a0, targets, 1.0)),
+                                                    jax.tree.leaves(unet32)))
+    print(f"rank {r:2d}: {len(targets)} projections, {n_lora:,} numbers (the projections hold {n_dense:,}); "
+          f"B = 0 gives the frozen UNet exactly: {same}")
+
+RANKS = (4,) if QUICK else (1, 4, 16)
+lora_dir = Path(tempfile.mkdtemp(prefix="minidiff_lesson10_"))
+loras, h_lora = {}, {}
+for r in RANKS:
+    adapters, h_lora[r] = train_lora(pipe, ring, LoRAConfig(rank=r, steps=STEPS, class_images=db_cfg.class_images,
+                                                          class_steps=SAMPLE_STEPS), progress=False, class_set=class_set)
+    # the pipeline's own loading path: write the file, fuse it (W + (alpha / r) B A) into a copy
+    loras[r] = pipe.with_params()
+    loras[r].load_lora(save_lora(lora_dir / f"lora_r{r}.safetensors", lora_layers(adapters, 1.0)))
+    loras[r].vocabulary = pipe.vocabulary | {"sks"}
+lora_bytes = {r: (lora_dir / f"lora_r{r}.safetensors").stat().st_size for r in RANKS}
+
 fig, ax = plt.subplots(figsize=(6, 3.2))
 for name, h in (("TI <ring>", h_ti_ring), ("TI <orange>", h_ti_orange), ("DreamBooth + prior", h_prior),
-                ("DreamBooth, no prior", h_free)):
+                ("DreamBooth, no prior", h_free), *((f"LoRA r={r} + prior", h_lora[r]) for r in RANKS)):
     ax.plot(h["step"], h["loss"], label=name)
 ax.set_xlabel("step")
 ax.set_ylabel("loss (10-step mean)")
 ax.legend(fontsize=8)
-ax.set_title("training losses (DreamBooth + prior: instance + class terms)")
+ax.set_title("training losses (with the prior: instance + class terms)")
 savefig(fig, "10_losses.png")
 
 # %% [markdown]
-# ## 3. The seed's experiment: the same prompts with and without the identifier, across contexts
+# ## 4. The seed's experiment: the same prompts with and without the identifier, across contexts
 #
-# Rows: the frozen model, textual inversion, DreamBooth with and without prior preservation.
+# Rows: the frozen model, textual inversion, DreamBooth with and without prior preservation, LoRA.
 # Columns: the subject in three places it was shown at and three it never was; in a colour it was
 # never shown in; then the class ("a red circle ...", "a green circle ...") that it must not take over.
 
@@ -113,7 +153,8 @@ places = ["top left", "center", "bottom left", "bottom right", "top", "right"]
 prompts = ([f"a red [V] circle {F.where(p)}" for p in places] + ["a blue [V] circle on the right", "a red circle in the bottom right",
                                                                   "a green circle on the left"])
 models = [("frozen", pipe, "sks"), ("textual inversion", with_words, "<ring>"),
-          ("DreamBooth + prior", db_prior, "sks"), ("DreamBooth, no prior", db_free, "sks")]
+          ("DreamBooth + prior", db_prior, "sks"), ("DreamBooth, no prior", db_free, "sks"),
+          ("LoRA r=4 + prior", loras[4], "sks")]
 fig, axes = plt.subplots(len(models), len(prompts), figsize=(1.35 * len(prompts), 1.6 * len(models)))
 for r, (name, model, word) in enumerate(models):
     images = model([p.replace("[V]", word) for p in prompts], steps=SAMPLE_STEPS, seed=2)
@@ -130,9 +171,9 @@ fig.suptitle("the subject in seen and unseen places (first three seen), then the
 savefig(fig, "10_contexts.png")
 
 # %% [markdown]
-# ## 4. The comparison table, measured
+# ## 5. The comparison table, measured
 #
-# - **storage**: what must be kept to use the result (the embedding file; the UNet in float16);
+# - **storage**: what must be kept to use the result (the embedding file; the UNet in float16; the LoRA file);
 # - **fidelity**: "a red [V] circle <place>" over all 9 places, fraction drawn as a red ring in the right
 #   place (`finetune.is_ring`: the shape's centre is dark); and "a green / blue / yellow [V] circle <place>",
 #   a context never shown, drawn as a ring of that colour;
@@ -145,7 +186,8 @@ bytes_unet = sum(np.size(a) for a in jax.tree.leaves(unet_prior)) * 2  # float16
 rows = []
 for name, model, word, storage in [("frozen model", pipe, "sks", 0), ("textual inversion", with_words, "<ring>", bytes_embedding),
                                    ("DreamBooth + prior", db_prior, "sks", bytes_unet),
-                                   ("DreamBooth, no prior", db_free, "sks", bytes_unet)]:
+                                   ("DreamBooth, no prior", db_free, "sks", bytes_unet),
+                                   *((f"LoRA r={r} + prior", loras[r], "sks", lora_bytes[r]) for r in RANKS)]:
     fid, _ = F.evaluate_subject(model, "ring", word, samples=SAMPLES, steps=SAMPLE_STEPS)
     # Prompts without the new token give bit-identical pictures after textual inversion (tested in
     # tests/test_finetune.py), so its class drift is the frozen model's: no need to draw it again.
@@ -163,7 +205,7 @@ for r in rows:
 print(f"textual inversion of a colour: 'a <orange> <shape> <place>' orange in {orange_fid['orange']:.0%} "
       f"(median hue {orange_fid['median_hue']:.0f} deg); 'a red <shape> <place>' in {red_fid['orange']:.0%}")
 
-fig, ax = plt.subplots(figsize=(11, 1.9))
+fig, ax = plt.subplots(figsize=(11, 1.2 + 0.35 * len(rows)))
 ax.axis("off")
 t = ax.table(cellText=rows, colLabels=header, loc="center", cellLoc="center")
 t.auto_set_font_size(False)
@@ -180,6 +222,9 @@ savefig(fig, "10_comparison_table.png")
 #   what the frozen UNet already draws: a ring is out of reach, orange (between red and yellow) is not.
 # - DreamBooth learns the ring's *look* and carries it to places it never saw, at the cost of a whole
 #   UNet per subject; without the prior loss the class starts to turn into the subject.
+# - LoRA keeps a file of kilobytes and the frozen model untouched (remove the LoRA and the weights are
+#   bit for bit the originals): how much of the ring it learns, and how much of the class it moves,
+#   depends on its rank and steps — the table above, and `benchmarks/finetune_methods.py`, measure it.
 
 # %%
 print(f"lesson 10 ran in {time.perf_counter() - t_start:.0f} s")

@@ -283,6 +283,12 @@ if method == "ti":
     vector, h = train_textual_inversion(pipe, subject, TextualInversionConfig(token="<dog>", init_word="dog", steps=1, batch=1), progress=False)
     dog = pipe.tokenizer.encode("dog")[0]
     changed = {"vector_moved": bool(not np.array_equal(vector, params["text_encoder"]["embeddings"]["token_embedding"]["embedding"][dog]))}
+elif method == "lora":
+    from minidiff.train.lora import LoRAConfig, train_lora
+    imgs = rng.integers(0, 255, (1, 64, 64, 3), dtype=np.uint8)
+    adapters, h = train_lora(pipe, subject, LoRAConfig(steps=1, batch=1, rank=4), progress=False, class_set=(imgs, ["a dog"]))
+    changed = {"adapters": len(adapters["unet"]), "up_moved": int(sum(bool(np.any(f["up"])) for f in adapters["unet"].values())),
+               "lora_numbers": int(sum(a.size for f in adapters["unet"].values() for a in f.values()))}
 else:
     from minidiff.train.dreambooth import DreamBoothConfig, train_dreambooth
     imgs = rng.integers(0, 255, (1, 64, 64, 3), dtype=np.uint8)
@@ -296,13 +302,13 @@ print(json.dumps({"loss": h["loss"], "others_unchanged": digest(params) == befor
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ti", "dreambooth"])
+@pytest.mark.parametrize("method", ["ti", "dreambooth", "lora"])
 def test_one_training_step_at_sd15_size(method):
     """The same code at SD 1.5 size (random weights, 64x64 pictures): the loss is finite, the model
     given is unchanged, and the step moves what it trains (textual inversion: the one vector;
     DreamBooth: the UNet's weights).  Run in its own process, so that its memory is returned after
     (peak RSS measured 12.9 GB for textual inversion, 16.9 GB for DreamBooth with Adafactor and
-    gradient checkpointing)."""
+    gradient checkpointing; LoRA rank 4: see the README)."""
     env = {**os.environ, "XLA_FLAGS": ""}
     r = subprocess.run([sys.executable, "-c", SD_STEP, method], capture_output=True, text=True, env=env, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -311,6 +317,11 @@ def test_one_training_step_at_sd15_size(method):
     assert np.isfinite(out["loss"]).all() and out["others_unchanged"]
     if method == "ti":
         assert out["vector_moved"]
+    elif method == "lora":
+        # 16 transformer blocks x 2 attentions x (q, k, v, out); B leaves zero after its first step in all
+        # but the two whose gradient is zero (the 1x1 mid block's self-attention query and key, as below)
+        assert out["adapters"] == 128 and out["up_moved"] >= 126, out
+        assert out["lora_numbers"] < 4e6  # rank 4: 3.2 M numbers against the UNet's 859.5 M
     else:
         # every UNet weight moves but two: at 8x8 latents the mid block is 1x1, and self-attention over
         # one position is the identity softmax, so its query and key get exactly zero gradient
