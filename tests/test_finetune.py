@@ -321,7 +321,7 @@ def test_one_training_step_at_sd15_size(method):
         # 16 transformer blocks x 2 attentions x (q, k, v, out); B leaves zero after its first step in all
         # but the two whose gradient is zero (the 1x1 mid block's self-attention query and key, as below)
         assert out["adapters"] == 128 and out["up_moved"] >= 126, out
-        assert out["lora_numbers"] < 4e6  # rank 4: 3.2 M numbers against the UNet's 859.5 M
+        assert out["lora_numbers"] < 1e6  # rank 4: 797,184 numbers (3.2 MB) against the UNet's 859.5 M
     else:
         # every UNet weight moves but two: at 8x8 latents the mid block is 1x1, and self-attention over
         # one position is the identity softmax, so its query and key get exactly zero gradient
