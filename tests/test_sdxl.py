@@ -235,6 +235,12 @@ def test_convert_and_load_converted_round_trip_sdxl(sdxl_files, sdxl_converted, 
     assert config == report.config and config.text_encoder_2 is not None
     single = __import__("minidiff.convert", fromlist=["read_checkpoint"]).read_checkpoint(sdxl_files.single)[0]
     _assert_same_tree(params, single, "converted file")
+    # the command line: --config sdxl is accepted for SDXL weights, and --config sd1 refused
+    from minidiff.cli import main
+
+    assert main(["convert", str(sdxl_files.single), str(tmp_path / "cli.safetensors"), "--config", "sdxl"]) == 0
+    assert load_converted(tmp_path / "cli.safetensors")[1].text_encoder_2 is not None
+    assert main(["convert", str(sdxl_files.single), str(tmp_path / "bad.safetensors"), "--config", "sd1"]) == 2
 
 
 def test_bad_sdxl_checkpoints_name_the_problem(sdxl_files, tmp_path):

@@ -186,7 +186,8 @@ def add_convert_arguments(c: argparse.ArgumentParser):
     c.add_argument("src", help="a diffusers folder (unet/ vae/ text_encoder/ ...) or a single .safetensors / .ckpt "
                                "file in the original (ldm) layout")
     c.add_argument("dst", help="the converted weights, a .safetensors path (the config goes next to it, as .json)")
-    c.add_argument("--config", choices=("sd1", "sd2"), help="the model family (default: detected from the weights)")
+    c.add_argument("--config", choices=("sd1", "sd2", "sdxl"),
+                   help="the model family (default: detected from the weights)")
     c.add_argument("--prediction", choices=("epsilon", "eps", "v_prediction", "v"),
                    help="what the UNet predicts (default: the folder's scheduler config; else epsilon for SD 1.x, "
                         "v for SD 2.x with a note: SD 2.x 512-px base models predict epsilon)")
