@@ -24,10 +24,16 @@ needs_model = pytest.mark.skipif(not P.MINI_MODEL.is_file(), reason="no built-in
 
 
 def digest(tree) -> dict:
-    """Leaf path -> sha1 of its bytes: compares parameter trees exactly without keeping a copy."""
+    """Leaf path -> sha1 of its values: compares parameter trees exactly without keeping a copy.  Floats
+    are hashed as float32, which holds a float16 exactly: sampling places a float16 model's weights as
+    float32 arrays in place of the host ones (the same numbers), and that is not a change."""
     import jax
 
-    return {jax.tree_util.keystr(k): hashlib.sha1(np.ascontiguousarray(np.asarray(v)).tobytes()).hexdigest()
+    def values(v):
+        v = np.asarray(v)
+        return np.ascontiguousarray(v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v)
+
+    return {jax.tree_util.keystr(k): hashlib.sha1(values(v).tobytes()).hexdigest()
             for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

@@ -117,17 +117,31 @@ def _subject_grid(pipe, subject, identifier, path, meta, seed=0):
     return path
 
 
+def _prior_weight(args):
+    """lambda from --no-prior / --prior-weight (None: the config's default)."""
+    if args.no_prior and args.prior_weight:
+        raise ValueError("--no-prior and --prior-weight contradict each other")
+    return 0.0 if args.no_prior else args.prior_weight
+
+
+def _subject_and_out(args):
+    """The subject folder read (pictures + captions) and the output folder made."""
+    from ..train.finetune import load_subject
+
+    subject = load_subject(args.subject, caption=args.caption)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return subject, out
+
+
 def textual_inversion(args):
     cfg = TextualInversionConfig(**given(token=args.token, init_word=args.init_word, steps=args.steps, lr=args.lr,
                                          batch=args.batch, seed=args.seed))
     from ..embeddings import save_embedding
     from ..pipeline import load_pipeline
-    from ..train.finetune import load_subject
     from ..train.textual_inversion import train_textual_inversion
 
-    subject = load_subject(args.subject, caption=args.caption)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    subject, out = _subject_and_out(args)
     pipe = load_pipeline(args.model)
     meta = {"model": pipe.name, "subject": str(args.subject), "captions": subject.captions, **vars(cfg)}
 
@@ -148,10 +162,8 @@ def textual_inversion(args):
 
 
 def dreambooth(args):
-    if args.no_prior and args.prior_weight:
-        raise ValueError("--no-prior and --prior-weight contradict each other")
     cfg = DreamBoothConfig(**given(identifier=args.identifier, steps=args.steps, lr=args.lr, batch=args.batch,
-                                   prior_weight=0.0 if args.no_prior else args.prior_weight,
+                                   prior_weight=_prior_weight(args),
                                    class_images=args.class_images, remat=args.gradient_checkpointing or None,
                                    seed=args.seed))
     from dataclasses import replace
@@ -161,11 +173,8 @@ def dreambooth(args):
     from ..convert import save_converted
     from ..pipeline import StableDiffusion, load_model
     from ..train.dreambooth import train_dreambooth
-    from ..train.finetune import load_subject
 
-    subject = load_subject(args.subject, caption=args.caption)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    subject, out = _subject_and_out(args)
     params, config, path = load_model(args.model)
     pipe = StableDiffusion.from_config(params, config, name=str(path))
     dtype = np.float16 if config.dtype == "float16" else np.float32
@@ -192,22 +201,17 @@ def dreambooth(args):
 
 
 def lora(args):
-    if args.no_prior and args.prior_weight:
-        raise ValueError("--no-prior and --prior-weight contradict each other")
     cfg = LoRAConfig(**given(identifier=args.identifier, rank=args.rank, alpha=args.alpha,
                              text_encoder=args.text_encoder or None, steps=args.steps, lr=args.lr, batch=args.batch,
-                             prior_weight=0.0 if args.no_prior else args.prior_weight, class_images=args.class_images,
+                             prior_weight=_prior_weight(args), class_images=args.class_images,
                              seed=args.seed))
     import json
 
     from ..lora import save_lora
     from ..pipeline import load_pipeline
-    from ..train.finetune import load_subject
     from ..train.lora import lora_layers, train_lora
 
-    subject = load_subject(args.subject, caption=args.caption)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    subject, out = _subject_and_out(args)
     pipe = load_pipeline(args.model)
     factor = (cfg.alpha or cfg.rank) / cfg.rank
     meta = {"minidiff": json.dumps({"model": pipe.name, "subject": str(args.subject), "captions": subject.captions,

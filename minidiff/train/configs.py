@@ -318,6 +318,17 @@ class TextualInversionConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
+def _check_subject_training(cfg, *positive):
+    """What DreamBooth's and LoRA's settings share: positive counts, lambda >= 0, an identifier."""
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.prior_weight < 0:
+        raise ValueError(f"prior_weight must be >= 0, got {cfg.prior_weight}")
+    if not cfg.identifier.strip():
+        raise ValueError("the identifier must be a word, e.g. 'sks'")
+
+
 @dataclass
 class DreamBoothConfig:
     identifier: str = "sks"  # a rare word that fills the captions' {}
@@ -333,13 +344,7 @@ class DreamBoothConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.prior_weight < 0:
-            raise ValueError(f"prior_weight must be >= 0, got {self.prior_weight}")
-        if not self.identifier.strip():
-            raise ValueError("the identifier must be a word, e.g. 'sks'")
+        _check_subject_training(self, "steps", "batch")
         if self.optimizer not in ("adamw", "adafactor"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose 'adamw' or 'adafactor'")
 
@@ -364,12 +369,6 @@ class LoRAConfig:
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
-        for name in ("steps", "batch", "rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.prior_weight < 0:
-            raise ValueError(f"prior_weight must be >= 0, got {self.prior_weight}")
-        if not self.identifier.strip():
-            raise ValueError("the identifier must be a word, e.g. 'sks'")
+        _check_subject_training(self, "steps", "batch", "rank")
         if self.alpha is not None and not self.alpha > 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
