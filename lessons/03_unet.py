@@ -91,8 +91,8 @@ savefig(fig, "03_attention.png")
 
 # %% [markdown]
 # At SD's 64×64 latents there are 4096 tokens, so one head's weight matrix has 4096² ≈ 16.8 M
-# entries (64 MiB in float32; ×8 heads ×2 images).  `attention(q, k, v, chunk_size=1024)`
-# processes the queries 1024 at a time, so only a quarter of that exists at once — same result:
+# entries (64 MiB in float32; ×8 heads ×2 images).  `attention(q, k, v, chunk_size=256)`
+# processes the queries 256 at a time, so only a sixteenth of that exists at once — same result:
 
 # %%
 key = jax.random.PRNGKey(1)

@@ -1,3 +1,4 @@
+# ---
 # jupyter:
 #   jupytext:
 #     formats: py:percent

@@ -26,3 +26,11 @@ def test_lesson_runs_in_quick_mode(lesson, tmp_path):
     for f in figures:
         with Image.open(f) as im:
             assert im.size[0] > 100 and im.size[1] > 100
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda p: p.stem)
+def test_lesson_opens_with_a_jupytext_header(lesson):
+    """jupytext reads a percent-format script's metadata only from a header fenced by '# ---' lines."""
+    lines = lesson.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "# ---" and lines[1] == "# jupyter:", lesson.name
+    assert "# ---" in lines[2:8] and "#     formats: py:percent" in lines[:8], lesson.name
