@@ -167,7 +167,8 @@ for r, (name, model, word) in enumerate(models):
                          fontsize=7)
         if c == 0:
             ax.set_ylabel(name, fontsize=7)
-fig.suptitle("the subject in seen and unseen places (first three seen), then the class", fontsize=9)
+fig.suptitle("the subject in seen and unseen places (first three seen), then the class; [V] = <ring> for textual "
+             "inversion, sks for the others and the frozen model", fontsize=9)
 savefig(fig, "10_contexts.png")
 
 # %% [markdown]
@@ -197,8 +198,9 @@ for name, model, word, storage in [("frozen model", pipe, "sks", 0), ("textual i
                  f"{drift['class_prompt_rings']:.0%}", f"{drift['coloured_circles_right']:.0%}"])
 orange_fid, _ = F.evaluate_subject(with_words, "orange", "<orange>", samples=SAMPLES, steps=SAMPLE_STEPS)
 red_fid, _ = F.evaluate_subject(pipe, "orange", "red", samples=SAMPLES, steps=SAMPLE_STEPS)
-header = ["", "bytes to keep", "red ring,\nright place", "ring in\nother colours", "'a red circle'\ndrawn as a ring",
-          "coloured circles\nright"]
+n_subject, n_class = 9 * SAMPLES, 9  # pictures behind each percentage (the class: one picture per prompt)
+header = ["", "bytes to keep", f"red ring,\nright place (n={n_subject})", f"ring in other\ncolours (n={3 * n_subject})",
+          f"'a red circle'\ndrawn as a ring (n={n_class})", f"coloured circles\nright (n={4 * n_class})"]
 print(" | ".join(h.replace("\n", " ") for h in header))
 for r in rows:
     print(" | ".join(r))
