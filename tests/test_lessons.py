@@ -1,6 +1,7 @@
 """Every lesson runs end to end in quick mode and writes its figures."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image
 
 LESSONS = sorted((Path(__file__).parent.parent / "lessons").glob("[0-9][0-9]_*.py"))
+SOLUTIONS = sorted((Path(__file__).parent.parent / "lessons" / "solutions").glob("[0-9][0-9]_*.py"))
 
 
 def test_there_are_lessons():
@@ -34,3 +36,30 @@ def test_lesson_opens_with_a_jupytext_header(lesson):
     lines = lesson.read_text(encoding="utf-8").splitlines()
     assert lines[0] == "# ---" and lines[1] == "# jupyter:", lesson.name
     assert "# ---" in lines[2:8] and "#     formats: py:percent" in lines[:8], lesson.name
+
+
+def exercises(lesson: Path) -> list[str]:
+    """The numbers of the exercises a lesson's "## Exercises" cell lists ("# 1. **...")."""
+    text = lesson.read_text(encoding="utf-8")
+    if "# ## Exercises" not in text:
+        return []
+    cell = text.split("# ## Exercises", 1)[1].split("# %%", 1)[0]
+    return re.findall(r"^# (\d+)\. \*\*", cell, flags=re.M)
+
+
+@pytest.mark.parametrize("lesson", [p for p in LESSONS if exercises(p)], ids=lambda p: p.stem)
+def test_each_exercise_has_a_solution(lesson):
+    solution = lesson.parent / "solutions" / lesson.name
+    assert solution.exists(), f"{lesson.name} has exercises but no lessons/solutions/{lesson.name}"
+    answered = re.findall(r"^# ## (\d+)\. ", solution.read_text(encoding="utf-8"), flags=re.M)
+    assert answered == exercises(lesson), (lesson.name, answered)
+    assert 2 <= len(answered) <= 4
+
+
+@pytest.mark.parametrize("solution", SOLUTIONS, ids=lambda p: p.stem)
+def test_solution_runs_and_its_checks_hold(solution, tmp_path):
+    """A solution computes each answer and asserts it: a wrong claim fails here."""
+    env = {**os.environ, "MINIDIFF_QUICK": "1", "MPLBACKEND": "Agg"}
+    r = subprocess.run([sys.executable, str(solution), "--out", str(tmp_path)], cwd=solution.parent.parent, env=env,
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
