@@ -19,7 +19,9 @@
 # 2. the 77 slots: start token, end token, and the two padding rules of SD 1.x and SD 2.x;
 # 3. the transformer and its *causal* mask: position $i$ only ever sees tokens $0..i$
 #    (`minidiff.nn.clip`);
-# 4. what "similar prompts" means to an encoder, and what it cannot mean without trained weights.
+# 4. what "similar prompts" means to an encoder, and what it cannot mean without trained weights;
+# 5. the contrastive loss that trains it (symmetric InfoNCE, derived and checked), and what the
+#    built-in mini CLIP, trained that way on captioned shapes, learned.
 
 # %%
 import sys
@@ -429,11 +431,7 @@ print(f"{len(full.hidden_states)} hidden states (embeddings + {config.num_hidden
 # and here we have none of it.  Stable Diffusion's frozen encoder brings it from CLIP's 400
 # million captioned images.
 #
-# NOTE (for the later toy-CLIP lesson): minidiff's built-in mini CLIP, trained contrastively on
-# the captioned shapes of `minidiff.data`, is shown in a later lesson.  Once its checkpoint
-# exists (e.g. under `runs/`), load it in the next cell and add its pooled similarities as a
-# fifth panel: they should then follow what the *pictures* share (same colour, same shape)
-# rather than which tokens the captions share.
+# Section 5 shows the other side: the built-in mini CLIP, trained contrastively on captioned shapes.
 
 # %%
 prompts = ["a red circle", "a red square", "a blue circle", "a blue square", "a photo of a cat",
@@ -480,6 +478,93 @@ fig.suptitle(f"cosine similarity of prompts — {'toy' if QUICK else 'SD 1.x-siz
              "weights: it sees spelling, not meaning")
 fig.tight_layout()
 savefig(fig, "08_prompt_similarity.png")
+
+# %% [markdown]
+# ## 5. How CLIP is trained: the symmetric InfoNCE loss
+# A batch holds $B$ (caption, picture) pairs.  The text tower gives $t_i$, the image tower $v_j$,
+# both normalised to unit length, and the logits are their cosines over a temperature,
+# $\ell_{ij} = \cos(t_i, v_j)/\tau$ with $\tau = e^{-s}$ ($s$ is learned; CLIP caps $e^{s}$ at 100).  Each
+# caption must pick out its own picture among the $B$ — a $B$-way classification whose correct
+# class is the diagonal — and each picture its caption:
+#
+# $$L = \frac12\Big[\underbrace{-\frac1B\sum_i \log\frac{e^{\ell_{ii}}}{\sum_j e^{\ell_{ij}}}}_{\text{caption}\to\text{picture}}
+#      \ \underbrace{-\frac1B\sum_j \log\frac{e^{\ell_{jj}}}{\sum_i e^{\ell_{ij}}}}_{\text{picture}\to\text{caption}}\Big].$$
+#
+# Three facts follow from the formula and are checked below on a batch of four: when all logits
+# are equal (an untrained model) each softmax is uniform and $L = \log B$; when every pair is
+# closer to its partner than to the others, $L \to 0$ as $\tau \to 0$ (the temperature sets how much a
+# margin counts); and $\log B - L$ lower-bounds the mutual information between captions and
+# pictures (van den Oord et al. 2018), so a bigger batch can certify more.  In minidiff
+# `clip_loss` (`minidiff/train/clip.py`) computes it, counting two pairs with the same caption
+# both as matches (the shapes data repeat captions).
+
+# %%
+from minidiff.train.clip import clip_loss  # noqa: E402
+
+
+def infonce_by_hand(t, v, tau):
+    t = t / np.linalg.norm(t, axis=1, keepdims=True)
+    v = v / np.linalg.norm(v, axis=1, keepdims=True)
+    logits = t @ v.T / tau
+    log_softmax_rows = logits - np.log(np.exp(logits).sum(1, keepdims=True))  # caption -> pictures
+    log_softmax_cols = logits - np.log(np.exp(logits).sum(0, keepdims=True))  # picture -> captions
+    return -0.5 * (np.diag(log_softmax_rows).mean() + np.diag(log_softmax_cols).mean())
+
+
+B, dim = 4, 8
+rng_c = np.random.default_rng(0)
+t_batch, v_batch = rng_c.standard_normal((2, B, dim))
+for tau in (1.0, 0.1):
+    ours = float(clip_loss(jnp.asarray(t_batch), jnp.asarray(v_batch), jnp.log(1 / tau), jnp.eye(B, dtype=bool)))
+    hand = infonce_by_hand(t_batch, v_batch, tau)
+    print(f"tau = {tau}: clip_loss {ours:.6f}, by hand {hand:.6f}")
+    assert abs(ours - hand) < 1e-5
+same = np.ones((B, dim))
+print(f"all embeddings equal: L = {infonce_by_hand(same, same, 0.1):.4f} = log B = {np.log(B):.4f}")
+assert abs(infonce_by_hand(same, same, 0.1) - np.log(B)) < 1e-9
+aligned = t_batch + 0.1 * rng_c.standard_normal((B, dim))  # each picture near its own caption
+losses = [infonce_by_hand(t_batch, aligned, tau) for tau in (1.0, 0.1, 0.01)]
+print("aligned pairs, tau = 1, 0.1, 0.01:", np.round(losses, 4))
+assert losses[0] > losses[1] > losses[2] and losses[2] < 1e-3
+
+# %% [markdown]
+# **What the trained mini CLIP learned.** The built-in model's text encoder (`load_clip`, trained by
+# `minidiff train-mini-sd` on captioned shapes before the UNet) puts captions that describe the same
+# *picture content* close together.  Below, its pooled text vectors for nine prompts (three colours
+# x three shapes): pairs that share the colour or the shape are more similar than pairs that share
+# nothing, though all nine share the same tokens "a" and the same length — unlike the random
+# encoder of section 4, which can only see token overlap.
+
+# %%
+from minidiff.nn.clip import ContrastiveCLIP  # noqa: E402
+from minidiff.pipeline import load_pipeline  # noqa: E402
+from minidiff.train.mini_sd import load_clip  # noqa: E402
+
+mini = load_pipeline()
+clip, clip_params = load_clip()
+colours, shapes = ("red", "green", "blue"), ("circle", "square", "triangle")
+shape_prompts = [f"a {c} {s}" for c in colours for s in shapes]
+emb = np.asarray(clip.apply({"params": clip_params}, mini.tokenize(shape_prompts), method=ContrastiveCLIP.encode_text))
+sim = cosine(emb)
+share_colour = np.array([[a.split()[1] == b.split()[1] for b in shape_prompts] for a in shape_prompts])
+share_shape = np.array([[a.split()[2] == b.split()[2] for b in shape_prompts] for a in shape_prompts])
+groups = {"same colour, other shape": share_colour & ~share_shape, "same shape, other colour": share_shape & ~share_colour,
+          "nothing shared": ~share_colour & ~share_shape}
+for name, mask in groups.items():
+    print(f"  {name:26s} mean cosine {sim[mask].mean():+.3f}  (n = {mask.sum()} ordered pairs)")
+assert min(sim[groups["same colour, other shape"]].mean(), sim[groups["same shape, other colour"]].mean()) \
+    > sim[groups["nothing shared"]].mean()
+
+fig, ax = plt.subplots(figsize=(7.5, 6.5))
+ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1)
+for i in range(len(shape_prompts)):
+    for j in range(len(shape_prompts)):
+        ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=8, color="white" if abs(sim[i, j]) > 0.6 else "black")
+ax.set_xticks(range(len(shape_prompts)), shape_prompts, rotation=60, ha="right", fontsize=8)
+ax.set_yticks(range(len(shape_prompts)), shape_prompts, fontsize=8)
+ax.set_title("the TRAINED mini CLIP's text embeddings (cosine):\nshared colour or shape means similar")
+fig.tight_layout()
+savefig(fig, "08_mini_clip_similarity.png")
 
 # %%
 print(f"lesson 8 done in {time.perf_counter() - t_start:.0f} s")

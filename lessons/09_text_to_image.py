@@ -14,9 +14,11 @@
 # 1. CLIP: 8 pictures x 8 captions and their similarity matrix (the slide of every CLIP talk);
 # 2. the prompt's path: tokens -> 77 x 64 text states;
 # 3. the seed's noisy latent, one UNet prediction, and guidance $\hat v = v_u + s\,(v_c - v_u)$;
-# 4. guidance scales 1, 3 and 7.5 side by side;
-# 5. the trajectory: the latent decoded at several steps of the reverse chain;
-# 6. cross-attention maps: where each word of the prompt looks.
+# 4. why guidance works: the implicit classifier, derived and checked on the exact mixture;
+# 5. guidance scales 1, 3 and 7.5 side by side;
+# 6. the trajectory: the latent decoded at several steps of the reverse chain;
+# 7. cross-attention maps: where each word of the prompt looks;
+# 8. what SDXL changed.
 
 # %%
 import time
@@ -111,7 +113,7 @@ savefig(fig, "09_text_states.png")
 # ## 3. One step by hand: x_T, the UNet's two predictions, guidance
 #
 # The reverse chain below is the pipeline's loop written out in Python (the pipeline compiles the
-# same arithmetic into one `lax.scan`): at each timestep the UNet runs on the conditional and the
+# same arithmetic into one program per step and calls it `steps` times): at each timestep the UNet runs on the conditional and the
 # unconditional context, the outputs are mixed with the guidance scale, and `ddim_step` — the
 # formula of lesson 2 — moves the latent.  This model predicts $v$; `split_prediction` turns that
 # into $(\hat x_0, \hat\epsilon)$.
@@ -169,7 +171,72 @@ fig.suptitle(f'"{prompt}": what the UNet predicts at the very first step', fonts
 savefig(fig, "09_one_step.png")
 
 # %% [markdown]
-# ## 4. Guidance scale: 1 vs 3 vs 7.5
+# ## 4. Why guidance works: the implicit classifier
+# Bayes' rule for the caption $c$ given the noisy picture, $p(c \mid x_t) = p(x_t \mid c)\,p(c) / p(x_t)$, has
+# a gradient in $x_t$ without $p(c)$:
+#
+# $$\nabla \log p(c \mid x_t) = \nabla \log p(x_t \mid c) - \nabla \log p(x_t).$$
+#
+# *Classifier guidance* (Dhariwal & Nichol 2021) samples from $p(x_t \mid c)\,p(c \mid x_t)^{\gamma}$, i.e. follows
+# the score $\nabla\log p(x_t \mid c) + \gamma\,\nabla\log p(c \mid x_t)$, with a separately trained classifier.
+# Substitute Bayes' gradient and no classifier is left:
+#
+# $$\nabla\log p(x_t \mid c) + \gamma\big(\nabla\log p(x_t \mid c) - \nabla\log p(x_t)\big)
+#   = (1+\gamma)\,\nabla\log p(x_t \mid c) - \gamma\,\nabla\log p(x_t).$$
+#
+# A noise predictor is a scaled score, $\varepsilon(x_t) = -\sqrt{1-\bar\alpha_t}\,\nabla\log p_t(x_t)$ (lesson 2's
+# oracle is built that way), so with $s = 1 + \gamma$ this is exactly
+# $\hat\varepsilon = \varepsilon_u + s(\varepsilon_c - \varepsilon_u)$ — *classifier-free* guidance (Ho & Salimans 2022): one
+# network, trained with the caption sometimes dropped, supplies both scores, and the "classifier" is
+# implicit in their difference.  (The same holds for $v$, a fixed linear mix of $\varepsilon$ and $x_t$.)
+#
+# Checked below on lesson 2's mixture, where every density is exact: the class is the component.
+# The gradient of the log of the exact classifier $p(k \mid x_t)$ (the noised mixture's responsibility,
+# differentiated numerically) equals the difference of the two exact scores, and the CFG prediction
+# equals the classifier-guided one.  Sampling with it (the figure) shows what guidance buys and
+# costs: $s = 1$ draws the component faithfully; $s = 4$ pushes the samples to where the classifier
+# is surest, away from the other components, and so past the edge of the component itself: a
+# narrower, shifted distribution, not the class's.  The colour drift at $s = 7.5$ in §5 is the same
+# overshoot.
+
+# %%
+from minidiff.data import TOY_MIXTURE as gm  # noqa: E402
+from minidiff.diffusion import InferenceSchedule, NoiseSchedule, sample  # noqa: E402
+from minidiff.diffusion.oracle import GaussianMixture  # noqa: E402
+
+toy = NoiseSchedule.from_name("linear")
+k_req, t_chk = 2, 400
+ab = toy.alpha_bar[t_chk]
+component = GaussianMixture([1.0], gm.means[k_req:k_req + 1], gm.covariances[k_req:k_req + 1])
+x_chk = np.random.default_rng(1).standard_normal((5, 2)) * 1.5
+log_classifier = lambda x: np.log(gm.noised(ab).responsibilities(x)[:, k_req])  # noqa: E731
+h = 1e-5
+grad_numeric = np.stack([(log_classifier(x_chk + h * e) - log_classifier(x_chk - h * e)) / (2 * h) for e in np.eye(2)], 1)
+grad_bayes = component.noised(ab).score(x_chk) - gm.noised(ab).score(x_chk)
+print("max |grad log p(k|x) - (score_c - score_u)| =", np.abs(grad_numeric - grad_bayes).max())
+assert np.allclose(grad_numeric, grad_bayes, atol=1e-5)
+s_chk = 3.0
+eps_c, eps_u = component.eps_oracle(x_chk, ab), gm.eps_oracle(x_chk, ab)
+eps_cfg = eps_u + s_chk * (eps_c - eps_u)
+eps_classifier_guided = -np.sqrt(1 - ab) * (component.noised(ab).score(x_chk) + (s_chk - 1) * grad_numeric)
+assert np.allclose(eps_cfg, eps_classifier_guided, atol=1e-4)
+
+fig, axes = plt.subplots(1, 3, figsize=(12, 4), sharex=True, sharey=True)
+data_pts, _ = gm.sample(2000, np.random.default_rng(2))
+isc = InferenceSchedule.create(toy, 50)
+for ax, s_g in zip(axes, (0.0, 1.0, 4.0)):
+    eps_guided = lambda x, t, s_g=s_g: (gm.eps_oracle(x, toy.alpha_bar[t]) + s_g * (  # noqa: E731
+        component.eps_oracle(x, toy.alpha_bar[t]) - gm.eps_oracle(x, toy.alpha_bar[t])))
+    pts = sample(eps_guided, np.random.default_rng(3).standard_normal((1000, 2)), isc, "ddim")
+    ax.scatter(data_pts[:, 0], data_pts[:, 1], s=1, color="0.8")
+    ax.scatter(pts[:, 0], pts[:, 1], s=2, color="C3")
+    label = "unconditional" if s_g == 0 else ("conditional" if s_g == 1 else "guided")
+    ax.set_title(f"s = {s_g:g} ({label}), class = component {k_req}", fontsize=9)
+    ax.set_aspect("equal")
+savefig(fig, "09_guidance_implicit_classifier.png")
+
+# %% [markdown]
+# ## 5. Guidance scale: 1 vs 3 vs 7.5
 #
 # $s = 1$ is the plain conditional model; larger $s$ pushes the sample away from what the empty
 # prompt would give and towards what the prompt adds.  On this model position holds at every
@@ -199,7 +266,7 @@ for r, p in enumerate(prompts):
 savefig(fig, "09_guidance_scales.png")
 
 # %% [markdown]
-# ## 5. The trajectory
+# ## 6. The trajectory
 #
 # The x0-estimate $\hat x_0$ decoded at several steps of the chain: colour and place are decided
 # in the first few steps, the outline later.
@@ -215,7 +282,7 @@ for ax, i in zip(axes, keep):
 savefig(fig, "09_trajectory.png")
 
 # %% [markdown]
-# ## 6. Cross-attention: where does each word look?
+# ## 7. Cross-attention: where does each word look?
 #
 # Every `Transformer2D` block's second attention (`attn2`) lets each latent position (query)
 # attend over the 77 text states (keys).  Asking Flax for the "intermediates" collection makes
@@ -259,7 +326,7 @@ fig.suptitle(f'"{prompt}": cross-attention weight of each token, averaged over h
 savefig(fig, "09_cross_attention.png")
 
 # %% [markdown]
-# ## 7. What SDXL changed
+# ## 8. What SDXL changed
 #
 # Stable Diffusion XL (Podell et al. 2023) keeps the recipe -- a VAE, a text-conditioned UNet
 # predicting eps, classifier-free guidance -- and changes four things:
