@@ -134,3 +134,18 @@ savefig(fig, "01_schedules_on_photo.png")
 # **Takeaways.** One forward step is a tiny shrink-and-add-noise; the closed form lets training
 # jump to any t in one line (`q_sample`); the schedule decides how quickly information is lost.
 # Lesson 2 runs the chain backwards.
+
+# %% [markdown]
+# ## Exercises
+# Solutions, each checked by the test suite: `lessons/solutions/01_forward_noising.py`.
+#
+# 1. **The closed form by induction.** Assume $x_{t-1} = \sqrt{\bar\alpha_{t-1}}\,x_0 + \sqrt{1-\bar\alpha_{t-1}}\,\varepsilon'$ and take
+#    one more step.  Show that the result has the closed form at t (hint: the sum of two independent
+#    Gaussians), then check it with 100,000 two-step chains against `q_sample`.
+# 2. **Where does half the signal go?** For each of the three schedules find the t at which
+#    $\mathrm{SNR}_t = 1$ ($\bar\alpha_t = 1/2$), and the last t at which $\mathrm{SNR}_t > 10^{-3}$.  Which schedule
+#    spends the most steps on almost pure noise?
+# 3. **What goes wrong if** the pictures are not scaled to $[-1, 1]$ but left in $[0, 255]$?  Sampling starts
+#    from $x_T \sim \mathcal N(0, I)$; compute, for a pixel of value 255, how far $q(x_T \mid x_0)$ is from that
+#    start ($\mathrm{KL}$ of the two Gaussians) with each scaling, for the linear and `scaled_linear` schedules.
+
