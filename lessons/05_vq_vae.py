@@ -232,3 +232,17 @@ ax.imshow(image_grid(to_uint8(np.asarray(again)), 8))
 ax.set_title("painted by the decoder from the 8x8 code grids alone")
 ax.axis("off")
 savefig(fig, "05_decoded_from_indices.png")
+
+# %% [markdown]
+# ## Exercises
+# Solutions, each checked by the test suite: `lessons/solutions/05_vq_vae.py`.
+#
+# 1. **What goes wrong without the straight-through estimator?** Build the smallest VQ autoencoder:
+#    2-D points of four clusters, a linear encoder $z = x W_e$ started at rank 1 (two clusters land on
+#    the same point), 8 codes, a linear decoder.  Train it with $z_{st} = z + \mathrm{sg}(z_q - z)$ and with
+#    plain $z_q$ in the decoder.  Show that without ST the reconstruction sends the encoder exactly
+#    zero gradient, and compare the reconstruction errors.
+# 2. **Perplexity in bits.** Show that `vq.perplexity` is $2^{H}$ of the code usage (H in bits): K for
+#    a uniformly used codebook of K codes, 1 for a collapsed one.  How many bits does one 8 x 8 grid
+#    of codes from a 512-code book carry at most, against the 32 x 32 x 3 bytes of the picture?
+
