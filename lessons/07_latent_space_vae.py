@@ -400,3 +400,18 @@ savefig(fig, "07_noise_latent_vs_pixel.png")
 
 # %%
 print(f"lesson 07 ran in {time.perf_counter() - lesson_start:.0f} s ({'quick' if QUICK else 'full'} mode)")
+
+# %% [markdown]
+# ## Exercises
+# Solutions, each checked by the test suite: `lessons/solutions/07_latent_space_vae.py`.
+#
+# 1. **What goes wrong if** the decoder gets the latent at the wrong scale?  The built-in model's
+#    factor is 1 (`pipe.vae_config.scaling_factor`: its VAE was trained to give unit-scale latents).
+#    Sample a few latents (`load_pipeline().sample_latents`) and decode them correctly, as if SD's
+#    factor 0.18215 applied (`pipe.decode(z / 0.18215)`, a wrong config), and with the factor
+#    applied in the wrong direction (`pipe.decode(z * 0.18215)`).  Describe and measure the pictures.
+# 2. **The same mistake at the other end.** An img2img call encodes a picture, scales it, and noises
+#    it to the timestep that `strength` selects.  If the scaling were forgotten there, what SNR would
+#    the UNet see at strength 0.6 with SD's schedule and factor 0.18215 — and at which strength would
+#    the correct pipeline see the same SNR?
+
