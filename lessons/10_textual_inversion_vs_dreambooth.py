@@ -84,6 +84,49 @@ for name, v in (("<ring>", ti_ring), ("<orange>", ti_orange)):
 # First the frozen model draws the *class*: "a red circle in the top left" etc. (the subject's captions
 # without the identifier).  Then the UNet trains on the subject's pictures with "a red sks circle ...",
 # plus, with prior preservation, on those class pictures with their class prompts (lambda = 1).
+#
+# **The objective, term by term** (Ruiz et al. 2023, eq. 2).  With the subject's latents $z$ and
+# captions $c$ ("a red sks circle ..."), and $N$ pictures $z^{pr}$ that the *frozen* model drew for
+# the class prompts $c^{pr}$ ("a red circle ..."):
+#
+# $$L(\theta) = \mathbb E\,\|v - \hat v_\theta(z_t, t, c)\|^2 \;+\; \lambda\,\mathbb E\,\|v^{pr} - \hat v_\theta(z^{pr}_t, t', c^{pr})\|^2 .$$
+#
+# The first term alone is the plain diffusion loss on four pictures: minimised, the model draws
+# the subject whenever it sees "red ... circle", because nothing asks it to keep drawing circles
+# (the "language drift" and overfitting of the paper).  The second term is the same regression on
+# the frozen model's *own* samples: its minimiser for $c^{pr}$ is the frozen model's behaviour on
+# that prompt, so it anchors the class while the first term moves the identifier.  In code it is
+# one line, `finetune.prior_preservation_loss`, shared by DreamBooth and LoRA.
+#
+# **Why a rare identifier.** The identifier should carry as little meaning as possible, so that
+# the fine-tuning writes the subject into it instead of fighting what it already means (a known
+# word, e.g. "blue", would pull the pictures towards blue, and learning the subject would change
+# what "blue" means everywhere).  The cell below measures how much inserting a word moves the
+# frozen UNet's prediction, relative to how much the whole prompt moves it from the empty prompt:
+# "sks", a word the mini model never saw, moves it least of the words tried at high noise, where the
+# layout is decided, and a colour word ("blue") most.  It is not zero: an unseen token's random
+# embedding still shifts the attention, which is why the paper picks tokens that are rare *and*
+# short, and why the frozen row of §4 is worth looking at (what the model draws for the "sks"
+# prompts before any training).
+
+# %%
+from minidiff.nn.unet import UNet2DCondition  # noqa: E402
+
+unet_apply = jax.jit(lambda x, t, c: UNet2DCondition(pipe.unet_config).apply({"params": pipe.params["unet"]}, x, t, c))
+base_prompt = "a red circle in the top left"
+inserted = {w: f"a red {w} circle in the top left" for w in ("sks", "large", "left", "blue")}
+contexts = {k: pipe.encode_text([p])[0] for k, p in {"base": base_prompt, "empty": "", **inserted}.items()}
+lat = jax.random.normal(jax.random.key(0), (16, pipe.unet_config.sample_size, pipe.unet_config.sample_size,
+                                            pipe.unet_config.in_channels))
+moved = {}
+for t in (200, 500, 800):
+    out = {k: np.asarray(unet_apply(lat, np.full(len(lat), t), np.broadcast_to(c, (len(lat), *c.shape))))
+           for k, c in contexts.items()}
+    signal = np.linalg.norm(out["base"] - out["empty"])
+    moved[t] = {w: float(np.linalg.norm(out[w] - out["base"]) / signal) for w in inserted}
+    print(f"t = {t}: prediction moved by inserting the word, relative to the prompt's own effect: "
+          + ", ".join(f"{w} {m:.2f}" for w, m in moved[t].items()))
+assert moved[800]["sks"] < moved[800]["blue"]
 
 # %%
 db_cfg = DreamBoothConfig(steps=STEPS, class_images=2 if QUICK else 8, class_steps=SAMPLE_STEPS)
