@@ -30,6 +30,7 @@
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from _lesson import QUICK, plt, savefig
@@ -70,8 +71,10 @@ savefig(fig, "06_sequence.png")
 # %% [markdown]
 # ## 2. The attention masks
 # White = may attend.  Rows are queries, columns keys, in sequence order; the image block's
-# patterns repeat every 8 positions (one image row).  Layers alternate row and column masks;
-# together they reach every earlier token, at a fraction of the full causal mask's cost.
+# patterns repeat every 8 positions (one image row).  Our small model alternates row and column
+# masks (`DalleConfig.attention = ("row", "column")`); a row layer followed by a column layer
+# already reaches every earlier token, at a fraction of the full causal mask's cost.  DALL-E's own
+# pattern is different (section 2b).
 
 # %%
 fig, axes = plt.subplots(1, 4, figsize=(16, 4.4))
@@ -101,6 +104,40 @@ for ax, pattern in zip(axes, dalle.PATTERNS):
     ax.set_title(pattern)
     ax.axis("off")
 savefig(fig, "06_what_one_token_sees.png")
+
+# %% [markdown]
+# ## 2b. DALL-E at its real scale
+# The model of this lesson is a miniature.  `DalleConfig.paper()` holds the published numbers
+# (Ramesh et al. 2021, section 2 and appendix B.1), and `jax.eval_shape` counts its parameters
+# without allocating them:
+#
+# | | this lesson | DALL-E |
+# |---|---|---|
+# | text | 10 slots, a 24-word vocabulary | 256 BPE tokens, vocabulary 16,384 |
+# | image | 8 x 8 = 64 codes of a 512-code VQ-VAE | 32 x 32 = 1,024 codes of an 8,192-code dVAE (256 x 256 pixels) |
+# | transformer | 6 layers, width 192, 6 heads | 64 layers, 62 heads of 64: width 3,968 |
+# | image attention | row, column, row, column, ... | column in layers i with (i - 2) mod 4 = 0, row in the others, convolutional in the last |
+# | loss | text 1/8, image 7/8 | the same |
+#
+# Both pad every empty text slot with its own learned pad token, as here.  DALL-E's image tokens
+# come from a *discrete VAE* trained with the Gumbel-softmax relaxation (a soft, temperature-annealed
+# mixture of codebook vectors, no straight-through estimator and no dead-code restarts) instead of
+# lesson 5's VQ-VAE; the transformer does not care how the codes were made.
+
+# %%
+paper = dalle.DalleConfig.paper()
+paper_shapes = jax.eval_shape(lambda: dalle.DalleTransformer(paper).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
+n_paper = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(paper_shapes))
+print(f"DALL-E: {paper.layers} layers, width {paper.width}, {paper.text_len} + {paper.image_len} positions: "
+      f"{n_paper / 1e9:.2f} billion parameters (the paper: 12 billion)")
+kinds = {"row": 0, "column": 1, "conv": 2}
+fig, ax = plt.subplots(figsize=(14, 1.6))
+ax.imshow([[kinds[paper.layer_pattern(k)] for k in range(paper.layers)]], cmap="Set2", vmin=0, vmax=7, aspect="auto")
+for k in range(paper.layers):
+    ax.text(k, 0, paper.layer_pattern(k)[:3], ha="center", va="center", fontsize=6, rotation=90)
+ax.set(yticks=[], xlabel="layer i - 1", title=f"DALL-E's image attention by layer: {sum(paper.layer_pattern(k) == 'column' for k in range(64))} "
+       "column, 47 row, the last convolutional")
+savefig(fig, "06_dalle_layer_patterns.png")
 
 # %% [markdown]
 # ## 3. Training

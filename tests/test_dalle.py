@@ -222,3 +222,16 @@ def test_train_vqvae_then_dalle_save_load_generate_and_the_commands(tmp_path, ca
                  "--guidance", "1", "2"]) == 0
     table = capsys.readouterr().out.split("all three\n")[1].splitlines()  # one row per guidance scale
     assert [row.split()[:2] for row in table] == [["1", "1"], ["2", "1"]] and all(row.endswith("%") for row in table)
+
+
+def test_the_papers_configuration_has_its_numbers_and_its_mask_pattern():
+    """Ramesh et al. 2021: 64 layers (16 column, 47 row, the last convolutional), d_model 3,968,
+    256 + 1,024 positions, 16,384 + 8,192 tokens, ~12 billion parameters (counted with eval_shape)."""
+    c = dalle.DalleConfig.paper()
+    patterns = [c.layer_pattern(k) for k in range(c.layers)]
+    assert (patterns.count("column"), patterns.count("row"), patterns[-1]) == (16, 47, "conv")
+    assert patterns[1] == "column" and patterns[5] == "column" and patterns[0] == patterns[2] == "row"
+    assert (c.width, c.text_len + c.image_len, c.text_vocab, c.num_codes) == (3968, 1280, 16384, 8192)
+    shapes = jax.eval_shape(lambda: dalle.DalleTransformer(c).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
+    n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
+    assert 12.0e9 < n < 12.4e9, n

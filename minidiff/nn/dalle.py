@@ -50,6 +50,17 @@ class DalleConfig:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         object.__setattr__(self, "attention", tuple(self.attention))
 
+    @classmethod
+    def paper(cls) -> "DalleConfig":
+        """DALL-E at its published size (Ramesh et al. 2021, sec. 2 and appendix B.1): 256 BPE text
+        positions over a 16,384-token vocabulary, a 32 x 32 grid of 8,192 dVAE codes, 64 layers of
+        62 heads of 64 (d_model 3,968), about 12 billion parameters.  Image attention: a column mask
+        in layers i (1-based) with (i - 2) mod 4 = 0, a row mask in the others, and a convolutional
+        mask in the last layer (i = 64).  (The conv neighbourhood here is ``conv_radius``'s.)"""
+        attention = tuple("conv" if i == 64 else "column" if (i - 2) % 4 == 0 else "row" for i in range(1, 65))
+        return cls(text_vocab=16384, text_len=256, num_codes=8192, grid=32, width=62 * 64, layers=64, heads=62,
+                   attention=attention)
+
     @property
     def image_len(self) -> int:
         return self.grid * self.grid
