@@ -59,9 +59,12 @@ def main():
             ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.3)
             ax.set_title(f"{den.config.data}: {title}, n = {args.n}")
             ax.set_aspect("equal")
-        out = Path(run) / "quality.png"
-        fig.savefig(out, dpi=90, bbox_inches="tight")
-        print(f"  wrote {out}")
+        for out in (Path(run) / "quality.png", FIGURES / f"toy_quality_{den.config.data}.png"):
+            fig.savefig(out, dpi=90, bbox_inches="tight")
+            print(f"  wrote {out}")
+
+
+FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"  # the README shows toy_quality_moons.png
 
 if __name__ == "__main__":
     main()

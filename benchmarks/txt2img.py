@@ -2,7 +2,7 @@
 to diffusers' StableDiffusionPipeline, on the same CPU, in one run.
 
     python benchmarks/txt2img.py [--sizes 256 512] [--steps 3] [--guidance 7.5] [--sampler ddim]
-                                 [--plot benchmarks/txt2img.png]
+                                 [--plot docs/figures/txt2img_benchmark.png]
 
 One prompt, guidance on (so the UNet runs on a batch of 2), DDIM or another sampler (``--sampler``:
 "ddim", "DPM++ 2M Karras", "UniPC Karras", "Euler a": diffusers runs the matching scheduler).  Each implementation runs in its
@@ -26,20 +26,24 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def random_tree(template, rng):
-    """Random float32 weights in the shapes of a Flax parameter template (no init to compile)."""
+def random_tree(template, rng, dtype="float32"):
+    """Random weights (float32 unless ``dtype`` says otherwise) in the shapes of a Flax parameter
+    template (no init to compile)."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
+
+    dtype = jnp.dtype(dtype)
 
     def draw(path, leaf):
         name = getattr(path[-1], "key", "")
         if name == "kernel":
-            return (rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(np.float32)
+            return (rng.standard_normal(leaf.shape, np.float32) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(dtype)
         if name == "scale":
-            return np.ones(leaf.shape, np.float32)
+            return np.ones(leaf.shape, dtype)
         if name == "embedding":
-            return (0.02 * rng.standard_normal(leaf.shape)).astype(np.float32)
-        return np.zeros(leaf.shape, np.float32)
+            return (0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(dtype)
+        return np.zeros(leaf.shape, dtype)
 
     return jax.tree_util.tree_map_with_path(draw, template)
 
@@ -187,7 +191,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--sampler", default="ddim")
-    ap.add_argument("--plot", default="benchmarks/txt2img.png")
+    ap.add_argument("--plot", default="docs/figures/txt2img_benchmark.png")
     ap.add_argument("--impl", choices=["minidiff", "diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()

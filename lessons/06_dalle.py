@@ -211,14 +211,23 @@ savefig(fig, "06_token_by_token.png")
 # %%
 prompts = ["a small red circle in the top left", "a large blue square at the bottom",
            "a small green triangle in the center", "a large yellow circle on the right"]
-fig, axes = plt.subplots(1, 3, figsize=(18, 4.4))
-for ax, s in zip(axes, (1.0, 2.0, 4.0)):
+scales_shown = (1.0, 2.0, 4.0)
+fig, axes = plt.subplots(len(prompts), len(scales_shown), figsize=(16, 0.7 + 1.0 * len(prompts)), squeeze=False)
+for c, s in enumerate(scales_shown):
     imgs = generator.generate([p for p in prompts for _ in range(6)], seed=1, guidance_scale=s)
-    ax.imshow(image_grid(imgs, 6))
-    ax.set_title(f"guidance {s}")
-    ax.axis("off")
-fig.suptitle("rows: " + " / ".join(prompts), fontsize=9)
-savefig(fig, "06_guidance.png")
+    for r, p in enumerate(prompts):
+        ax = axes[r, c]
+        ax.imshow(image_grid(imgs[6 * r:6 * r + 6], 6, pad=2, fill=255))  # white lines between the black tiles
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if r == 0:
+            ax.set_title(f"guidance {s}")
+        if c == 0:
+            ax.set_ylabel(p.replace(" in the ", "\nin the ").replace(" on the ", "\non the ").replace(" at the ", "\nat the "),
+                          rotation=0, ha="right", va="center", fontsize=9)
+fig.suptitle("DALL-E-style transformer: one prompt per row, six seeds each", fontsize=10)
+fig.subplots_adjust(hspace=0.05, wspace=0.05)
+savefig(fig, "06_dalle_guidance.png")
 
 # %% [markdown]
 # The shapes classifier reads every picture drawn for the 108 evaluation prompts (each shape, colour

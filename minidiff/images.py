@@ -142,12 +142,13 @@ def read_metadata(path) -> dict:
         return {}
 
 
-def image_grid(images, columns: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tile uint8 images (n, H, W, C) into one picture, row by row, ``pad`` black pixels apart."""
+def image_grid(images, columns: int | None = None, pad: int = 1, fill: int = 0) -> np.ndarray:
+    """Tile uint8 images (n, H, W, C) into one picture, row by row, ``pad`` pixels of value ``fill``
+    apart (0: black; 255: white lines, visible between pictures on a black background)."""
     n, H, W, C = images.shape
     columns = columns or int(np.ceil(np.sqrt(n)))
     rows = -(-n // columns)
-    grid = np.zeros((rows * (H + pad) + pad, columns * (W + pad) + pad, C), np.uint8)
+    grid = np.full((rows * (H + pad) + pad, columns * (W + pad) + pad, C), fill, np.uint8)
     for i, im in enumerate(images):
         r, c = divmod(i, columns)
         grid[pad + r * (H + pad):pad + r * (H + pad) + H, pad + c * (W + pad):pad + c * (W + pad) + W] = im
