@@ -376,3 +376,16 @@ savefig(fig, "11_six_steps.png")
 
 # %%
 print(f"lesson time {time.perf_counter() - t_start:.1f} s")
+
+# %% [markdown]
+# ## Exercises
+# Solutions, each checked by the test suite: `lessons/solutions/11_samplers_as_ode_solvers.py`.
+#
+# 1. **Measure the order.** A method of order p has error $\propto h^p$, so doubling the steps divides it
+#    by $2^p$.  Estimate p for Euler and Heun from their errors at 10, 20 and 40 steps (the exact
+#    mixture predictor, the 1000-step reference of §5).  Which one reaches its textbook order here?
+# 2. **What Euler a gets right.** Its distance to the ODE's solution from the same $x_T$ does not
+#    shrink with more steps (§5).  Measure instead its distance to the *data* (sliced Wasserstein
+#    against fresh mixture samples, next to the distance between two data samples) at 20, 50 and 100
+#    steps, and the same for Euler.  What does "converges" mean for each?
+
