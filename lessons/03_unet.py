@@ -166,3 +166,19 @@ savefig(fig, "03_parameters.png")
 # **Takeaways.** The UNet is convolutions for local detail, attention for global context and
 # text, and a time embedding that tells every block how noisy its input is.  Lesson 4 trains a
 # toy-sized one on a CPU.
+
+# %% [markdown]
+# ## Exercises
+# Solutions, each checked by the test suite: `lessons/solutions/03_unet.py`.
+#
+# 1. **A shift is a rotation.** Show that the embedding of $t + \Delta$ is a fixed linear map of the
+#    embedding of $t$ (the same map for every t: a rotation by $\Delta\omega_i$ in each (cos, sin) pair),
+#    and check it on `timestep_embedding(t, 320)` for all t.  Why does that make "how far apart are
+#    two timesteps" easy for the next layer?
+# 2. **Attention does not know where.** Permute the tokens (pixels) of q, k and v with the same
+#    permutation: show that `attention` returns the permuted output.  So what tells SD's UNet where a
+#    pixel is?
+# 3. **The memory of one attention.** How many bytes do the attention weights of one SD 1.5 self-
+#    attention at 512 x 512 take in float32 (64 x 64 latents, 8 heads, a guided batch of 2), and with
+#    `chunk_size=256`?  Check that chunking changes nothing in the result.
+
