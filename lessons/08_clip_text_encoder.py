@@ -568,3 +568,14 @@ savefig(fig, "08_mini_clip_similarity.png")
 
 # %%
 print(f"lesson 8 done in {time.perf_counter() - t_start:.0f} s")
+
+# %% [markdown]
+# ## Exercises
+# Solutions, each checked by the test suite: `lessons/solutions/08_clip_text_encoder.py`.
+#
+# 1. **What BPE does with rare words.** How many tokens do "cat", "photorealistic", "artstation" and
+#    "minidiff" take, and how are they split?  Why can every string be encoded, whatever its letters?
+# 2. **Why the temperature is learned.** A model whose matching pairs have cosine 0.3 and all other
+#    pairs 0.1 ranks every batch perfectly.  Compute its InfoNCE loss for B = 32 at $\tau = 1$ and at
+#    CLIP's initial $\tau = 0.07$ and final $\tau = 0.01$.  What would training with $\tau$ fixed at 1 do?
+
