@@ -249,3 +249,14 @@ metrics.update(sampling_speed(generator, n=8 if QUICK else 32))
 for key, value in metrics.items():
     print(f"  {key:24s} {value:.4g}" if isinstance(value, float) else f"  {key:24s} {value}")
 print(f"({time.perf_counter() - start:.0f} s)")
+
+# %% [markdown]
+# ## Exercises
+# Solutions, each checked by the test suite: `lessons/solutions/06_dalle.py`.
+#
+# 1. **What sparse attention saves.** For DALL-E's 32 x 32 grid after 256 text positions, what fraction
+#    of the causal mask's (query, key) pairs among image tokens does each of the row, column and conv
+#    masks keep (`attention_mask`)?  How many image-to-image pairs does the full causal mask have?
+# 2. **Temperature and top-k.** Sampling reads `filter_logits(logits, temperature, top_k)`.  Measure the
+#    entropy of the next-token distribution for temperatures 0.5, 1, 2 and for top-k 512, 64, 8 on the
+#    logits of a peaked distribution.  Which knob removes the rare tokens entirely?

@@ -376,3 +376,15 @@ for what, cfg in (("CLIP ViT-L text", CLIPTextConfig.sd15()), ("OpenCLIP bigG te
 
 # %%
 print(f"lesson 9 took {time.perf_counter() - t_start:.0f} s")
+
+# %% [markdown]
+# ## Exercises
+# Solutions, each checked by the test suite: `lessons/solutions/09_text_to_image.py`.
+#
+# 1. **Guidance in v or in epsilon?** This model predicts v; §4 derived guidance for $\varepsilon$.  Show that
+#    mixing the two v predictions, $v_u + s(v_c - v_u)$, and then converting to $\varepsilon$ gives the same
+#    as converting each to $\varepsilon$ first and mixing those (`split_prediction`), on one real UNet call.
+#    Is the same true for $\hat x_0$?
+# 2. **What goes wrong at s = 20?** Draw the same prompts at guidance 1, 3, 7.5 and 20 and measure the
+#    pictures: how bright the (black) background gets and how many channel values are clipped at 255.
+

@@ -273,3 +273,14 @@ savefig(fig, "10_comparison_table.png")
 
 # %%
 print(f"lesson 10 ran in {time.perf_counter() - t_start:.0f} s")
+
+# %% [markdown]
+# ## Exercises
+# Solutions, each checked by the test suite: `lessons/solutions/10_textual_inversion_vs_dreambooth.py`.
+#
+# 1. **The bytes at Stable Diffusion's size.** Count (with `jax.eval_shape`, nothing allocated) what
+#    each method keeps for SD 1.5: textual inversion (one 768-d row), DreamBooth (the UNet in float16)
+#    and LoRA at rank 4 on the same attention projections as here (`LoRAConfig.targets`, float16).
+# 2. **What the LoRA update can express.** Show that $\frac{\alpha}{r}BA$ has rank at most r (measure the
+#    singular values of one trained-size random update), and that a LoRA of rank $\min(d_{in}, d_{out})$
+#    can represent any change of W (fit a random $\Delta W$ exactly with a full-rank B, A).
