@@ -520,6 +520,7 @@ def test_command_lines(sd1, tmp_path):
 
 @pytest.mark.parity
 @pytest.mark.slow
+@pytest.mark.bigmem
 def test_full_size_sd15_both_layouts(tmp_path):
     """SD 1.5's architecture (1.07 G parameters, random weights, fp32): the diffusers folder and the
     ldm single file convert to the same tree, and the converted UNet matches diffusers' at 8x8."""

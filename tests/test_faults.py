@@ -293,7 +293,10 @@ def test_training_killed_at_random_moments_always_leaves_a_loadable_checkpoint(t
     for attempt, sig in enumerate([signal.SIGKILL, signal.SIGINT, signal.SIGKILL, signal.SIGTERM]):
         cmd = [sys.executable, "-m", "minidiff.cli", *map(str, args)] + (["--resume"] if (out / CHECKPOINT).exists() else [])
         p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(float(rng.uniform(4.0, 9.0)))
+        deadline = time.monotonic() + 300  # on a loaded machine start-up alone can take longer than the delay
+        while not (out / CHECKPOINT).exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # so that there is always a checkpoint to resume from
+        time.sleep(float(rng.uniform(1.0, 6.0)))
         p.send_signal(sig)
         _, err = p.communicate(timeout=120)
         if p.returncode == 0:  # finished before the signal

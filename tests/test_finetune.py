@@ -309,6 +309,7 @@ print(json.dumps({"loss": h["loss"], "others_unchanged": digest(params) == befor
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["ti", "dreambooth", "lora"])
+@pytest.mark.bigmem
 def test_one_training_step_at_sd15_size(method):
     """The same code at SD 1.5 size (random weights, 64x64 pictures): the loss is finite, the model
     given is unchanged, and the step moves what it trains (textual inversion: the one vector;
