@@ -352,3 +352,74 @@ def test_micro_conditioning_is_checked():
         load_pipeline().sample_latents("a red circle", original_size=(64, 64))
     with pytest.raises(ValueError, match="unexpected argument.* crop_size"):
         load_pipeline().sample_latents("a red circle", crop_size=(64, 64))
+
+
+SDXL_SHARDING_SCRIPT = """
+import json, sys
+import jax, numpy as np
+from minidiff.pipeline import load_pipeline
+pipe = load_pipeline(sys.argv[1])
+kw = dict(steps=2, seed=3, num_images_per_prompt=4, height=64, width=64, sampler="euler_a",  # noise in every step
+          negative_prompt=["blurry", "dark"], original_size=(96, 96), crops_coords_top_left=(4, 0))
+prompts = ["a lighthouse at dusk", "an owl on a branch"]
+many = pipe.sample_latents(prompts, **kw)
+pipe.devices = jax.devices()[:1]
+one = pipe.sample_latents(prompts, **kw)
+print(json.dumps(dict(devices=len(jax.devices()), err=float(np.abs(many - one).max() / np.abs(one).max()))))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+def test_sdxl_img2img_batches_bfloat16_and_eight_devices(sdxl_files, tmp_path):
+    """SDXL through the same pipeline paths as SD 1.x / 2.x: img2img (strength -> the last
+    round(strength x steps) rows; a strength that rounds to 0 steps returns the VAE's reconstruction),
+    prompts x images per prompt with their negatives and micro-conditioning, bfloat16 close to float32,
+    and a batch of 8 sharded over 8 forced CPU devices equal to one device's (latents within 1e-4)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import jax
+
+    from minidiff.cli import main
+    from minidiff.convert import load_converted
+    from minidiff.images import to_uint8
+    from minidiff.nn.autoencoder import AutoencoderKL
+    from minidiff.pipeline import load_pipeline
+
+    model = tmp_path / "xl.safetensors"
+    assert main(["convert", str(sdxl_files.folder), str(model)]) == 0
+    pipe = load_pipeline(model)
+    assert pipe.is_sdxl and load_converted(model)[1].text_encoder_2 is not None
+    photo = (np.random.default_rng(0).uniform(0, 255, (64, 64, 3))).astype(np.uint8)
+    kw = dict(steps=4, height=64, width=64, sampler="euler", seed=0)
+    out = pipe(["a lighthouse at dusk"], init_image=photo, strength=0.5, original_size=(64, 64), **kw)
+    assert out.shape == (1, 64, 64, 3) and len(pipe.last_timesteps) == 2  # round(0.5 x 4)
+    with pytest.warns(UserWarning, match="rounds to 0 steps"):
+        zero = pipe(["a lighthouse at dusk"], init_image=photo, strength=0.1, **kw)
+    vae_cfg = pipe.vae_config
+    x = jax.numpy.asarray(photo[None] / 127.5 - 1, jax.numpy.float32)
+    recon = to_uint8(jax.jit(AutoencoderKL(vae_cfg).apply)({"params": pipe.params["vae"]}, x)[0])[0]
+    assert np.abs(zero[0].astype(int) - recon).max() <= 1
+    # batches: 2 prompts x 2 images, prompt-major, each with its negative
+    x_T = np.asarray(jax.random.normal(jax.random.key(7), (4, 8, 8, 4)), np.float32)
+    many = pipe(["a lighthouse at dusk", "an owl"], negative_prompt=["blurry", "dark"], num_images_per_prompt=2,
+                latents=x_T, **kw)
+    assert many.shape == (4, 64, 64, 3)
+    single = pipe(["an owl"], negative_prompt=["dark"], num_images_per_prompt=2, latents=x_T[2:], **kw)
+    assert np.abs(many[2:].astype(int) - single).max() <= 2
+    # bfloat16 weights and compute (the VAE in float32): close to float32
+    f32 = pipe.sample_latents(["a lighthouse at dusk"], **kw)
+    bf16 = pipe.sample_latents(["a lighthouse at dusk"], dtype="bfloat16", **kw)
+    rel = float(np.abs(bf16 - f32).max() / np.abs(f32).max())
+    print(f"SDXL bfloat16 vs float32 latents: max difference {rel:.3f} of max |x0|")
+    assert 0 < rel < 0.1
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", SDXL_SHARDING_SCRIPT, str(model)], capture_output=True, text=True,
+                       env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"SDXL on 8 devices vs 1: {result}")
+    assert result["devices"] == 8 and result["err"] < 1e-4, result
