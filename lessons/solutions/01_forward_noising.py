@@ -45,7 +45,7 @@ assert abs(two_steps.var() - var) < 4 * var * np.sqrt(2 / n)
 # The cosine schedule was designed (Nichol & Dhariwal 2021) to fix exactly that: it keeps SNR above
 # 1 longest and has only about 20 such steps.  SD's `scaled_linear` never gets that low at all: its
 # $x_T$ still holds a little signal (Exercise 3), one reason SD cannot draw very dark or very bright
-# pictures (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed").
+# pictures (Lin et al. 2023, "Common diffusion noise schedules and sample steps are flawed").
 
 # %%
 schedules = {name: NoiseSchedule.from_name(name) for name in ("linear", "scaled_linear", "cosine")}
