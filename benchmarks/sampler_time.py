@@ -29,7 +29,7 @@ def main():
 
     print(f"SD 1.5-size txt2img at {args.size}x{args.size}, random weights, 1 prompt, guidance {args.guidance}, "
           "fp32, CPU: seconds per image")
-    print(f"| sampler | steps | minidiff s | diffusers s | minidiff / diffusers | minidiff speed-up | diffusers "
+    print("| sampler | steps | minidiff s | diffusers s | minidiff / diffusers | minidiff speed-up | diffusers "
           "speed-up | peak RSS minidiff | peak RSS diffusers |")
     print("|---|---|---|---|---|---|---|---|---|")
     base = None
