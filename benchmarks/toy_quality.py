@@ -20,6 +20,8 @@ import numpy as np
 from minidiff.metrics import energy_distance, mmd_rbf
 from minidiff.train.diffusion import Batches, load_denoiser
 
+FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"  # the README shows toy_quality_moons.png
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -62,9 +64,6 @@ def main():
         for out in (Path(run) / "quality.png", FIGURES / f"toy_quality_{den.config.data}.png"):
             fig.savefig(out, dpi=90, bbox_inches="tight")
             print(f"  wrote {out}")
-
-
-FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"  # the README shows toy_quality_moons.png
 
 if __name__ == "__main__":
     main()

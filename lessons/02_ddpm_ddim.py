@@ -25,6 +25,7 @@ from _lesson import QUICK, plt, savefig
 
 from minidiff.data import TOY_MIXTURE as gm
 from minidiff.diffusion import InferenceSchedule, NoiseSchedule, ddim_invert, q_sample, sample
+from minidiff.metrics import sliced_wasserstein
 
 rng = np.random.default_rng(0)
 sched = NoiseSchedule.from_name("linear")
@@ -189,7 +190,8 @@ savefig(fig, "02_trajectories.png")
 # %% [markdown]
 # ## 6. How many steps?
 # We measure the distance between generated points and fresh data with the sliced Wasserstein
-# distance (the average 1-D optimal-transport distance over random projections).  The dashed
+# distance (the average 1-D optimal-transport distance over random projections,
+# `minidiff.metrics.sliced_wasserstein`).  The dashed
 # line is the distance between two independent data samples of the same size: the floor.
 
 # %%
@@ -197,22 +199,19 @@ directions = rng.standard_normal((64, 2))
 directions /= np.linalg.norm(directions, axis=1, keepdims=True)
 
 
-def sliced_wasserstein(a, b):
-    pa, pb = np.sort(a @ directions.T, axis=0), np.sort(b @ directions.T, axis=0)
-    return np.mean(np.abs(pa - pb))
-
 
 steps_list = [5, 10, 25, 50] if QUICK else [5, 10, 20, 50, 100, 200, 500, 1000]
 repeats = 3 if QUICK else 5  # independent runs per point: the error bars are their standard error
 reference, _ = gm.sample(n, rng)
-floors = [sliced_wasserstein(gm.sample(n, rng)[0], reference) for _ in range(repeats)]
+floors = [sliced_wasserstein(gm.sample(n, rng)[0], reference, directions) for _ in range(repeats)]
 curves = {"DDIM eta=0": [], "DDIM eta=1 (= DDPM)": []}
 for N in steps_list:
     isc = InferenceSchedule.create(sched, N)
     curves["DDIM eta=0"].append(
-        [sliced_wasserstein(sample(eps_theta, rng.standard_normal((n, 2)), isc, "ddim"), reference) for _ in range(repeats)])
+        [sliced_wasserstein(sample(eps_theta, rng.standard_normal((n, 2)), isc, "ddim"), reference, directions)
+         for _ in range(repeats)])
     curves["DDIM eta=1 (= DDPM)"].append(
-        [sliced_wasserstein(sample(eps_theta, rng.standard_normal((n, 2)), isc, "ddpm", rng=rng), reference)
+        [sliced_wasserstein(sample(eps_theta, rng.standard_normal((n, 2)), isc, "ddpm", rng=rng), reference, directions)
          for _ in range(repeats)])
 fig, ax = plt.subplots(figsize=(7, 4))
 for name, c in curves.items():

@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from minidiff.metrics import energy_distance, median_bandwidth, mmd_rbf
+from minidiff.metrics import energy_distance, median_bandwidth, mmd_rbf, sliced_wasserstein
 
 
 def mean_abs_normal(mu, s):
@@ -101,3 +101,15 @@ def test_bad_input():
         mmd_rbf(np.zeros((1, 2)), np.zeros((5, 2)))
     with pytest.raises(ValueError, match="bandwidth"):
         mmd_rbf(np.ones((5, 2)), np.ones((5, 2)), bandwidth=0.0)
+
+
+def test_sliced_wasserstein_of_a_shift_is_the_mean_projected_shift():
+    """W_1 between a sample and its translate by c, along unit u, is |u . c| exactly."""
+    rng = np.random.default_rng(0)
+    x, c = rng.standard_normal((500, 2)), np.array([0.3, -1.2])
+    u = rng.standard_normal((16, 2))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    assert sliced_wasserstein(x, x, u) == 0.0
+    assert math.isclose(sliced_wasserstein(x, x + c, u), np.mean(np.abs(u @ c)), rel_tol=1e-12)
+    with pytest.raises(ValueError, match="equal size"):
+        sliced_wasserstein(x, x[:10], u)

@@ -18,16 +18,13 @@ from _lesson import QUICK  # noqa: E402
 
 from minidiff.data import TOY_MIXTURE as gm  # noqa: E402
 from minidiff.diffusion import InferenceSchedule, NoiseSchedule, sample  # noqa: E402
+from minidiff.metrics import sliced_wasserstein  # noqa: E402
 
 rng = np.random.default_rng(0)
 n = 1000 if QUICK else 5000
 directions = rng.standard_normal((64, 2))
 directions /= np.linalg.norm(directions, axis=1, keepdims=True)
 
-
-def sliced_wasserstein(a, b):
-    pa, pb = np.sort(a @ directions.T, axis=0), np.sort(b @ directions.T, axis=0)
-    return np.mean(np.abs(pa - pb))
 
 
 # %% [markdown]
@@ -68,8 +65,8 @@ result = {}
 for steps in (10, 100):
     isc = InferenceSchedule.create(sd_toy, steps)
     for eta in (0.0, 0.5, 1.0):
-        d = [sliced_wasserstein(sample(oracle, rng.standard_normal((n, 2)), isc, "ddim", eta=eta, rng=rng), reference)
-             for _ in range(repeats)]
+        d = [sliced_wasserstein(sample(oracle, rng.standard_normal((n, 2)), isc, "ddim", eta=eta, rng=rng), reference,
+                                directions) for _ in range(repeats)]
         result[steps, eta] = (np.mean(d), np.std(d, ddof=1) / np.sqrt(repeats))
         print(f"{steps:4d} steps, eta={eta}: sliced W = {result[steps, eta][0]:.4f} ± {result[steps, eta][1]:.4f}")
 worst_10 = result[10, 1.0]
