@@ -31,6 +31,7 @@ def enable(path=None) -> Path:
     only sets JAX's environment variables (no import); after, it updates JAX's config."""
     path = Path(path).expanduser() if path is not None else default_dir()
     path.mkdir(parents=True, exist_ok=True)
+    _give_every_entry_an_access_time(path)
     settings = {"jax_compilation_cache_dir": str(path),
                 "jax_persistent_cache_min_compile_time_secs": MIN_COMPILE_SECONDS,
                 "jax_persistent_cache_min_entry_size_bytes": -1,  # no size floor
@@ -46,6 +47,19 @@ def enable(path=None) -> Path:
         jax.config.update(name, value)
     compilation_cache.reset_cache()  # read the new folder from the next compilation on
     return path
+
+
+def _give_every_entry_an_access_time(path: Path) -> None:
+    """JAX's size limit evicts by the ``<key>-atime`` file beside each ``<key>-cache``; an entry written
+    without a limit (plain ``JAX_COMPILATION_CACHE_DIR``) has none, and then every later write into the
+    folder fails with FileNotFoundError.  Such entries get the oldest time: they go first."""
+    for entry in path.glob("*-cache"):
+        atime = entry.with_name(entry.name[: -len("-cache")] + "-atime")
+        if not atime.exists():
+            try:
+                atime.write_bytes((0).to_bytes(8, "little"))
+            except OSError:
+                return
 
 
 def disable() -> None:

@@ -70,3 +70,19 @@ def test_the_default_folder_follows_the_environment(monkeypatch, tmp_path):
     assert compile_cache.default_dir() == tmp_path / "minidiff" / "jax"
     monkeypatch.setenv("MINIDIFF_CACHE_DIR", str(tmp_path / "mine"))
     assert compile_cache.default_dir() == tmp_path / "mine"
+
+
+def test_entries_written_without_a_size_limit_do_not_block_later_writes(tmp_path):
+    """An entry from a run without JAX's size limit has no access-time file; JAX's eviction reads one for
+    every entry, so without enable()'s repair every later write failed (a warning, nothing kept)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "jit_old-0123-cache").write_bytes(b"compiled elsewhere")
+    script = (f"import minidiff.compile_cache as cc, os; cc.enable({str(cache)!r}); "
+              "os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'; import jax, jax.numpy as jnp; "
+              "jax.jit(lambda x: jnp.sin(x) * 3)(jnp.ones(3)).block_until_ready()")
+    r = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    written = {p.name for p in cache.glob("*-cache")} - {"jit_old-0123-cache"}
+    assert written and all((cache / (n[:-len("-cache")] + "-atime")).is_file() for n in written), sorted(cache.iterdir())
