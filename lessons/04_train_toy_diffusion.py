@@ -34,7 +34,7 @@ import time
 
 import jax
 import numpy as np
-from _lesson import QUICK, plt, savefig
+from _lesson import QUICK, ROOT, plt, savefig
 
 from minidiff.diffusion import q_sample, velocity
 from minidiff.images import image_grid
@@ -196,8 +196,6 @@ for p in models:
 # a few steps, only to show the mechanics.
 
 # %%
-from pathlib import Path  # noqa: E402
-
 from minidiff.train.checkpoint import CHECKPOINT  # noqa: E402
 
 SHAPES = dict(cond="class", latent=True, class_conditioning="tokens", cond_drop=0.1, prediction="v_prediction")
@@ -207,7 +205,7 @@ if QUICK:
                                               "norm_num_groups": 4, "cross_attention_dim": 8})
     shapes_trainer = Trainer(shapes)
 else:
-    run_dir = Path(__file__).resolve().parent.parent / "runs" / "lesson04_shapes"
+    run_dir = ROOT / "runs" / "lesson04_shapes"
     shapes = TrainConfig.create("shapes", **SHAPES, steps=1400, batch=32, lr=1e-3, warmup=100, lr_decay=True,
                                 model_kwargs={"block_out_channels": [64, 128], "attention": [True, True]},
                                 checkpoint_every=250)

@@ -30,12 +30,11 @@
 # %%
 import textwrap
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _lesson import QUICK, plt, savefig
+from _lesson import QUICK, ROOT, plt, savefig
 
 from minidiff import vq
 from minidiff.data import ShapesDataset, to_uint8, to_unit_range
@@ -154,8 +153,8 @@ savefig(fig, "05_collapse_and_restart.png")
 # %% [markdown]
 # ## 4. A VQ-VAE on the shapes
 # `minidiff train-vqvae --out runs/vqvae` (3,000 steps, about 20 minutes on one CPU core) trains the
-# encoder, the 512-entry EMA codebook and the decoder; the lesson reuses that run if it exists.  Quick
-# mode trains a tiny model for a few steps, only to show the mechanics.
+# encoder, the 512-entry EMA codebook and the decoder.  The lesson uses that run if it exists, else the
+# small copy of the same run shipped with the lessons (`lessons/checkpoints/vqvae`, float16 weights).
 #
 # Two choices in the loss decide whether small shapes survive the 8x8 grid of codes.  Most pixels
 # are black background, so a plain mean error is ruled by it: the shape's pixels count 11 times
@@ -163,23 +162,24 @@ savefig(fig, "05_collapse_and_restart.png")
 # sharper than the squared error: a circle stays a circle, not a blob between circle and square.
 
 # %%
-run = Path(__file__).resolve().parent.parent / "runs" / "vqvae"
-if QUICK:
-    cfg = VQVAETrainConfig(steps=20, batch=8, restart_every=10,
-                           model={"channels": [8, 16, 16], "groups": 4, "num_codes": 64, "latent_dim": 8})
-    trainer = VQVAETrainer(cfg)
-    trainer.train(progress=False)
-    model, variables = trainer.model, trainer.variables()
-elif (run / CHECKPOINT).is_file():
-    model, variables, cfg = load_vqvae(run)
-else:
-    cfg = VQVAETrainConfig()
-    trainer = VQVAETrainer(cfg, run)
-    trainer.train()
-    model, variables = trainer.model, trainer.variables()
+def trained(name: str, cfg: VQVAETrainConfig, tiny: VQVAETrainConfig):
+    """Your run in runs/NAME if there is one, else the small copy shipped in lessons/checkpoints/NAME
+    (`python lessons/checkpoints/build.py` remakes it), else train (``tiny`` in quick mode)."""
+    for run in (ROOT / "runs" / name, ROOT / "lessons" / "checkpoints" / name):
+        if (run / CHECKPOINT).is_file():
+            print(f"{name}: {run.relative_to(ROOT)}")
+            return load_vqvae(run)
+    trainer = VQVAETrainer(tiny if QUICK else cfg, None if QUICK else ROOT / "runs" / name)
+    trainer.train(progress=not QUICK)
+    return trainer.model, trainer.variables(), trainer.config
+
+
+TINY = {"channels": [8, 16, 16], "groups": 4, "num_codes": 64, "latent_dim": 8}
+model, variables, cfg = trained("vqvae", VQVAETrainConfig(),
+                                VQVAETrainConfig(steps=20, batch=8, restart_every=10, model=TINY))
 
 metrics = evaluate_vqvae(model, variables, cfg, n=100 if QUICK else 1000, judge=not QUICK)
-print(metrics)
+print({k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()})
 
 images, _, captions = ShapesDataset(seed=123).sample(8, np.random.default_rng(123))
 x = to_unit_range(images)
@@ -232,6 +232,88 @@ ax.imshow(image_grid(to_uint8(np.asarray(again)), 8))
 ax.set_title("painted by the decoder from the 8x8 code grids alone")
 ax.axis("off")
 savefig(fig, "05_decoded_from_indices.png")
+
+# %% [markdown]
+# ## 5. DALL-E's discrete VAE: a distribution over the codes, and the Gumbel-softmax
+# DALL-E (Ramesh et al. 2021, sec. 2.1) also turns pictures into grids of codes (32 x 32 of 8,192), but
+# not by the nearest code.  Its encoder outputs *logits* $l_1..l_K$ at each position, a distribution
+# $q(k \mid x) = \mathrm{softmax}(l)_k$ over the codes; training maximises the ELBO
+#
+# $$\log p(x) \ge \mathbb E_{k \sim q}\big[\log p(x \mid e_k)\big] - \mathrm{KL}\big(q(k \mid x) \,\|\, p(k)\big),$$
+#
+# with a uniform prior $p(k) = 1/K$ while the autoencoder trains, so the KL term is
+# $\sum_k q_k \log(K q_k)$ (`minidiff.vq.kl_to_uniform`): 0 for an undecided encoder, $\log K$ for a
+# certain one.  The expectation needs a *sample* $k \sim q$ that gradients can pass.  Two facts give one:
+#
+# * **Gumbel-max**: with $g_k = -\log(-\log U_k)$, $U_k \sim U(0, 1)$, the index
+#   $\arg\max_k (\log q_k + g_k)$ is distributed exactly as $q$.
+# * **Gumbel-softmax** (Jang et al. 2017; Maddison et al. 2017): replace the argmax's one-hot by
+#   $y = \mathrm{softmax}((\log q + g)/\tau)$; the decoder reads $z = \sum_k y_k e_k$.  At $\tau \to 0$,
+#   $y$ is the one-hot of the sample; for $\tau > 0$ it is smooth, and the gradient reaches the logits and
+#   the codebook without a straight-through copy.  DALL-E anneals $\tau$ from 1 to 1/16.
+#
+# First both facts, numerically (`minidiff.vq.gumbel_softmax` is the NumPy reference of
+# `minidiff.nn.quantizer.GumbelQuantizer`):
+
+# %%
+logits = np.array([1.5, 0.5, 0.0, -0.5, 1.0])
+q = np.exp(vq.log_softmax(logits))
+n = 100_000
+g = rng.gumbel(size=(n, len(q)))
+freq = np.bincount((np.log(q) + g).argmax(-1), minlength=len(q)) / n
+se = np.sqrt(q * (1 - q) / n)  # the binomial standard error of each frequency
+print("q             ", np.round(q, 4))
+print("argmax freq.  ", np.round(freq, 4), f"  largest |freq - q| = {np.abs(freq - q).max() / se.max():.1f} standard errors")
+assert np.all(np.abs(freq - q) < 5 * se)
+
+taus = (2.0, 1.0, 0.5, 1 / 16)
+fig, axes = plt.subplots(1, len(taus) + 1, figsize=(15, 2.8), sharey=True)
+axes[0].bar(range(len(q)), q, color="grey")
+axes[0].set_title("q = softmax(l)")
+for ax, tau in zip(axes[1:], taus):
+    for j in range(3):  # three draws of g, the same in every panel
+        ax.bar(np.arange(len(q)) + 0.27 * (j - 1), vq.gumbel_softmax(logits, g[j], tau), width=0.27)
+    ax.set_title(f"y at tau = {tau:g} (3 draws)")
+for ax in axes:
+    ax.set_xlabel("code k")
+fig.suptitle("Gumbel-softmax: a relaxed sample of q, nearly one-hot as tau falls")
+savefig(fig, "05_gumbel_softmax.png")
+
+# %% [markdown]
+# The same architecture as the VQ-VAE above, with `quantizer="gumbel"`: the encoder's last layer gives
+# 512 logits per position instead of a 32-vector, the codebook is a plain parameter (no EMA, no
+# restarts: no code is ever left without gradient, since every code gets a share $y_k$ of every
+# position), and the loss adds `kl_weight` times the KL.  Trained for the same 3,000 steps
+# (`minidiff train-vqvae --model-kwargs '{"quantizer": "gumbel"}' --restart-every 0 --out runs/dvae`);
+# after training the argmax code is the token, as for the VQ-VAE.
+
+# %%
+dvae, dvae_variables, dvae_cfg = trained(
+    "dvae", VQVAETrainConfig(restart_every=0, model={**VQVAETrainConfig().model, "quantizer": "gumbel"}),
+    VQVAETrainConfig(steps=20, batch=8, restart_every=0, model={**TINY, "quantizer": "gumbel"}))
+dvae_metrics = evaluate_vqvae(dvae, dvae_variables, dvae_cfg, n=100 if QUICK else 1000, judge=not QUICK)
+rows = [("", "VQ-VAE (nearest code)", "dVAE (Gumbel-softmax)")]
+for key, name in (("psnr_mean", "PSNR (dB)"), ("reconstruction_accuracy_shape", "shape read back"),
+                  ("reconstruction_accuracy_joint", "shape, colour, position read back"),
+                  ("fraction_used", "codes used"), ("perplexity", "perplexity")):
+    if key in metrics:
+        rows.append((name, f"{metrics[key]:.3g}", f"{dvae_metrics[key]:.3g}"))
+print(f"held-out pictures: n = {metrics['n']}")
+for r in rows:
+    print(f"{r[0]:36s}{r[1]:>24s}{r[2]:>24s}")
+
+x_dvae, idx_dvae, _ = dvae.apply(dvae_variables, x)
+fig, axes = plt.subplots(3, 8, figsize=(16, 6.3))
+for i in range(8):
+    for row, picture in enumerate((images[i], to_uint8(np.asarray(x_hat[i])), to_uint8(np.asarray(x_dvae[i])))):
+        axes[row, i].imshow(picture)
+        axes[row, i].set_xticks([])
+        axes[row, i].set_yticks([])
+for row, name in enumerate(("picture", "VQ-VAE", "dVAE")):
+    axes[row, 0].set_ylabel(name)
+fig.suptitle(f"held-out reconstructions: VQ-VAE {metrics['psnr_mean']:.1f} dB, dVAE {dvae_metrics['psnr_mean']:.1f} dB "
+             f"(mean PSNR over n = {metrics['n']})")
+savefig(fig, "05_vqvae_vs_dvae.png")
 
 # %% [markdown]
 # ## Exercises

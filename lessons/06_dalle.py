@@ -33,7 +33,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _lesson import QUICK, plt, savefig
+from _lesson import QUICK, ROOT, plt, savefig
 
 from minidiff.data import CaptionTokenizer
 from minidiff.nn import dalle
@@ -43,7 +43,6 @@ from minidiff.train.dalle import DalleTrainConfig, DalleTrainer, evaluate_dalle,
 from minidiff.images import image_grid
 from minidiff.train.vqvae import VQVAETrainConfig, VQVAETrainer
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # %% [markdown]
 # ## 1. The sequence

@@ -25,6 +25,7 @@ QUICK = _args.quick or os.environ.get("MINIDIFF_QUICK", "") not in ("", "0")
 if QUICK:  # a few steps of everything: compiling fast matters more than running fast (XLA reads this at start-up)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 OUT = Path(_args.out)
+ROOT = Path(__file__).resolve().parent.parent  # the repository (runs/ and lessons/checkpoints/ live here)
 OUT.mkdir(parents=True, exist_ok=True)
 
 

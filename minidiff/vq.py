@@ -9,7 +9,11 @@ Each encoder vector z (..., D) is replaced by its nearest code of a codebook e (
 2017, A.1), which use only array operators and so also run on traced JAX arrays
 (``minidiff.nn.quantizer`` calls them); and, NumPy only, ``restart_dead_codes`` (unused codes moved
 onto random encoder outputs, as in Jukebox) and the usage statistics ``codebook_usage``,
-``fraction_used``, ``perplexity`` (the effective number of codes in use).  Lesson 5.
+``fraction_used``, ``perplexity`` (the effective number of codes in use).
+
+DALL-E's dVAE (Ramesh et al. 2021) replaces the nearest code by a distribution over the codes:
+``gumbel_softmax`` (the relaxed sample the decoder is trained on) and ``kl_to_uniform`` (the ELBO's
+prior term), NumPy references of ``minidiff.nn.quantizer.GumbelQuantizer``.  Lesson 5.
 """
 
 from __future__ import annotations
@@ -62,6 +66,38 @@ def quantize(z, codebook):
     z, codebook = _as_array(z), _as_array(codebook)
     indices = squared_distances(z, codebook).argmin(-1)
     return indices, codebook[indices]
+
+
+# ---------------------------------------------------------------------------------------------
+# The dVAE's relaxed code (NumPy references)
+# ---------------------------------------------------------------------------------------------
+
+
+def log_softmax(logits):
+    """log q_k = l_k - log sum_j exp l_j over the last axis (max subtracted first: no overflow)."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def gumbel_softmax(logits, gumbel, tau: float):
+    """The Gumbel-softmax relaxation (Jang et al. 2017; Maddison et al. 2017) of a sample of q = softmax(l):
+
+        y_k = exp((log q_k + g_k) / tau) / sum_j exp((log q_j + g_j) / tau),   g_k ~ Gumbel(0, 1) = -log(-log U)
+
+    As tau -> 0, y becomes the one-hot of argmax_k (log q_k + g_k), which is distributed exactly as q
+    (the Gumbel-max trick); for tau > 0 it is smooth in the logits.  logits, gumbel (..., K) -> (..., K).
+    """
+    if not tau > 0:
+        raise ValueError(f"the temperature tau must be positive, got {tau}")
+    return np.exp(log_softmax((log_softmax(logits) + np.asarray(gumbel, np.float64)) / tau))
+
+
+def kl_to_uniform(logits):
+    """KL(q || uniform over K codes) = sum_k q_k log(K q_k) in nats, per position (..., K) -> (...):
+    0 when every code is equally likely, log K when q is one-hot."""
+    log_q = log_softmax(logits)
+    return (np.exp(log_q) * (log_q + np.log(log_q.shape[-1]))).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -193,6 +193,26 @@ def test_vqvae_trainer_resumes_exactly_across_dead_code_restarts(tmp_path):
     assert resumed.history["restarted"] == whole.history["restarted"] and len(whole.history["restarted"]) == 3
 
 
+def test_a_slim_copy_samples_like_the_run_and_refuses_to_resume(tmp_path):
+    """The lessons ship slim copies: float16 weights, no optimizer state (a sixth of the file)."""
+    from minidiff.train.checkpoint import CHECKPOINT, slim_checkpoint
+    from minidiff.train.vqvae import VQVAETrainConfig, VQVAETrainer, load_vqvae
+
+    cfg = VQVAETrainConfig(steps=2, batch=4, restart_every=0, warmup=1,
+                           model={"channels": [8, 8], "groups": 4, "num_codes": 16, "latent_dim": 4})
+    VQVAETrainer(cfg, tmp_path / "run").train(progress=False)
+    slim_checkpoint(tmp_path / "run", tmp_path / "slim")
+    assert (tmp_path / "slim" / CHECKPOINT).stat().st_size < (tmp_path / "run" / CHECKPOINT).stat().st_size / 3
+    (model, full, _), (_, small, _) = load_vqvae(tmp_path / "run"), load_vqvae(tmp_path / "slim")
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(small)):
+        assert b.dtype == a.dtype
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-4)  # float16's 11 bits
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(model.apply(small, x)[0], model.apply(full, x)[0], atol=0.02)
+    with pytest.raises(ValueError, match="slim copy"):
+        VQVAETrainer.resume(tmp_path / "slim")
+
+
 @pytest.mark.slow
 def test_dalle_trainer_resumes_exactly(tmp_path):
     from minidiff.train.dalle import DalleTrainConfig, DalleTrainer

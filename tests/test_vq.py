@@ -268,3 +268,77 @@ def test_vqvae_training_loss_counts_shape_pixels_1_plus_w_times(reconstruction):
     np.testing.assert_allclose(float(loss), (w * error).sum() / (w.sum() * 3) + float(aux["loss"]), rtol=1e-4)
     with pytest.raises(ValueError, match="reconstruction"):
         VQVAETrainConfig(reconstruction="l3")
+
+
+# --- DALL-E's dVAE: the Gumbel-softmax relaxation instead of the nearest code ----------------------------------
+
+def test_gumbel_max_samples_q_and_the_relaxation_tends_to_its_one_hot(rng):
+    """argmax_k (log q_k + g_k) with g ~ Gumbel(0, 1) is a sample of q (the Gumbel-max trick): the
+    frequencies over n draws lie within 5 binomial standard deviations of q; and as tau -> 0 the
+    Gumbel-softmax becomes that one-hot."""
+    logits = np.array([2.0, 0.5, 0.0, -1.0, 1.0])
+    q = np.exp(vq.log_softmax(logits))
+    n = 200_000
+    g = rng.gumbel(size=(n, 5))
+    counts = np.bincount((vq.log_softmax(logits) + g).argmax(-1), minlength=5)
+    assert np.all(np.abs(counts / n - q) < 5 * np.sqrt(q * (1 - q) / n)), (counts / n, q)
+    y = vq.gumbel_softmax(logits, g[:1000], tau=0.01)  # the sample's own code, and nearly one-hot
+    np.testing.assert_array_equal(y.argmax(-1), (logits + g[:1000]).argmax(-1))
+    assert np.median(y.max(-1)) > 1 - 1e-6 and y.max(-1).mean() > 0.97
+    np.testing.assert_allclose(vq.gumbel_softmax(logits, g[:3], tau=1e4), 0.2, atol=1e-3)  # hot: uniform
+    np.testing.assert_allclose(vq.gumbel_softmax(logits, g[:100], tau=0.7).sum(-1), 1.0)
+    with pytest.raises(ValueError, match="tau"):
+        vq.gumbel_softmax(logits, g[:1], tau=0.0)
+
+
+def test_kl_to_uniform_is_zero_for_equal_logits_and_log_k_for_one_hot():
+    assert abs(vq.kl_to_uniform(np.zeros(8))) < 1e-12
+    np.testing.assert_allclose(vq.kl_to_uniform(np.array([100.0, 0, 0, 0])), np.log(4), rtol=1e-9)
+    q = np.array([0.5, 0.25, 0.25])
+    np.testing.assert_allclose(vq.kl_to_uniform(np.log(q)), np.sum(q * np.log(3 * q)), rtol=1e-12)
+
+
+def test_gumbel_quantizer_matches_the_numpy_reference_and_its_gradient_reaches_the_logits(rng):
+    from minidiff.nn.quantizer import GumbelQuantizer
+
+    K, D, tau = 6, 3, 0.5
+    model = GumbelQuantizer(K, D, kl_weight=0.1)
+    logits = jnp.asarray(rng.standard_normal((2, 4, K)), jnp.float32)
+    g = rng.gumbel(size=logits.shape).astype(np.float32)
+    variables = model.init(jax.random.key(0), logits)
+    e = np.asarray(variables["params"]["codebook"])
+    z, idx, aux = model.apply(variables, logits, tau, jnp.asarray(g))
+    np.testing.assert_allclose(z, vq.gumbel_softmax(np.asarray(logits), g, tau) @ e, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(idx, np.asarray(logits).argmax(-1))
+    np.testing.assert_allclose(aux["kl"], vq.kl_to_uniform(np.asarray(logits)).mean(), rtol=1e-5)
+    np.testing.assert_allclose(aux["loss"], 0.1 * aux["kl"], rtol=1e-6)
+    hard, _, _ = model.apply(variables, logits)  # evaluation: the argmax code itself
+    np.testing.assert_allclose(hard, e[np.asarray(idx)], rtol=1e-6)
+    # unlike the nearest code, the relaxed sample is differentiable: every logit gets a gradient
+    w = jnp.asarray(rng.standard_normal(z.shape), jnp.float32)
+    grad = jax.grad(lambda l: jnp.sum(w * model.apply(variables, l, tau, jnp.asarray(g))[0]))(logits)
+    assert np.all(np.asarray(grad) != 0)
+    drawn = jax.jit(lambda l, k: model.apply(variables, l, tau, rngs={"gumbel": k})[0])
+    assert not np.allclose(drawn(logits, jax.random.key(1)), drawn(logits, jax.random.key(2)))
+    with pytest.raises(ValueError, match="6 codes"):
+        model.apply(variables, logits[..., :5])
+
+
+def test_a_dvae_trains_on_the_shapes_with_falling_temperature_and_resumes_exactly(tmp_path):
+    from minidiff.train.vqvae import VQVAETrainConfig, VQVAETrainer
+
+    cfg = VQVAETrainConfig(steps=4, batch=4, restart_every=0, warmup=1, model={
+        "channels": [8, 8], "groups": 4, "num_codes": 16, "latent_dim": 4, "quantizer": "gumbel"})
+    assert cfg.tau(0) == 1.0 and abs(cfg.tau(3) - 1 / 16) < 1e-12 and cfg.tau(1) > cfg.tau(2)
+    whole = VQVAETrainer(cfg)
+    whole.train(progress=False)
+    assert whole.engine.history["kl"] and np.isfinite(whole.engine.history["loss"]).all()
+    VQVAETrainer(cfg, tmp_path).train(until=2, progress=False)
+    resumed = VQVAETrainer.resume(tmp_path)
+    resumed.train(progress=False)
+    for a, b in zip(jax.tree.leaves(resumed.engine.state), jax.tree.leaves(whole.engine.state)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="restart_every=0"):
+        VQVAETrainConfig(model={"quantizer": "gumbel"})
+    with pytest.raises(ValueError, match="quantizer must be"):
+        VQVAETrainConfig(model={"quantizer": "kmeans"})

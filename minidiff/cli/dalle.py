@@ -18,6 +18,8 @@ def add(sub):
     v.add_argument("--foreground-weight", type=float,
                    help=f"shape pixels count 1 + this in the reconstruction error (default: {vq.foreground_weight})")
     v.add_argument("--reconstruction", choices=("l1", "l2"), help=f"reconstruction error (default: {vq.reconstruction})")
+    v.add_argument("--restart-every", type=int, help=f"move unused codes every N steps, 0: never (default: "
+                   f"{vq.restart_every}; DALL-E's dVAE, --model-kwargs '{{\"quantizer\": \"gumbel\"}}', needs 0)")
     v.add_argument("--seed", type=int)
     v.add_argument("--resume", action="store_true", help="continue the run in --out (its saved settings; --steps may grow)")
     v.add_argument("--no-progress", action="store_true")
@@ -82,6 +84,7 @@ def train_vqvae(args):
         model = json_arg(args.model_kwargs, "--model-kwargs")
         config = VQVAETrainConfig(**given(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                                           foreground_weight=args.foreground_weight, reconstruction=args.reconstruction,
+                                          restart_every=args.restart_every,
                                           model={**VQVAETrainConfig().model, **model} if model else None))
         from ..train.vqvae import VQVAETrainer, evaluate_vqvae
 

@@ -8,7 +8,10 @@
 ``ema=True`` keeps it in the collection ``"vq_ema"`` (``codebook``, ``cluster_size``, ``embed_sum``),
 gives it no gradient (codebook loss 0) and moves it with ``minidiff.vq.ema_update`` when called as
 ``vq.apply(variables, z, update=True, mutable=["vq_ema"])``.  Tokens -> vectors:
-``vq.apply(variables, indices, method=VectorQuantizer.lookup)``.  Lesson 5.
+``vq.apply(variables, indices, method=VectorQuantizer.lookup)``.
+
+``GumbelQuantizer`` is DALL-E's alternative (the dVAE): logits over the codes instead of a vector,
+trained through a Gumbel-softmax relaxation instead of straight-through.  Lesson 5.
 """
 
 from __future__ import annotations
@@ -85,3 +88,47 @@ class VectorQuantizer(nn.Module):
         aux = {"codebook_loss": codebook_loss, "commitment_loss": commitment_loss,
                "loss": codebook_loss + commitment_loss}
         return z_st, indices, aux
+
+
+class GumbelQuantizer(nn.Module):
+    """DALL-E's dVAE bottleneck (Ramesh et al. 2021, sec. 2.1): the encoder gives logits l (..., K) over
+    the codes at each position, q = softmax(l).  Training feeds the decoder a relaxed sample
+
+        y = softmax((log q + g) / tau),  g ~ Gumbel(0, 1)        z = sum_k y_k e_k = y @ e
+
+    (``minidiff.vq.gumbel_softmax``; tau is annealed from 1 towards 1/16, where y is nearly one-hot) and
+    adds the ELBO's prior term KL(q || uniform) (``minidiff.vq.kl_to_uniform``), weighted by
+    ``kl_weight``.  No nearest-neighbour search, no straight-through: the gradient reaches the logits and
+    the codebook through the softmax.  Without ``tau`` (evaluation, tokens for the transformer):
+    k = argmax_k l_k and z = e_k.
+
+    ``__call__(logits, tau=None, gumbel=None)`` -> ``(z, indices, aux)`` like ``VectorQuantizer``; with a
+    tau it draws g from the ``"gumbel"`` rng (``apply(..., rngs={"gumbel": key})``) unless given.
+    """
+
+    num_codes: int = 512  # K
+    dim: int = 32  # D
+    kl_weight: float = 0.01
+
+    def setup(self):
+        self.codebook = self.param("codebook", nn.initializers.normal(1.0), (self.num_codes, self.dim))
+
+    def get_codebook(self):
+        return self.codebook
+
+    def lookup(self, indices):
+        return self.codebook[jnp.asarray(indices)]
+
+    def __call__(self, logits, tau=None, gumbel=None):
+        if logits.shape[-1] != self.num_codes:
+            raise ValueError(f"logits have shape {tuple(logits.shape)}: the last dimension must be the "
+                             f"{self.num_codes} codes")
+        log_q = jax.nn.log_softmax(logits.astype(jnp.float32))
+        indices = jnp.argmax(log_q, -1)
+        if tau is None:
+            y = jax.nn.one_hot(indices, self.num_codes, dtype=jnp.float32)
+        else:
+            g = jax.random.gumbel(self.make_rng("gumbel"), log_q.shape) if gumbel is None else gumbel
+            y = jax.nn.softmax((log_q + g) / tau)  # the relaxed one-hot sample
+        kl = jnp.mean(jnp.sum(jnp.exp(log_q) * (log_q + jnp.log(self.num_codes)), -1))  # KL(q || 1/K), nats
+        return y @ self.codebook, indices, {"kl": kl, "loss": self.kl_weight * kl}

@@ -3,7 +3,9 @@
     x (B, H, W, 3) ─encoder─► z (B, H/f, W/f, D) ─quantizer─► indices (B, H/f, W/f), z_q ─decoder─► x_hat
 
 f = 2^(len(channels) - 1).  Loss = ||x - x_hat||^2 + codebook loss + commitment loss (see
-``minidiff.nn.quantizer``).  The image becomes a grid of integers: the DALL-E-style transformer
+``minidiff.nn.quantizer``).  ``quantizer="gumbel"`` makes it DALL-E's dVAE instead: the encoder gives
+K logits per position, training decodes a Gumbel-softmax sample (``tau``), the loss adds the KL to a
+uniform prior; evaluation decodes the argmax code.  The image becomes a grid of integers: the DALL-E-style transformer
 (``minidiff.nn.dalle``) writes such grids token by token, and :meth:`VQVAE.decode_indices` turns
 them back into pictures.
 
@@ -21,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from .layers import Downsample, ResnetBlock, Upsample, conv3x3
-from .quantizer import VectorQuantizer
+from .quantizer import GumbelQuantizer, VectorQuantizer
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,13 @@ class VQVAEConfig:
     ema: bool = True
     decay: float = 0.99
     groups: int = 32
+    quantizer: str = "nearest"  # "nearest": VQ-VAE (straight-through); "gumbel": DALL-E's dVAE
+    kl_weight: float = 0.01  # gumbel: weight of KL(q || uniform) per position (nats)
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(self.channels))
+        if self.quantizer not in ("nearest", "gumbel"):
+            raise ValueError(f"quantizer must be 'nearest' or 'gumbel', got {self.quantizer!r}")
         bad = [c for c in self.channels if c % self.groups]
         if bad:
             raise ValueError(f"channels {bad} are not divisible by the {self.groups} GroupNorm groups")
@@ -62,7 +68,7 @@ class Encoder(nn.Module):
                 h = Downsample(ch, name=f"down_{level}_downsample")(h)
         h = ResnetBlock(c.channels[-1], c.groups, name="mid_res")(h, None)
         h = nn.silu(nn.GroupNorm(c.groups, name="norm_out")(h))
-        return nn.Conv(c.latent_dim, (1, 1), name="conv_out")(h)
+        return nn.Conv(c.num_codes if c.quantizer == "gumbel" else c.latent_dim, (1, 1), name="conv_out")(h)
 
 
 class Decoder(nn.Module):
@@ -88,17 +94,25 @@ class VQVAE(nn.Module):
     def setup(self):
         c = self.config
         self.encoder = Encoder(c)
-        self.quantizer = VectorQuantizer(c.num_codes, c.latent_dim, c.beta, c.ema, c.decay)
+        if c.quantizer == "gumbel":
+            self.quantizer = GumbelQuantizer(c.num_codes, c.latent_dim, c.kl_weight)
+        else:
+            self.quantizer = VectorQuantizer(c.num_codes, c.latent_dim, c.beta, c.ema, c.decay)
         self.decoder = Decoder(c)
 
-    def __call__(self, x, update: bool = False):
-        """x (B, H, W, 3) in [-1, 1] -> (x_hat, indices (B, h, w), aux losses of the quantizer)."""
+    def __call__(self, x, update: bool = False, tau=None):
+        """x (B, H, W, 3) in [-1, 1] -> (x_hat, indices (B, h, w), aux losses of the quantizer).
+        ``update``: move the EMA codebook (nearest); ``tau``: decode a Gumbel-softmax sample at this
+        temperature (gumbel; needs ``rngs={"gumbel": key}``), else the argmax code."""
         z = self.encoder(x)
-        z_st, indices, aux = self.quantizer(z, update)
-        return self.decoder(z_st), indices, aux
+        if self.config.quantizer == "gumbel":
+            z_q, indices, aux = self.quantizer(z, tau)
+        else:
+            z_q, indices, aux = self.quantizer(z, update)
+        return self.decoder(z_q), indices, aux
 
     def encode(self, x):
-        """x -> (z before quantization, indices)."""
+        """x -> (the encoder's output: z before quantization, or the logits of the dVAE; indices)."""
         z = self.encoder(x)
         return z, self.quantizer(z)[1]
 

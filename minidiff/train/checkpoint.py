@@ -7,6 +7,9 @@ Written with :func:`minidiff.files.atomic_write`, so a run killed mid-write keep
 checkpoint (and the next save removes the dead run's temporary file).  ``RUN/config.json`` is a readable copy, never
 needed to load.  Parameters come back as plain nested dicts; optimizer states (tuples of optax
 NamedTuples) need a template of the same structure (``target``) to come back exactly.
+
+:func:`slim_checkpoint` writes the small copy of a finished run that the lessons ship: the weights
+only (no optimizer state), in float16; :func:`load_checkpoint` reads them back as float32.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ def load_checkpoint(run_dir, target=None):
         state, config, meta = raw["state"], json.loads(raw["config"]), json.loads(raw.get("meta", "{}"))
     except Exception as e:  # truncated or foreign file: msgpack/KeyError/JSON errors
         raise ValueError(f"{path} is not a minidiff checkpoint (or is damaged): {type(e).__name__}: {e}") from None
+    if meta.get("slim"):  # float16 on disk, float32 to compute with
+        state = _map_arrays(lambda a: a.astype(np.float32) if a.dtype == np.float16 else a, state)
     if target is not None:
         try:
             state = serialization.from_state_dict(target, state)
@@ -71,3 +76,22 @@ def _check_shapes(target, state, path):
         if np.shape(want) != np.shape(got):
             raise ValueError(f"{path}: {jax.tree_util.keystr(where)} has shape {np.shape(got)}, "
                              f"the model expects {np.shape(want)}")
+
+
+def _map_arrays(f, tree):
+    if isinstance(tree, dict):
+        return {k: _map_arrays(f, v) for k, v in tree.items()}
+    return f(tree) if isinstance(tree, np.ndarray) else tree
+
+
+SLIM_KEEP = ("step", "params", "model_state", "attachments")  # what a model needs; not the optimizer's moments
+
+
+def slim_checkpoint(run_dir, out_dir) -> Path:
+    """Copy a run's weights into ``out_dir`` as a checkpoint without optimizer state, floats as float16
+    (about a sixth of the file: Adam keeps two moments per weight).  It loads like the run for
+    sampling and evaluation (``load_vqvae``, ``load_dalle``), not for resuming training."""
+    state, config, meta = load_checkpoint(run_dir)
+    slim = {k: v for k, v in state.items() if k in SLIM_KEEP}
+    slim = _map_arrays(lambda a: a.astype(np.float16) if a.dtype == np.float32 else a, slim)
+    return save_checkpoint(out_dir, slim, config, {**meta, "slim": True})

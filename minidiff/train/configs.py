@@ -147,7 +147,7 @@ class VQVAETrainConfig:
     batch: int = 32
     lr: float = 2e-3
     warmup: int = 100
-    restart_every: int = 100  # dead-code restart period (0: never)
+    restart_every: int = 100  # dead-code restart period (0: never; the nearest-code quantizer only)
     # shape pixels count 1 + this in the reconstruction error (0: the plain mean, ruled by the black
     # background, which lets the decoder draw small shapes as blobs)
     foreground_weight: float = 10.0
@@ -157,6 +157,10 @@ class VQVAETrainConfig:
     image_size: int = 32
     model: dict = field(default_factory=lambda: {"channels": [16, 32, 64], "groups": 8})
     checkpoint_every: int = 500
+    # model={"quantizer": "gumbel"} (DALL-E's dVAE): the Gumbel-softmax temperature falls geometrically
+    # from tau_start at step 0 to tau_end at the last step (DALL-E: 1 -> 1/16)
+    tau_start: float = 1.0
+    tau_end: float = 1 / 16
 
     def __post_init__(self):
         for name in ("steps", "batch", "image_size"):
@@ -166,7 +170,15 @@ class VQVAETrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.reconstruction not in RECONSTRUCTIONS:
             raise ValueError(f"reconstruction must be 'l1' or 'l2', got {self.reconstruction!r}")
-        self.model_config()  # validate the model settings now
+        if not 0 < self.tau_end <= self.tau_start:
+            raise ValueError(f"need 0 < tau_end <= tau_start, got tau_start={self.tau_start}, tau_end={self.tau_end}")
+        if self.model_config().quantizer == "gumbel" and self.restart_every:  # validates the model settings too
+            raise ValueError("restart_every moves unused nearest-neighbour codes; the dVAE (quantizer 'gumbel') "
+                             "has none to move: set restart_every=0 (--restart-every 0)")
+
+    def tau(self, step: int) -> float:
+        """The dVAE's temperature at ``step``: tau_start (tau_end / tau_start)^(step / (steps - 1))."""
+        return float(self.tau_start * (self.tau_end / self.tau_start) ** (step / max(self.steps - 1, 1)))
 
     def model_config(self):
         """The VQVAEConfig of ``model`` (a dict: it is saved as JSON)."""

@@ -278,7 +278,13 @@ class Engine:
         template = {**self.state, "attachments": self.attachments} if self.attachments is not None else self.state
         template = (jax.device_get(template) if self.mesh is None  # with a mesh: structure and shapes only
                     else jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), template))
-        state, config, meta = load_checkpoint(run_dir, target=template)
+        try:
+            state, config, meta = load_checkpoint(run_dir, target=template)
+        except ValueError:
+            if load_checkpoint(run_dir)[2].get("slim"):
+                raise ValueError(f"{run_dir} is a slim copy of a run (weights only, no optimizer state): it samples "
+                                 "and evaluates but cannot continue training; train a new run instead") from None
+            raise
         if meta.get("kind", self.kind) != self.kind:
             raise ValueError(f"{run_dir} holds a {meta.get('kind')!r} run, not {self.kind!r}")
         mine = json.loads(json.dumps(self.config))  # tuples as lists, as read back from the file

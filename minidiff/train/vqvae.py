@@ -6,7 +6,9 @@
 
 then an Adam step on :mod:`minidiff.train.engine`.  Every ``restart_every`` steps the codes no
 encoder output chose in that window are moved onto random encoder outputs of the last batch
-(``minidiff.vq.restart_dead_codes``).  Exports ``VQVAETrainer``, ``load_vqvae`` and
+(``minidiff.vq.restart_dead_codes``).  With ``model={"quantizer": "gumbel"}`` it trains DALL-E's dVAE:
+the decoder sees a Gumbel-softmax sample at temperature ``config.tau(step)``, aux["loss"] is the
+weighted KL to the uniform prior, and there are no restarts.  Exports ``VQVAETrainer``, ``load_vqvae`` and
 ``evaluate_vqvae`` (PSNR, ``fraction_used``, ``perplexity``, classifier accuracy on held-out pictures).
 """
 
@@ -57,17 +59,23 @@ class VQVAETrainer(EngineTrainer):
         self._encode = jax.jit(lambda variables, x: self.model.apply(variables, x, method=lambda m, x: m.encoder(x)))
 
     def batch(self, step: int):
-        return (shapes_batch(self.dataset, self.config.seed, step, self.config.batch)[0],)
+        """(images, the dVAE's temperature at this step)."""
+        x = shapes_batch(self.dataset, self.config.seed, step, self.config.batch)[0]
+        return x, np.float32(self.config.tau(step))
 
     def loss(self, params, batch, key, frozen, state):
-        (x,) = batch
+        x, tau = batch
         variables = state["variables"]
-        (x_hat, indices, aux), new = self.model.apply({"params": params, **variables}, x, update=True,
-                                                      mutable=list(variables))
+        if self.model.config.quantizer == "gumbel":
+            (x_hat, indices, aux), new = self.model.apply({"params": params, **variables}, x, tau=tau,
+                                                          rngs={"gumbel": key}, mutable=list(variables))
+        else:
+            (x_hat, indices, aux), new = self.model.apply({"params": params, **variables}, x, update=True,
+                                                          mutable=list(variables))
         rec = reconstruction_loss(x, x_hat, self.config.reconstruction, self.config.foreground_weight)
         counts = state["counts"] + jnp.bincount(indices.ravel(), length=self.model.config.num_codes)
         mse = jnp.mean((x_hat - x) ** 2)
-        return rec + aux["loss"], {"psnr": 10 * jnp.log10(4.0 / mse),
+        return rec + aux["loss"], {"psnr": 10 * jnp.log10(4.0 / mse), **({"kl": aux["kl"]} if "kl" in aux else {}),
                                    "model_state": {"variables": dict(new), "counts": counts}}
 
     def _restart(self, engine: Engine):
