@@ -276,7 +276,7 @@ for ax, tau in zip(axes[1:], taus):
     ax.set_title(f"y at tau = {tau:g} (3 draws)")
 for ax in axes:
     ax.set_xlabel("code k")
-fig.suptitle("Gumbel-softmax: a relaxed sample of q, nearly one-hot as tau falls")
+fig.suptitle("Gumbel-softmax: a relaxed sample of q, nearly one-hot as tau falls", y=1.06)
 savefig(fig, "05_gumbel_softmax.png")
 
 # %% [markdown]

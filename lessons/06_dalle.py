@@ -140,15 +140,24 @@ savefig(fig, "06_dalle_layer_patterns.png")
 
 # %% [markdown]
 # ## 3. Training
-# `minidiff train-vqvae` then `minidiff train-dalle` (see the README for the times); the lesson
-# uses `runs/dalle` when it exists.  Quick mode trains a tiny pair for a few steps, only to show
-# the mechanics; its pictures are noise.  Each step draws fresh pictures and encodes them to codes
+# `minidiff train-vqvae` then `minidiff train-dalle --batch 32` (about 45 minutes on one core); the
+# lesson uses `runs/dalle` when it exists, else the small copy of that run shipped with the lessons
+# (`lessons/checkpoints/dalle`, float16 weights; `python lessons/checkpoints/build.py` remakes it).
+# Without either, quick mode trains a tiny pair for a few steps, only to show the mechanics (its
+# pictures are noise).  Each step draws fresh pictures and encodes them to codes
 # with the frozen VQ-VAE; half the captions leave out the size word ("a red circle on the left",
 # the caption above: a model that only ever saw sizes would not know what to do with it) and 10 %
 # are empty (all pads), so the same model also learns p(image) for guidance.
 
 # %%
-if QUICK:
+runs = [run for run in (ROOT / "runs" / "dalle", ROOT / "lessons" / "checkpoints" / "dalle") if (run / CHECKPOINT).is_file()]
+if runs:
+    from minidiff.train.checkpoint import load_checkpoint
+
+    print("DALL-E:", runs[0].relative_to(ROOT))
+    generator = load_dalle(runs[0])
+    history = load_checkpoint(runs[0])[2]["history"]
+elif QUICK:
     import tempfile
 
     vq_dir = Path(tempfile.mkdtemp()) / "vqvae"
@@ -158,11 +167,6 @@ if QUICK:
                                             model={"width": 32, "layers": 2, "heads": 2}))
     trainer.train(progress=False)
     generator, history = trainer.generator(), trainer.history
-elif (ROOT / "runs" / "dalle" / CHECKPOINT).is_file():
-    from minidiff.train.checkpoint import load_checkpoint
-
-    generator = load_dalle(ROOT / "runs" / "dalle")
-    history = load_checkpoint(ROOT / "runs" / "dalle")[2]["history"]
 else:
     raise SystemExit("train the models first: minidiff train-vqvae && minidiff train-dalle --batch 32 (about 45 minutes on one core)")
 

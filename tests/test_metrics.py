@@ -113,3 +113,19 @@ def test_sliced_wasserstein_of_a_shift_is_the_mean_projected_shift():
     assert math.isclose(sliced_wasserstein(x, x + c, u), np.mean(np.abs(u @ c)), rel_tol=1e-12)
     with pytest.raises(ValueError, match="equal size"):
         sliced_wasserstein(x, x[:10], u)
+
+
+def test_edge_strength_of_a_step_falls_by_the_blur_width():
+    """A vertical step 0 -> 1 has one jump per row; a 3-pixel box blur makes it three jumps of 1/3:
+    the mean squared difference falls to exactly a third."""
+    from minidiff.metrics import edge_strength
+
+    step = np.zeros((2, 8, 16, 3))
+    step[:, :, 8:] = 1.0
+    blurred = np.zeros_like(step)
+    blurred[:, :, 7], blurred[:, :, 8], blurred[:, :, 9:] = 1 / 3, 2 / 3, 1.0
+    assert edge_strength(step) == pytest.approx((1 / 15) / 2)  # 1 of 15 horizontal differences per row, no vertical
+    assert edge_strength(blurred) / edge_strength(step) == pytest.approx(1 / 3)
+    assert edge_strength(np.ones((4, 4, 3))) == 0.0
+    with pytest.raises(ValueError, match="H, W, C"):
+        edge_strength(np.ones(5))

@@ -342,3 +342,47 @@ def test_a_dvae_trains_on_the_shapes_with_falling_temperature_and_resumes_exactl
         VQVAETrainConfig(model={"quantizer": "gumbel"})
     with pytest.raises(ValueError, match="quantizer must be"):
         VQVAETrainConfig(model={"quantizer": "kmeans"})
+
+
+# --- the VQGAN experiment: a patch discriminator and a perceptual term on the VQ-VAE ------------------------------
+
+def test_vqgan_losses_each_move_only_their_own_side(monkeypatch):
+    """One Adam step trains the autoencoder and the discriminator together; stop-gradients keep the
+    decoder's adversarial term away from D and D's hinge loss away from the autoencoder."""
+    from minidiff.nn.classifier import ShapesClassifier
+    from minidiff.train import classifier as C
+    from minidiff.train.vqvae import VQVAETrainConfig, VQVAETrainer, perceptual_distance, without_discriminator
+
+    net = ShapesClassifier(heads=(("shape", 3),), stem=4, features=(8,), hidden=8)
+    random_classifier = net.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))["params"]
+    monkeypatch.setattr(C, "cached_classifier", lambda *a, **k: random_classifier)  # no minute of training
+    cfg = VQVAETrainConfig(steps=4, batch=4, restart_every=0, warmup=1, adversarial_weight=0.5, perceptual_weight=1.0,
+                           disc_start=2, model={"channels": [8, 8], "groups": 4, "num_codes": 16, "latent_dim": 4})
+    trainer = VQVAETrainer(cfg)
+    engine = trainer.engine
+    assert "discriminator" in engine.params and "discriminator" not in trainer.variables()["params"]
+    x = trainer.batch(0)[0]
+    assert float(perceptual_distance(net, random_classifier, x, x)) == 0.0
+    assert 0 < float(perceptual_distance(net, random_classifier, x, -x)) <= 4 * 2
+
+    batch = trainer.batch(2)  # (the adversarial terms are on from step 2)
+
+    def terms(p):
+        total, aux = trainer.loss(p, batch, jax.random.key(0), engine.frozen, engine.state["model_state"])
+        return {"total": total, "discriminator": aux["discriminator"], "generator": aux["generator"]}
+
+    grads = jax.jit(jax.jacrev(terms))(engine.params)  # {term: d term / d params}
+    leaves = lambda tree: jax.tree.leaves(tree)  # noqa: E731
+    # D's gradient is its hinge loss's alone; the generator term sends D nothing and the hinge loss sends the AE nothing
+    for a, b in zip(leaves(grads["total"]["discriminator"]), leaves(grads["discriminator"]["discriminator"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert all(not np.any(g) for g in leaves(grads["generator"]["discriminator"]))
+    assert all(not np.any(g) for g in leaves(without_discriminator(grads["discriminator"])))
+    assert any(np.any(g) for g in leaves(without_discriminator(grads["generator"])))
+    # before disc_start D is left alone
+    before = jax.tree.map(np.asarray, engine.params["discriminator"])
+    trainer.train(until=2, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(before), leaves(engine.params["discriminator"])))
+    trainer.train(progress=False)
+    assert not all(np.array_equal(a, b) for a, b in zip(leaves(before), leaves(engine.params["discriminator"])))
+    assert {"generator", "discriminator", "perceptual"} <= set(engine.history)

@@ -20,6 +20,9 @@ def add(sub):
     v.add_argument("--reconstruction", choices=("l1", "l2"), help=f"reconstruction error (default: {vq.reconstruction})")
     v.add_argument("--restart-every", type=int, help=f"move unused codes every N steps, 0: never (default: "
                    f"{vq.restart_every}; DALL-E's dVAE, --model-kwargs '{{\"quantizer\": \"gumbel\"}}', needs 0)")
+    v.add_argument("--adversarial-weight", type=float, help="VQGAN: weight of a patch discriminator's term (default: 0, none)")
+    v.add_argument("--perceptual-weight", type=float, help="VQGAN: weight of the perceptual term (default: 0, none)")
+    v.add_argument("--disc-start", type=int, help="VQGAN: the step from which the discriminator trains (default: 0)")
     v.add_argument("--seed", type=int)
     v.add_argument("--resume", action="store_true", help="continue the run in --out (its saved settings; --steps may grow)")
     v.add_argument("--no-progress", action="store_true")
@@ -84,7 +87,8 @@ def train_vqvae(args):
         model = json_arg(args.model_kwargs, "--model-kwargs")
         config = VQVAETrainConfig(**given(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                                           foreground_weight=args.foreground_weight, reconstruction=args.reconstruction,
-                                          restart_every=args.restart_every,
+                                          restart_every=args.restart_every, adversarial_weight=args.adversarial_weight,
+                                          perceptual_weight=args.perceptual_weight, disc_start=args.disc_start,
                                           model={**VQVAETrainConfig().model, **model} if model else None))
         from ..train.vqvae import VQVAETrainer, evaluate_vqvae
 

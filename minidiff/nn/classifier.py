@@ -22,12 +22,18 @@ class ShapesClassifier(nn.Module):
     hidden: int = 128
 
     @nn.compact
-    def __call__(self, x) -> dict:
+    def __call__(self, x, features: bool = False) -> dict:
+        """Logits per attribute; ``features=True``: the convolutions' activations instead (a list, full
+        resolution first), the feature space of the VQGAN experiment's perceptual loss."""
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"ShapesClassifier takes images (B, H, W, 3) in [-1, 1], got shape {x.shape}")
         h = nn.gelu(nn.Conv(self.stem, (3, 3), name="conv_in")(x))
+        maps = [h]
         for i, f in enumerate(self.features):
             h = nn.gelu(nn.Conv(f, (3, 3), strides=(2, 2), name=f"down_{i}")(h))  # halve H and W
+            maps.append(h)
+        if features:
+            return maps
         h = nn.gelu(nn.Dense(self.hidden, name="hidden")(h.reshape(h.shape[0], -1)))
         return {name: nn.Dense(n, name=f"head_{name}")(h) for name, n in self.heads}
 

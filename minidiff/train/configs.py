@@ -161,6 +161,11 @@ class VQVAETrainConfig:
     # from tau_start at step 0 to tau_end at the last step (DALL-E: 1 -> 1/16)
     tau_start: float = 1.0
     tau_end: float = 1 / 16
+    # the VQGAN experiment (Esser et al. 2021): + adversarial_weight * (a patch discriminator's hinge
+    # loss, from step disc_start on) + perceptual_weight * (distance in a shapes classifier's features)
+    adversarial_weight: float = 0.0
+    perceptual_weight: float = 0.0
+    disc_start: int = 0
 
     def __post_init__(self):
         for name in ("steps", "batch", "image_size"):
@@ -170,6 +175,8 @@ class VQVAETrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.reconstruction not in RECONSTRUCTIONS:
             raise ValueError(f"reconstruction must be 'l1' or 'l2', got {self.reconstruction!r}")
+        if self.adversarial_weight < 0 or self.perceptual_weight < 0 or self.disc_start < 0:
+            raise ValueError("adversarial_weight, perceptual_weight and disc_start must not be negative")
         if not 0 < self.tau_end <= self.tau_start:
             raise ValueError(f"need 0 < tau_end <= tau_start, got tau_start={self.tau_start}, tau_end={self.tau_end}")
         if self.model_config().quantizer == "gumbel" and self.restart_every:  # validates the model settings too

@@ -8,7 +8,21 @@ then an Adam step on :mod:`minidiff.train.engine`.  Every ``restart_every`` step
 encoder output chose in that window are moved onto random encoder outputs of the last batch
 (``minidiff.vq.restart_dead_codes``).  With ``model={"quantizer": "gumbel"}`` it trains DALL-E's dVAE:
 the decoder sees a Gumbel-softmax sample at temperature ``config.tau(step)``, aux["loss"] is the
-weighted KL to the uniform prior, and there are no restarts.  Exports ``VQVAETrainer``, ``load_vqvae`` and
+weighted KL to the uniform prior, and there are no restarts.
+
+The VQGAN experiment (``adversarial_weight``, ``perceptual_weight``; Esser et al. 2021) adds
+
+    + w_adv * (-mean D(x_hat))                       the decoder tries to pass as real patches
+    + w_perc * sum_l mean |n(phi_l(x)) - n(phi_l(x_hat))|^2   phi_l: a shapes classifier's conv features,
+                                                       n: unit length over the channels (as LPIPS)
+    + mean relu(1 - D(x)) + mean relu(1 + D(sg x_hat))   the discriminator's hinge loss
+
+(the adversarial terms from step ``disc_start`` on).  The discriminator's parameters sit beside the
+VQ-VAE's in one tree and one Adam step updates both: stop-gradients keep each loss to its own side
+(D is frozen inside the decoder's term, x_hat inside D's).  VQGAN weighs the adversarial term
+adaptively (by the ratio of gradient norms at the decoder's last layer); this uses a fixed weight,
+and the perceptual network is a shapes classifier trained with another seed than the judge's
+(VQGAN's LPIPS uses VGG features).  Exports ``VQVAETrainer``, ``load_vqvae`` and
 ``evaluate_vqvae`` (PSNR, ``fraction_used``, ``perplexity``, classifier accuracy on held-out pictures).
 """
 
@@ -22,7 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import vq
+from ..metrics import edge_strength
 from ..data import ShapesDataset, to_uint8, to_unit_range
+from ..nn.classifier import ShapesClassifier
+from ..nn.discriminator import PatchDiscriminator
 from ..nn.vqvae import VQVAE, psnr
 from .autoencoder import reconstruction_loss
 from .configs import VQVAETrainConfig
@@ -48,23 +65,34 @@ class VQVAETrainer(EngineTrainer):
         self.model = VQVAE(config.model_config())
         self.dataset = config.dataset()
         variables = self.model.init(jax.random.PRNGKey(config.seed), self.batch(0)[0])
-        params = variables["params"]
+        params, frozen = variables["params"], None
+        self.discriminator = PatchDiscriminator()
+        if config.adversarial_weight:
+            params = {**params, "discriminator": self.discriminator.init(jax.random.PRNGKey(config.seed + 1),
+                                                                         self.batch(0)[0])["params"]}
+        if config.perceptual_weight:
+            from .classifier import cached_classifier
+
+            frozen = cached_classifier(self.dataset, seed=1)  # not the judge's (seed 0) network
+            self.perceptual = ShapesClassifier.from_params(frozen)
         state = {"variables": {k: v for k, v in variables.items() if k != "params"},
                  "counts": jnp.zeros(self.model.config.num_codes, jnp.int32)}   # codes chosen since the last restart
         restarts = [(config.restart_every, self._restart)] if config.restart_every else []
         self.engine = Engine(self.loss, self.batch, params, make_optimizer(config.lr, config.steps, config.warmup),
-                             steps=config.steps, model_state=state, run_dir=run_dir,
+                             steps=config.steps, model_state=state, run_dir=run_dir, frozen=frozen,
                              config=dataclasses.asdict(config), kind="vqvae", checkpoint_every=config.checkpoint_every,
                              log_every=config.restart_every or 100, callbacks=restarts)
         self._encode = jax.jit(lambda variables, x: self.model.apply(variables, x, method=lambda m, x: m.encoder(x)))
 
     def batch(self, step: int):
-        """(images, the dVAE's temperature at this step)."""
-        x = shapes_batch(self.dataset, self.config.seed, step, self.config.batch)[0]
-        return x, np.float32(self.config.tau(step))
+        """(images, the dVAE's temperature at this step, the adversarial weight at this step)."""
+        c = self.config
+        x = shapes_batch(self.dataset, c.seed, step, c.batch)[0]
+        return x, np.float32(c.tau(step)), np.float32(c.adversarial_weight if step >= c.disc_start else 0.0)
 
     def loss(self, params, batch, key, frozen, state):
-        x, tau = batch
+        x, tau, adversarial = batch
+        params, disc = without_discriminator(params), params.get("discriminator")
         variables = state["variables"]
         if self.model.config.quantizer == "gumbel":
             (x_hat, indices, aux), new = self.model.apply({"params": params, **variables}, x, tau=tau,
@@ -75,8 +103,19 @@ class VQVAETrainer(EngineTrainer):
         rec = reconstruction_loss(x, x_hat, self.config.reconstruction, self.config.foreground_weight)
         counts = state["counts"] + jnp.bincount(indices.ravel(), length=self.model.config.num_codes)
         mse = jnp.mean((x_hat - x) ** 2)
-        return rec + aux["loss"], {"psnr": 10 * jnp.log10(4.0 / mse), **({"kl": aux["kl"]} if "kl" in aux else {}),
-                                   "model_state": {"variables": dict(new), "counts": counts}}
+        total, logs = rec + aux["loss"], {"psnr": 10 * jnp.log10(4.0 / mse)}
+        if "kl" in aux:
+            logs["kl"] = aux["kl"]
+        if frozen is not None:  # perceptual: LPIPS's distance, in the classifier's feature maps
+            logs["perceptual"] = perceptual_distance(self.perceptual, frozen, x, x_hat)
+            total = total + self.config.perceptual_weight * logs["perceptual"]
+        if disc is not None:
+            D = lambda p, im: self.discriminator.apply({"params": p}, im)  # noqa: E731
+            logs["generator"] = -jnp.mean(D(jax.lax.stop_gradient(disc), x_hat))  # moves the decoder only
+            logs["discriminator"] = (jnp.mean(jax.nn.relu(1 - D(disc, x)))  # moves D only
+                                     + jnp.mean(jax.nn.relu(1 + D(disc, jax.lax.stop_gradient(x_hat)))))
+            total = total + adversarial * logs["generator"] + (adversarial > 0) * logs["discriminator"]
+        return total, {**logs, "model_state": {"variables": dict(new), "counts": counts}}
 
     def _restart(self, engine: Engine):
         """Move codes unused in the last window onto this batch's encoder outputs (EMA statistics reset
@@ -114,7 +153,21 @@ class VQVAETrainer(EngineTrainer):
         return n
 
     def variables(self) -> dict:
-        return {"params": self.engine.params, **self.engine.state["model_state"]["variables"]}
+        return {"params": without_discriminator(self.engine.params), **self.engine.state["model_state"]["variables"]}
+
+
+def perceptual_distance(classifier: ShapesClassifier, params, x, y):
+    """sum over layers l of the mean over positions of |n(phi_l(x)) - n(phi_l(y))|^2, with phi_l the
+    classifier's l-th feature map and n(f) = f / |f| over the channels (LPIPS without its learned
+    per-channel weights; Zhang et al. 2018).  0 for y = x; at most 4 per layer."""
+    unit = lambda f: f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + 1e-8)  # noqa: E731
+    fx, fy = (classifier.apply({"params": params}, im, features=True) for im in (x, y))
+    return sum(jnp.mean(jnp.sum((unit(a) - unit(b)) ** 2, -1)) for a, b in zip(fx, fy))
+
+
+def without_discriminator(params: dict) -> dict:
+    """The VQ-VAE's own parameters (a VQGAN run keeps its discriminator's beside them)."""
+    return {k: v for k, v in params.items() if k != "discriminator"}
 
 
 
@@ -122,14 +175,16 @@ def load_vqvae(run_dir):
     """(VQVAE module, variables, training config) saved by ``minidiff train-vqvae``."""
     state, config, _ = read_run(run_dir, "vqvae")
     cfg = VQVAETrainConfig.from_dict(config)
-    variables = jax.tree.map(jnp.asarray, {"params": state["params"], **state["model_state"]["variables"]})
+    variables = jax.tree.map(jnp.asarray, {"params": without_discriminator(state["params"]),
+                                           **state["model_state"]["variables"]})
     return VQVAE(cfg.model_config()), variables, cfg
 
 
 def evaluate_vqvae(model: VQVAE, variables, config: VQVAETrainConfig | None = None, n: int = 1000,
                    batch: int = 250, judge: bool = True) -> dict:
     """Reconstructions of ``n`` held-out images: PSNR (dB, images in [0, 1] scale), codebook use,
-    perplexity, and (``judge``) the shapes classifier's accuracy on the reconstructions.
+    perplexity, ``edge_ratio`` (the reconstructions' :func:`~minidiff.metrics.edge_strength` over the
+    pictures': below 1 is blur), and (``judge``) the shapes classifier's accuracy on the reconstructions.
 
     PSNR alone flatters this data: most pixels are black background, so a reconstruction that
     blurs the shape into a blob still scores ~28 dB.  The classifier asks the question that
@@ -151,6 +206,7 @@ def evaluate_vqvae(model: VQVAE, variables, config: VQVAETrainConfig | None = No
     out = {"n": n, "psnr_mean": float(np.concatenate(psnrs).mean()),
            "psnr_of_mean_mse": float(-10 * np.log10(np.mean(10 ** (-np.concatenate(psnrs) / 10)))),
            "fraction_used": vq.fraction_used(indices, K), "perplexity": vq.perplexity(indices, K),
+           "edge_ratio": edge_strength(np.concatenate(recon)) / edge_strength(to_uint8(np.asarray(x))),
            "codes": K, "grid": list(indices.shape[1:]), "seconds": time.perf_counter() - start}
     if judge:
         from .classifier import cached_classifier, score
