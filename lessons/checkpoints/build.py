@@ -3,12 +3,14 @@
     python lessons/checkpoints/build.py            # trains into runs/ (skipping finished runs), then copies
 
 Each model is trained by the library's own command with its default settings (one CPU core: the VQ-VAE
-and the dVAE about 20 minutes each, DALL-E about 45), then copied here by
+and the dVAE about 20 minutes each, the VQGAN 30, DALL-E about 45), then copied here by
 ``minidiff.train.checkpoint.slim_checkpoint``: float16 weights without the optimizer's state.
 
     vqvae/   minidiff train-vqvae --out runs/vqvae                                  (lessons 5 and 6)
     dvae/    minidiff train-vqvae --out runs/dvae --restart-every 0 \\
                  --model-kwargs '{"quantizer": "gumbel"}'                            (lesson 5)
+    vqgan/   minidiff train-vqvae --out runs/vqgan --adversarial-weight 0.05 \
+                 --perceptual-weight 0.1 --disc-start 1000                           (lesson 5)
     dalle/   minidiff train-dalle --out runs/dalle --vqvae runs/vqvae --batch 32    (lesson 6; its VQ-VAE inside)
 """
 
@@ -22,6 +24,8 @@ HERE = Path(__file__).resolve().parent
 RUNS = {
     "vqvae": ["train-vqvae", "--out", "runs/vqvae"],
     "dvae": ["train-vqvae", "--out", "runs/dvae", "--restart-every", "0", "--model-kwargs", json.dumps({"quantizer": "gumbel"})],
+    "vqgan": ["train-vqvae", "--out", "runs/vqgan", "--adversarial-weight", "0.05", "--perceptual-weight", "0.1",
+              "--disc-start", "1000"],
     "dalle": ["train-dalle", "--out", "runs/dalle", "--vqvae", "runs/vqvae", "--batch", "32"],
 }
 
