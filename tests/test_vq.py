@@ -259,7 +259,9 @@ def test_vqvae_training_loss_counts_shape_pixels_1_plus_w_times(reconstruction):
                            model={"channels": [8, 8, 8], "groups": 4, "num_codes": 16, "latent_dim": 4})
     trainer = VQVAETrainer(cfg)
     x, _, _ = shapes_batch(trainer.dataset, cfg.seed, 0, cfg.batch)
-    loss = trainer.loss(trainer.engine.params, (x,), None, None, trainer.engine.state["model_state"])[0]
+    batch = trainer.batch(0)
+    np.testing.assert_array_equal(batch[0], x)
+    loss = trainer.loss(trainer.engine.params, batch, None, None, trainer.engine.state["model_state"])[0]
     x_hat, _, aux = trainer.model.apply(trainer.variables(), x)
     diff = np.asarray(x) - np.asarray(x_hat)
     error = np.abs(diff) if reconstruction == "l1" else diff**2
