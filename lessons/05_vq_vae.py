@@ -34,13 +34,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _lesson import QUICK, ROOT, plt, savefig
+from _lesson import QUICK, ROOT, plt, savefig, trained_run
 
 from minidiff import vq
 from minidiff.data import ShapesDataset, to_uint8, to_unit_range
 from minidiff.nn.quantizer import VectorQuantizer
 from minidiff.nn.vqvae import VQVAE, psnr
-from minidiff.train.checkpoint import CHECKPOINT
 from minidiff.images import image_grid
 from minidiff.train.vqvae import VQVAETrainConfig, VQVAETrainer, evaluate_vqvae, load_vqvae
 
@@ -163,12 +162,10 @@ savefig(fig, "05_collapse_and_restart.png")
 
 # %%
 def trained(name: str, cfg: VQVAETrainConfig, tiny: VQVAETrainConfig):
-    """Your run in runs/NAME if there is one, else the small copy shipped in lessons/checkpoints/NAME
-    (`python lessons/checkpoints/build.py` remakes it), else train (``tiny`` in quick mode)."""
-    for run in (ROOT / "runs" / name, ROOT / "lessons" / "checkpoints" / name):
-        if (run / CHECKPOINT).is_file():
-            print(f"{name}: {run.relative_to(ROOT)}")
-            return load_vqvae(run)
+    """Your run or the shipped copy (``_lesson.trained_run``), else train (``tiny`` in quick mode)."""
+    run = trained_run(name)
+    if run is not None:
+        return load_vqvae(run)
     trainer = VQVAETrainer(tiny if QUICK else cfg, None if QUICK else ROOT / "runs" / name)
     trainer.train(progress=not QUICK)
     return trainer.model, trainer.variables(), trainer.config

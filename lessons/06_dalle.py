@@ -33,12 +33,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _lesson import QUICK, ROOT, plt, savefig
+from _lesson import QUICK, plt, savefig, trained_run
 
 from minidiff.data import CaptionTokenizer
 from minidiff.nn import dalle
 from minidiff.nn.vqvae import VQVAE
-from minidiff.train.checkpoint import CHECKPOINT
 from minidiff.train.dalle import DalleTrainConfig, DalleTrainer, evaluate_dalle, load_dalle, sampling_speed
 from minidiff.images import image_grid
 from minidiff.train.vqvae import VQVAETrainConfig, VQVAETrainer
@@ -150,13 +149,12 @@ savefig(fig, "06_dalle_layer_patterns.png")
 # are empty (all pads), so the same model also learns p(image) for guidance.
 
 # %%
-runs = [run for run in (ROOT / "runs" / "dalle", ROOT / "lessons" / "checkpoints" / "dalle") if (run / CHECKPOINT).is_file()]
-if runs:
+run = trained_run("dalle")
+if run is not None:
     from minidiff.train.checkpoint import load_checkpoint
 
-    print("DALL-E:", runs[0].relative_to(ROOT))
-    generator = load_dalle(runs[0])
-    history = load_checkpoint(runs[0])[2]["history"]
+    generator = load_dalle(run)
+    history = load_checkpoint(run)[2]["history"]
 elif QUICK:
     import tempfile
 

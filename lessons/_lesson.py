@@ -29,6 +29,18 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository (runs/ and lesso
 OUT.mkdir(parents=True, exist_ok=True)
 
 
+def trained_run(name: str):
+    """Your run in runs/NAME if there is one, else the small copy shipped in lessons/checkpoints/NAME
+    (``python lessons/checkpoints/build.py`` remakes those); None if neither exists."""
+    from minidiff.train.checkpoint import CHECKPOINT  # (imports JAX: after XLA_FLAGS is set above)
+
+    for run in (ROOT / "runs" / name, ROOT / "lessons" / "checkpoints" / name):
+        if (run / CHECKPOINT).is_file():
+            print(f"{name}: {run.relative_to(ROOT)}")
+            return run
+    return None
+
+
 def savefig(fig, name: str) -> Path:
     path = OUT / name
     fig.savefig(path, dpi=100, bbox_inches="tight")

@@ -59,7 +59,7 @@ def load_checkpoint(run_dir, target=None):
     except Exception as e:  # truncated or foreign file: msgpack/KeyError/JSON errors
         raise ValueError(f"{path} is not a minidiff checkpoint (or is damaged): {type(e).__name__}: {e}") from None
     if meta.get("slim"):  # float16 on disk, float32 to compute with
-        state = _map_arrays(lambda a: a.astype(np.float32) if a.dtype == np.float16 else a, state)
+        state = _cast(state, np.float16, np.float32)
     if target is not None:
         try:
             state = serialization.from_state_dict(target, state)
@@ -78,10 +78,11 @@ def _check_shapes(target, state, path):
                              f"the model expects {np.shape(want)}")
 
 
-def _map_arrays(f, tree):
-    if isinstance(tree, dict):
-        return {k: _map_arrays(f, v) for k, v in tree.items()}
-    return f(tree) if isinstance(tree, np.ndarray) else tree
+def _cast(tree, old, new):
+    """Every ``old``-dtype array of the tree as ``new``; other leaves (integer counters) as they are."""
+    import jax
+
+    return jax.tree.map(lambda a: a.astype(new) if np.asarray(a).dtype == old else a, tree)
 
 
 SLIM_KEEP = ("step", "params", "model_state", "attachments")  # what a model needs; not the optimizer's moments
@@ -93,5 +94,5 @@ def slim_checkpoint(run_dir, out_dir) -> Path:
     sampling and evaluation (``load_vqvae``, ``load_dalle``), not for resuming training."""
     state, config, meta = load_checkpoint(run_dir)
     slim = {k: v for k, v in state.items() if k in SLIM_KEEP}
-    slim = _map_arrays(lambda a: a.astype(np.float16) if a.dtype == np.float32 else a, slim)
+    slim = _cast(slim, np.float32, np.float16)
     return save_checkpoint(out_dir, slim, config, {**meta, "slim": True})

@@ -64,12 +64,12 @@ class VQVAETrainer(EngineTrainer):
         self.config = config
         self.model = VQVAE(config.model_config())
         self.dataset = config.dataset()
-        variables = self.model.init(jax.random.PRNGKey(config.seed), self.batch(0)[0])
+        x0 = self.batch(0)[0]
+        variables = self.model.init(jax.random.PRNGKey(config.seed), x0)
         params, frozen = variables["params"], None
         self.discriminator = PatchDiscriminator()
         if config.adversarial_weight:
-            params = {**params, "discriminator": self.discriminator.init(jax.random.PRNGKey(config.seed + 1),
-                                                                         self.batch(0)[0])["params"]}
+            params = {**params, "discriminator": self.discriminator.init(jax.random.PRNGKey(config.seed + 1), x0)["params"]}
         if config.perceptual_weight:
             from .classifier import cached_classifier
 
@@ -94,12 +94,8 @@ class VQVAETrainer(EngineTrainer):
         x, tau, adversarial = batch
         params, disc = without_discriminator(params), params.get("discriminator")
         variables = state["variables"]
-        if self.model.config.quantizer == "gumbel":
-            (x_hat, indices, aux), new = self.model.apply({"params": params, **variables}, x, tau=tau,
-                                                          rngs={"gumbel": key}, mutable=list(variables))
-        else:
-            (x_hat, indices, aux), new = self.model.apply({"params": params, **variables}, x, update=True,
-                                                          mutable=list(variables))
+        mode = dict(tau=tau, rngs={"gumbel": key}) if self.model.config.quantizer == "gumbel" else dict(update=True)
+        (x_hat, indices, aux), new = self.model.apply({"params": params, **variables}, x, mutable=list(variables), **mode)
         rec = reconstruction_loss(x, x_hat, self.config.reconstruction, self.config.foreground_weight)
         counts = state["counts"] + jnp.bincount(indices.ravel(), length=self.model.config.num_codes)
         mse = jnp.mean((x_hat - x) ** 2)
