@@ -19,7 +19,7 @@ t0 = time.perf_counter()
 rc = main(["txt2img", "a red circle", "-o", sys.argv[2], "--steps", "2", *sys.argv[3:]])
 print(json.dumps(dict(rc=rc, seconds=time.perf_counter() - t0,
                       hits=events.count("/jax/compilation_cache/cache_hits"),
-                      misses=events.count("/jax/compilation_cache/cache_misses"))))
+                      misses=events.count("/jax/compilation_cache/cache_misses"))))  # = entries written
 """
 
 
@@ -38,9 +38,11 @@ def test_the_second_run_reads_the_compiled_programs_back(tmp_path):
     kept = sorted(p.name.split("-")[0] for p in cache.glob("*-cache"))
     assert {"jit__encode_text", "jit__denoise", "jit__decode"} <= set(kept), kept  # the sampler's step too
     second = _run(cache, tmp_path / "b.png", "--compile-cache", str(cache))
-    # every program kept is read back (programs that compiled in under 0.2 s were not kept: they compile again)
-    assert second["rc"] == 0 and second["hits"] >= len(kept) and second["misses"] <= first["misses"] - len(kept), \
-        (first, second, kept)
+    # every program kept is read back.  JAX counts a "miss" only when it writes an entry: programs that
+    # compiled in under 0.2 s were not kept and compile again, and on a loaded machine one of them can take
+    # longer the second time and be written then -- a new entry, never a rewrite of a kept one.
+    assert second["rc"] == 0 and second["hits"] >= len(kept), (first, second, kept)
+    assert len(list(cache.glob("*-cache"))) == len(kept) + second["misses"], (first, second, kept)
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()  # the same program, the same bits
     off = _run(cache, tmp_path / "c.png", "--no-compile-cache")
     assert off["rc"] == 0 and off["hits"] == 0, off
