@@ -23,18 +23,20 @@
 # what textual inversion *can* do: a concept within the frozen model's reach, a new colour (orange).
 
 # %%
+import json
 import tempfile
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
-from _lesson import QUICK, plt, savefig
+from _lesson import QUICK, ROOT, plt, savefig, trained_results
 
+from minidiff.embeddings import load_embedding, save_embedding
+from minidiff.lora import save_lora
 from minidiff.pipeline import load_pipeline
 from minidiff.train import finetune as F
 from minidiff.train.dreambooth import DreamBoothConfig, class_pictures, train_dreambooth
-from minidiff.lora import save_lora
 from minidiff.train.lora import LoRAConfig, init_adapters, lora_layers, lora_targets, train_lora, with_adapters
 from minidiff.train.textual_inversion import TextualInversionConfig, train_textual_inversion
 
@@ -43,6 +45,16 @@ pipe = load_pipeline()  # the built-in model, frozen
 STEPS = 6 if QUICK else 300  # training steps of each method
 SAMPLE_STEPS = 4 if QUICK else 30  # DDIM steps when drawing
 SAMPLES = 1 if QUICK else 2  # pictures per prompt when measuring
+RANKS = (1, 4, 16)  # LoRA ranks
+# The word vectors and LoRA files of a full run (300 steps each: several minutes) are kept in runs/lesson10,
+# and a copy ships in lessons/checkpoints/lesson10 (tens of kB to 0.4 MB each): read back if there, else
+# trained here.  DreamBooth's UNets (8 MB each) are not kept: section 2 always trains them.
+SAVED = trained_results("lesson10", ["ring.safetensors", "orange.safetensors", "history.json",
+                                    *(f"lora_r{r}.safetensors" for r in RANKS)])
+KEEP = None if (SAVED or QUICK) else ROOT / "runs" / "lesson10"  # a full run keeps what it trained
+if KEEP:
+    KEEP.mkdir(parents=True, exist_ok=True)
+history = json.loads((SAVED / "history.json").read_text()) if SAVED else {}
 
 ring, orange = F.draw_subject("ring"), F.draw_subject("orange")
 fig, axes = plt.subplots(2, 4, figsize=(8, 4.4))
@@ -62,10 +74,17 @@ savefig(fig, "10_subjects.png")
 # frozen table (`table.at[49408].set(e)`), so every other weight stays bit-identical.
 
 # %%
-ti_ring, h_ti_ring = train_textual_inversion(pipe, ring, TextualInversionConfig(token="<ring>", init_word="circle", steps=STEPS),
-                                             progress=False)
-ti_orange, h_ti_orange = train_textual_inversion(pipe, orange, TextualInversionConfig(token="<orange>", steps=STEPS),
-                                                 progress=False)
+ti = {}
+for word, subject, init in (("ring", ring, "circle"), ("orange", orange, "red")):
+    if SAVED:
+        ti[word] = load_embedding(SAVED / f"{word}.safetensors")[f"<{word}>"]
+    else:
+        cfg = TextualInversionConfig(token=f"<{word}>", init_word=init, steps=STEPS)
+        ti[word], history[f"ti_{word}"] = train_textual_inversion(pipe, subject, cfg, progress=False)
+        if KEEP:
+            save_embedding(KEEP / f"{word}.safetensors", f"<{word}>", ti[word])
+ti_ring, ti_orange = ti["ring"], ti["orange"]
+h_ti_ring, h_ti_orange = history["ti_ring"], history["ti_orange"]
 with_words = load_pipeline()
 with_words.add_tokens({"<ring>": ti_ring, "<orange>": ti_orange})
 
@@ -165,17 +184,26 @@ for r in (1, 4, 16):
     print(f"rank {r:2d}: {len(targets)} projections, {n_lora:,} numbers (the projections hold {n_dense:,}); "
           f"B = 0 gives the frozen UNet exactly: {same}")
 
-RANKS = (4,) if QUICK else (1, 4, 16)
-lora_dir = Path(tempfile.mkdtemp(prefix="minidiff_lesson10_"))
-loras, h_lora = {}, {}
+lora_files, loras = {}, {}
+if not SAVED:
+    RANKS = (4,) if QUICK else RANKS  # quick mode trains one rank, a few steps
+    lora_dir = KEEP or Path(tempfile.mkdtemp(prefix="minidiff_lesson10_"))
 for r in RANKS:
-    adapters, h_lora[r] = train_lora(pipe, ring, LoRAConfig(rank=r, steps=STEPS, class_images=db_cfg.class_images,
-                                                          class_steps=SAMPLE_STEPS), progress=False, class_set=class_set)
-    # the pipeline's own loading path: write the file, fuse it (W + (alpha / r) B A) into a copy
-    loras[r] = pipe.with_params()
-    loras[r].load_lora(save_lora(lora_dir / f"lora_r{r}.safetensors", lora_layers(adapters, 1.0)))
+    if SAVED:
+        lora_files[r] = SAVED / f"lora_r{r}.safetensors"
+    else:
+        cfg = LoRAConfig(rank=r, steps=STEPS, class_images=db_cfg.class_images, class_steps=SAMPLE_STEPS)
+        adapters, history[f"lora_r{r}"] = train_lora(pipe, ring, cfg, progress=False, class_set=class_set)
+        # the diffusers / PEFT file (float16: half the bytes, the same pictures to rounding)
+        lora_files[r] = save_lora(lora_dir / f"lora_r{r}.safetensors", lora_layers(adapters, 1.0), dtype=np.float16)
+    loras[r] = pipe.with_params()  # the pipeline's own loading path: fuse W + (alpha / r) B A into a copy
+    loras[r].load_lora(lora_files[r])
     loras[r].vocabulary = pipe.vocabulary | {"sks"}
-lora_bytes = {r: (lora_dir / f"lora_r{r}.safetensors").stat().st_size for r in RANKS}
+lora_bytes = {r: lora_files[r].stat().st_size for r in RANKS}
+h_lora = {r: history[f"lora_r{r}"] for r in RANKS}
+if KEEP:
+    (KEEP / "history.json").write_text(json.dumps({k: {"step": list(map(int, h["step"])), "loss": list(map(float, h["loss"]))}
+                                                   for k, h in history.items()}))
 
 fig, ax = plt.subplots(figsize=(6, 3.2))
 for name, h in (("TI <ring>", h_ti_ring), ("TI <orange>", h_ti_orange), ("DreamBooth + prior", h_prior),

@@ -41,6 +41,16 @@ def trained_run(name: str):
     return None
 
 
+def trained_results(name: str, files):
+    """Like :func:`trained_run`, for results kept as plain files (a lesson's word vectors, LoRA files): the
+    folder runs/NAME or lessons/checkpoints/NAME that holds all of ``files``; None if neither does."""
+    for folder in (ROOT / "runs" / name, ROOT / "lessons" / "checkpoints" / name):
+        if all((folder / f).is_file() for f in files):
+            print(f"{name}: {folder.relative_to(ROOT)}")
+            return folder
+    return None
+
+
 def savefig(fig, name: str) -> Path:
     path = OUT / name
     fig.savefig(path, dpi=100, bbox_inches="tight")

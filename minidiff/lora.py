@@ -294,17 +294,19 @@ def module_name(part: str, path: Sequence[str]) -> str:
     return name if part == "unet" else "text_model." + name
 
 
-def save_lora(path, layers: Mapping[tuple, tuple], metadata: Mapping[str, str] | None = None) -> Path:
+def save_lora(path, layers: Mapping[tuple, tuple], metadata: Mapping[str, str] | None = None,
+              dtype=np.float32) -> Path:
     """Write LoRA factors in the diffusers / PEFT layout that diffusers' ``load_lora_weights`` and
     :func:`read_lora` load: ``{part}.{module}.lora_A.weight`` = down (rank, in), ``lora_B.weight`` = up
-    (out, rank), float32.  ``layers``: {(part, module name): (down, up)} with alpha / rank already
-    multiplied into up, so that the file needs no alpha (a reader takes alpha = rank: a factor of 1)."""
+    (out, rank), float32 (``dtype=np.float16`` halves the file).  ``layers``: {(part, module name): (down,
+    up)} with alpha / rank already multiplied into up, so that the file needs no alpha (a reader takes
+    alpha = rank: a factor of 1)."""
     from .tensorfiles import write_safetensors
 
     tensors = {}
     for (part, module), (down, up) in sorted(layers.items()):
-        tensors[f"{part}.{module}.lora_A.weight"] = np.ascontiguousarray(down, np.float32)
-        tensors[f"{part}.{module}.lora_B.weight"] = np.ascontiguousarray(up, np.float32)
+        tensors[f"{part}.{module}.lora_A.weight"] = np.ascontiguousarray(down, dtype)
+        tensors[f"{part}.{module}.lora_B.weight"] = np.ascontiguousarray(up, dtype)
     write_safetensors(path, tensors, {str(k): str(v) for k, v in (metadata or {}).items()})
     return Path(path)
 

@@ -495,6 +495,14 @@ class StableDiffusion:
         decoded = vae_decode(params, latents, config=self.vae_config, dtype=self.vae_dtype(dtype))
         return to_uint8(_gather(_finite_or_raise(decoded, "the VAE decoder's pixels")))
 
+    def initial_noise(self, n: int, seed: int = 0, height: int | None = None, width: int | None = None) -> jax.Array:
+        """x_T ~ N(0, I), (n, H/f, W/f, c), exactly as a call with this seed and n images draws it.  A request
+        split into pieces, each given its rows as ``latents``, gives the pictures of one call (deterministic
+        samplers, to float rounding) with one compiled program for all pieces (``finetune`` draws in nines)."""
+        height, width, f = height or self.default_size, width or self.default_size, self.vae_factor
+        key_T, _ = noise_keys(jax.random.key(int(seed)), 1)  # x_T's key does not depend on the number of steps
+        return jax.random.normal(key_T, (n, height // f, width // f, self.vae_config.latent_channels), jnp.float32)
+
     def sample_latents(self, prompts, negative_prompt=None, steps: int = 30, guidance_scale: float | None = None,
                        seed: int = 0, sampler: str = "ddim", eta: float = 0.0, height: int | None = None,
                        width: int | None = None, num_images_per_prompt: int = 1, init_image=None,

@@ -123,6 +123,22 @@ def test_prompts_are_repeated_prompt_major(pipe):
     assert images.shape == (4, 16, 16, 3) and (images[0] != images[1]).mean() > 0.5
 
 
+def test_a_request_drawn_in_pieces_from_initial_noise_gives_the_pictures_of_one_call(pipe):
+    """``initial_noise`` is the x_T a call draws from its seed, so pieces of a request with their rows of
+    it as ``latents`` give the same pictures: what ``finetune.draw_in_pieces`` relies on."""
+    from minidiff.train.finetune import draw_in_pieces
+
+    prompts = ["a red circle", "a blue square", "a green star", "two circles", "a yellow moon"]
+    whole = pipe.sample_latents(prompts, seed=5, **S)
+    x_T = pipe.initial_noise(len(prompts), seed=5)
+    assert x_T.shape == whole.shape
+    pieces = np.concatenate([pipe.sample_latents(prompts[i:i + 2], seed=5, latents=x_T[i:i + 2], **S)
+                             for i in range(0, 5, 2)])
+    np.testing.assert_allclose(pieces, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+    drawn = draw_in_pieces(pipe, prompts, S["steps"], 7.5, 5, batch=3).astype(int)
+    assert np.abs(drawn - pipe(prompts, seed=5, guidance_scale=7.5, **S)).max() <= 1  # float rounding: one level
+
+
 # --- classifier-free guidance ---------------------------------------------------------------------
 
 

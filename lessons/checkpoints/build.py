@@ -1,4 +1,4 @@
-"""Remake the small trained models that lessons 5 and 6 ship, so that they run as notebooks at once.
+"""Remake the small trained models that lessons 5, 6 and 10 ship, so that they run as notebooks at once.
 
     python lessons/checkpoints/build.py            # trains into runs/ (skipping finished runs), then copies
 
@@ -12,9 +12,12 @@ and the dVAE about 20 minutes each, the VQGAN 30, DALL-E about 45), then copied 
     vqgan/   minidiff train-vqvae --out runs/vqgan --adversarial-weight 0.05 \
                  --perceptual-weight 0.1 --disc-start 1000                           (lesson 5)
     dalle/   minidiff train-dalle --out runs/dalle --vqvae runs/vqvae --batch 32    (lesson 6; its VQ-VAE inside)
+    lesson10/  a full run of lesson 10 keeps its textual-inversion vectors, LoRA files (float16) and their
+             loss histories in runs/lesson10; copied as they are.  (Its DreamBooth UNets, 8 MB each, are not.)
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +31,8 @@ RUNS = {
               "--disc-start", "1000"],
     "dalle": ["train-dalle", "--out", "runs/dalle", "--vqvae", "runs/vqvae", "--batch", "32"],
 }
+
+LESSON_RESULTS = {"lesson10": "10_textual_inversion_vs_dreambooth.py"}  # kept by the lesson's own full run
 
 
 def main() -> None:
@@ -43,6 +48,13 @@ def main() -> None:
                            cwd=ROOT, check=True)
         path = slim_checkpoint(run, HERE / name)
         print(f"{path.relative_to(ROOT)}: {path.stat().st_size / 2**20:.2f} MiB")
+    for name, lesson in LESSON_RESULTS.items():
+        run = ROOT / "runs" / name
+        if not (run / "history.json").is_file():  # written last by a full run
+            subprocess.run([sys.executable, lesson], cwd=ROOT / "lessons", check=True)
+        shutil.copytree(run, HERE / name, dirs_exist_ok=True)
+        size = sum(f.stat().st_size for f in (HERE / name).iterdir())
+        print(f"{(HERE / name).relative_to(ROOT)}: {size / 2**20:.2f} MiB")
 
 
 if __name__ == "__main__":
