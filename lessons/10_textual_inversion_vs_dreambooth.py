@@ -185,8 +185,8 @@ for r in (1, 4, 16):
           f"B = 0 gives the frozen UNet exactly: {same}")
 
 lora_files, loras = {}, {}
+RANKS = (4,) if QUICK else RANKS  # quick mode: one rank (read back, or trained a few steps)
 if not SAVED:
-    RANKS = (4,) if QUICK else RANKS  # quick mode trains one rank, a few steps
     lora_dir = KEEP or Path(tempfile.mkdtemp(prefix="minidiff_lesson10_"))
 for r in RANKS:
     if SAVED:
