@@ -26,6 +26,8 @@ def pytest_runtest_logreport(report):
     """With MINIDIFF_TEST_TIMES=FILE, each test phase's seconds are appended to FILE as it ends (pytest's
     --durations prints them only when the whole run is over)."""
     path = os.environ.get("MINIDIFF_TEST_TIMES")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # under pytest-xdist the controller gets every report too
+        return
     if path and report.duration > 0.5:
         with open(path, "a") as f:
             f.write(f"{report.duration:8.1f} {report.when:8s} {report.nodeid}\n")
