@@ -70,8 +70,10 @@ savefig(fig, "10_subjects.png")
 # ## 1. Textual inversion: one new row in the embedding table
 #
 # The tokenizer gets a new token (id 49408, after CLIP's 49,408) and the text encoder's table a new
-# row, initialised from "red".  Only that row is an optax parameter; the loss writes it into the
-# frozen table (`table.at[49408].set(e)`), so every other weight stays bit-identical.
+# row, initialised from a related word ("circle" for the ring, "red" for orange).  Only that row is an
+# optax parameter; the loss writes it into the frozen table (`table.at[49408].set(e)`), so every other
+# weight stays bit-identical.  (The cell reads back the 300-step vectors a full run kept, `SAVED`, and
+# trains them only when there are none.)
 
 # %%
 ti = {}
