@@ -30,7 +30,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from _lesson import QUICK, ROOT, plt, savefig, trained_results
+from _lesson import QUICK, ROOT, plt, savefig, trained_run
 
 from minidiff.embeddings import load_embedding, save_embedding
 from minidiff.lora import save_lora
@@ -49,8 +49,8 @@ RANKS = (1, 4, 16)  # LoRA ranks
 # The word vectors and LoRA files of a full run (300 steps each: several minutes) are kept in runs/lesson10,
 # and a copy ships in lessons/checkpoints/lesson10 (tens of kB to 0.4 MB each): read back if there, else
 # trained here.  DreamBooth's UNets (8 MB each) are not kept: section 2 always trains them.
-SAVED = trained_results("lesson10", ["ring.safetensors", "orange.safetensors", "history.json",
-                                    *(f"lora_r{r}.safetensors" for r in RANKS)])
+SAVED = trained_run("lesson10", ["ring.safetensors", "orange.safetensors", "history.json",
+                                *(f"lora_r{r}.safetensors" for r in RANKS)])
 KEEP = None if (SAVED or QUICK) else ROOT / "runs" / "lesson10"  # a full run keeps what it trained
 if KEEP:
     KEEP.mkdir(parents=True, exist_ok=True)

@@ -29,25 +29,18 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository (runs/ and lesso
 OUT.mkdir(parents=True, exist_ok=True)
 
 
-def trained_run(name: str):
+def trained_run(name: str, files=None):
     """Your run in runs/NAME if there is one, else the small copy shipped in lessons/checkpoints/NAME
-    (``python lessons/checkpoints/build.py`` remakes those); None if neither exists."""
-    from minidiff.train.checkpoint import CHECKPOINT  # (imports JAX: after XLA_FLAGS is set above)
+    (``python lessons/checkpoints/build.py`` remakes those); None if neither exists.  A run is a folder
+    holding all of ``files`` (default: a training checkpoint; a lesson's own results: their file names)."""
+    if files is None:
+        from minidiff.train.checkpoint import CHECKPOINT  # (imports JAX: after XLA_FLAGS is set above)
 
+        files = [CHECKPOINT]
     for run in (ROOT / "runs" / name, ROOT / "lessons" / "checkpoints" / name):
-        if (run / CHECKPOINT).is_file():
+        if all((run / f).is_file() for f in files):
             print(f"{name}: {run.relative_to(ROOT)}")
             return run
-    return None
-
-
-def trained_results(name: str, files):
-    """Like :func:`trained_run`, for results kept as plain files (a lesson's word vectors, LoRA files): the
-    folder runs/NAME or lessons/checkpoints/NAME that holds all of ``files``; None if neither does."""
-    for folder in (ROOT / "runs" / name, ROOT / "lessons" / "checkpoints" / name):
-        if all((folder / f).is_file() for f in files):
-            print(f"{name}: {folder.relative_to(ROOT)}")
-            return folder
     return None
 
 

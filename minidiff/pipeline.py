@@ -579,12 +579,12 @@ class StableDiffusion:
         # the schedule (all N steps, or the last k for img2img) as per-step tables, and the start x_T
         rows = self._rows(sampler, sigmas, int(steps))
         R = len(rows["t"])
-        key_T, z_keys = noise_keys(jax.random.key(int(seed)), R)
+        _, z_keys = noise_keys(jax.random.key(int(seed)), R)
         first = 0
         if latents is not None:
             x_T = latents
         elif pixels is None:
-            x_T = jax.random.normal(key_T, shape, jnp.float32)
+            x_T = self.initial_noise(n, seed, height, width)
         else:
             x0 = _finite_or_raise(vae_encode(params["vae"], _put(jnp.asarray(pixels), shardings),
                                              config=self.vae_config, dtype=self.vae_dtype(dtype)),
@@ -597,7 +597,7 @@ class StableDiffusion:
                               "reconstruction of the init image", stacklevel=3)
                 return _gather(x0)
             # x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps at the first step run
-            x_T = q_sample(x0, float(rows["alpha_bar"][first]), jax.random.normal(key_T, shape, jnp.float32))
+            x_T = q_sample(x0, float(rows["alpha_bar"][first]), self.initial_noise(n, seed, height, width))
         self.last_timesteps = rows["t"][first:]
         rows = {k: np.asarray(v[first:], np.int32 if k == "t" and sampler in ("ddim", "ddpm") else np.float32)
                 for k, v in rows.items()}
