@@ -1,15 +1,18 @@
 """One forward pass of the SD 1.5-size UNet: minidiff (Flax, jit-compiled) next to diffusers'
 UNet2DConditionModel (PyTorch), random weights, batch 2, context 77x768, 64x64 and 32x32 latents.
 
-    python benchmarks/unet_step.py [--sizes 64 32] [--repeats 3] [--chunk 1024] [--config sd15|small]
+    python benchmarks/unet_step.py [--sizes 64 32] [--repeats 3] [--chunk 1024] [--config sd15|small] [--xla-default]
 
 Each implementation runs in its own subprocess so that its peak RSS is its own.  Prints seconds
 per forward (best of --repeats, after one warm-up), minidiff's compile time, the ratio
 minidiff / diffusers, and peak RSS.  ``--config small`` is a quick smoke run with a tiny UNet.
+``--xla-default`` adds a run of minidiff under JAX's own XLA CPU settings (MINIDIFF_XLA_DEFAULTS=0,
+see ``minidiff.xla_cpu``), in the same run.
 """
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -116,6 +119,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=1024, help="attention query chunk (0 = unchunked)")
     ap.add_argument("--config", choices=["sd15", "small"], default="sd15")
+    ap.add_argument("--xla-default", action="store_true", help="also time minidiff under JAX's default XLA flags")
     ap.add_argument("--impl", choices=["minidiff", "diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -129,10 +133,11 @@ def main():
           f"{'RSS minidiff':>13s} {'RSS diffusers':>14s}")
     for size in args.sizes:
         res = {}
-        for impl in ("minidiff", "diffusers"):
-            cmd = [sys.executable, __file__, "--impl", impl, "--size", str(size), "--repeats", str(args.repeats),
-                   "--chunk", str(args.chunk or 0), "--config", args.config]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+        for impl in ("minidiff", "diffusers") + (("jax-default",) if args.xla_default else ()):
+            cmd = [sys.executable, __file__, "--impl", impl.replace("jax-default", "minidiff"), "--size", str(size),
+                   "--repeats", str(args.repeats), "--chunk", str(args.chunk or 0), "--config", args.config]
+            env = dict(os.environ, MINIDIFF_XLA_DEFAULTS="0") if impl == "jax-default" else None
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode or not line:
                 sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
@@ -144,6 +149,10 @@ def main():
             print(f"{'':>8s} {m['flops'] / 1e9:.0f} GFLOP per forward (XLA's count): minidiff "
                   f"{m['flops'] / m['seconds'] / 1e9:.1f} GFLOP/s, diffusers {m['flops'] / d['seconds'] / 1e9:.1f} "
                   "GFLOP/s", flush=True)
+        if "jax-default" in res:
+            j = res["jax-default"]
+            print(f"{'':>8s} minidiff under JAX's default XLA CPU flags (YNNPACK kernels): {j['seconds']:.2f} s, "
+                  f"ratio {j['seconds'] / d['seconds']:.2f}, compile {j['compile']:.1f} s", flush=True)
     peaks = matmul_peak()
     print("float32 matmul peak of this machine (4096^2, best of 3): " +
           ", ".join(f"{name} {rate / 1e9:.1f} GFLOP/s" for name, rate in peaks))

@@ -198,25 +198,41 @@ def online_softmax_attention(q, k, v, block: int):
 
         m' = max(m, max s_j),   l' = l e^(m - m') + sum e^(s_j - m'),   o' = o e^(m - m') + e^(s_j - m') v_j
 
-    and out = o / l.  Exactly the softmax (up to rounding), 2.5x faster than one pass over all
-    4096 keys on this CPU (benchmarks/attention.py): each block's weights stay in the cache.  q (B, c, heads, d); k, v
-    (B, n * block, heads, d); float32 logits and sums, as in ``attention``."""
+    and out = o / l.  Exactly the softmax (up to rounding), and 1.8x faster than one pass over all 4096
+    keys on this CPU (benchmarks/attention.py: 0.61 s against 1.11; torch's fused kernel 0.43).  What
+    makes it fast is fewer passes over the weights: a block's weights stay in the cache; 1/sqrt(d)
+    scales q, not s; l comes out of the same product as o, as the last column of e^(s_j - m') [v_j, 1];
+    and the row maximum is a tree of elementwise maxima (XLA's CPU reduce-max over the last axis is 6x
+    slower than one elementwise pass).
+    q (B, c, heads, d); k, v (B, n * block, heads, d), block a power of two; float32 logits and sums,
+    as in ``attention``."""
     B, c, H, d = q.shape
     n = k.shape[1] // block
-    qh = q.transpose(0, 2, 1, 3)                                               # (B, heads, c, d)
-    kb, vb = (a.reshape(B, n, block, H, d).transpose(1, 0, 3, 2, 4) for a in (k, v))  # (n, B, heads, block, d)
+    qh = (q * jnp.asarray(d ** -0.5, q.dtype)).transpose(0, 2, 1, 3)           # (B, heads, c, d)
+    v1 = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)   # [v, 1]: (B, Lk, heads, d + 1)
+    kb = k.reshape(B, n, block, H, d).transpose(1, 0, 3, 2, 4)                 # (n, B, heads, block, d)
+    vb = v1.reshape(B, n, block, H, d + 1).transpose(1, 0, 3, 2, 4)            # (n, B, heads, block, d + 1)
 
     def step(carry, kv):
-        m, l, o = carry
-        s = jnp.einsum("bhqd,bhkd->bhqk", qh, kv[0], preferred_element_type=jnp.float32) * d ** -0.5
-        m_new = jnp.maximum(m, s.max(-1, keepdims=True))
-        a, p = jnp.exp(m - m_new), jnp.exp(s - m_new)
-        o = o * a + jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), kv[1], preferred_element_type=jnp.float32)
-        return (m_new, l * a + p.sum(-1, keepdims=True), o), None
+        m, o = carry                                                           # o = [o, l]
+        s = jnp.einsum("bhqd,bhkd->bhqk", qh, kv[0], preferred_element_type=jnp.float32)
+        m_new = jnp.maximum(m, _row_max(s))
+        p = jnp.exp(s - m_new).astype(v.dtype)
+        return (m_new, o * jnp.exp(m - m_new) + jnp.einsum("bhqk,bhkd->bhqd", p, kv[1],
+                                                           preferred_element_type=jnp.float32)), None
 
-    start = (jnp.full((B, H, c, 1), -jnp.inf), jnp.zeros((B, H, c, 1)), jnp.zeros((B, H, c, d)))
-    (_, l, o), _ = jax.lax.scan(step, start, (kb, vb))
-    return (o / l).transpose(0, 2, 1, 3).astype(v.dtype)                      # (B, c, heads, d)
+    start = (jnp.full((B, H, c, 1), -jnp.inf), jnp.zeros((B, H, c, d + 1)))
+    (_, o), _ = jax.lax.scan(step, start, (kb, vb))
+    return (o[..., :d] / o[..., d:]).transpose(0, 2, 1, 3).astype(v.dtype)    # (B, c, heads, d)
+
+
+def _row_max(s):
+    """max over the last axis (a power of two long) as log2(n) elementwise maxima of halves, which XLA
+    fuses into one pass; NaN propagates as in ``max``.  s (..., n) -> (..., 1)."""
+    while s.shape[-1] > 1:
+        half = s.shape[-1] // 2
+        s = jnp.maximum(s[..., :half], s[..., half:])
+    return s
 
 
 class Attention(nn.Module):
