@@ -12,8 +12,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minidiff"
 # lowest first; a name covers the module and, for a package, everything in it (the top-level
 # package "minidiff", its __init__, only itself)
 LAYERS = (
-    ("pure NumPy / Pillow", ("minidiff", "minidiff.diffusion", "minidiff.vq", "minidiff.images", "minidiff.metrics",
-                             "minidiff.tokenizer", "minidiff.data", "minidiff.config", "minidiff.files")),
+    ("pure NumPy / Pillow; the XLA flag set before JAX starts",
+     ("minidiff", "minidiff.diffusion", "minidiff.vq", "minidiff.images", "minidiff.metrics", "minidiff.tokenizer",
+      "minidiff.data", "minidiff.config", "minidiff.files", "minidiff.xla_cpu")),
     ("JAX's runtime: compile cache, processes", ("minidiff.compile_cache", "minidiff.distributed")),
     ("Flax networks", ("minidiff.nn",)),
     ("sampling", ("minidiff.sampling",)),
