@@ -1,10 +1,11 @@
 """XLA's CPU backend as minidiff runs it: the one setting that differs from JAX's default, and why.
 
-From jaxlib 0.9 on, XLA hands float32 matrix products and convolutions on the CPU to YNNPACK.  On this
-project's 2-core Xeon (AVX-512) those kernels ran slower than XLA's older Eigen ones at every shape of
-Stable Diffusion's UNet (``python benchmarks/unet_step.py``, and per shape in the README): 3x3
-convolutions 78 -> 145 GFLOP/s at 16x16x1280, dense layers 84 -> 137 GFLOP/s, the whole SD 1.5 UNet
-step at 64x64 latents 20.9 -> 15.1 s.  So, unless you choose otherwise, importing ``minidiff`` adds
+From jaxlib 0.9 on, XLA hands float32 (and bfloat16) matrix products and convolutions on the CPU to
+YNNPACK.  On this project's 2-core Xeon (AVX-512) those kernels ran slower than XLA's older Eigen ones
+at every shape of Stable Diffusion's UNet (``python benchmarks/cpu_kernels.py``, one run): 3x3
+convolutions at 16x16x1280 94 -> 172 GFLOP/s (torch 138), dense layers 101-111 -> 138-214 GFLOP/s; and
+the whole SD 1.5 UNet step at 64x64 latents 16.4 -> 12.3 s (``benchmarks/unet_step.py --xla-default``).
+So, unless you choose otherwise, importing ``minidiff`` adds
 
     --xla_cpu_experimental_ynn_fusion_type=      (an empty list: no YNNPACK kernels)
 
