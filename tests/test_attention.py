@@ -157,3 +157,14 @@ def test_the_online_softmax_over_key_blocks_is_the_softmax(chunk, lk):
     bf = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
     got = np.asarray(jax.jit(lambda q, k, v: attention(q, k, v, chunk_size=chunk))(*bf), np.float32)
     np.testing.assert_allclose(got, reference(*[np.asarray(a, np.float32) for a in bf]), atol=2e-2)
+
+
+def test_the_row_max_tree_is_max_and_keeps_nans():
+    """The online softmax's row maximum, log2(n) elementwise maxima of halves, is ``max`` exactly."""
+    import minidiff.nn.layers as layers
+
+    s = np.random.default_rng(0).standard_normal((3, 5, 256)).astype(np.float32)
+    s[1, 2, 77] = np.nan
+    got = np.asarray(jax.jit(layers._row_max)(s))
+    np.testing.assert_array_equal(got, s.max(-1, keepdims=True))  # NaN where the row has one
+    assert np.isnan(got[1, 2, 0]) and np.isfinite(np.delete(got.ravel(), 1 * 5 + 2)).all()
