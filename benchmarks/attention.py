@@ -5,7 +5,8 @@ to torch's fused scaled_dot_product_attention, in one run (best of 3, after a wa
     python benchmarks/attention.py
 """
 
-import time
+import os
+import sys
 
 import jax
 import numpy as np
@@ -13,17 +14,14 @@ import torch
 
 import minidiff.nn.layers as layers
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import best_seconds  # noqa: E402
+
 B, N, H, D = 2, 4096, 8, 40
 
 
 def best(f, *args, repeats=3):
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return best_seconds(lambda: jax.block_until_ready(f(*args)), repeats)
 
 
 def main():

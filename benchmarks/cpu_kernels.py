@@ -13,7 +13,9 @@ import json
 import os
 import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import best_seconds  # noqa: E402
 
 CONVS = [(64, 320), (32, 640), (16, 1280), (8, 1280)]  # (H = W, channels in = out)
 DENSES = [(8192, 320, 1280), (8192, 1280, 320), (8192, 320, 2560)]  # (tokens, in, out): to_q.., ff
@@ -27,16 +29,6 @@ def cases():
         yield f"dense {n}x{i} -> {o}", 2 * n * i * o
     for n, d in ATTENTIONS:
         yield f"self-attention {n} tokens, 8 x {d}", 4 * 2 * 8 * n * n * d
-
-
-def best(f, repeats):
-    f()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def run_jax(repeats):
@@ -55,13 +47,13 @@ def run_jax(repeats):
     out = []
     for h, c in CONVS:
         x, w = a(2, h, h, c), a(3, 3, c, c)
-        out.append(best(lambda: conv(x, w).block_until_ready(), repeats))
+        out.append(best_seconds(lambda: conv(x, w).block_until_ready(), repeats))
     for n, i, o in DENSES:
         x, w = a(n, i), a(i, o)
-        out.append(best(lambda: dense(x, w).block_until_ready(), repeats))
+        out.append(best_seconds(lambda: dense(x, w).block_until_ready(), repeats))
     for n, d in ATTENTIONS:
         q, k, v = a(2, n, 8, d), a(2, n, 8, d), a(2, n, 8, d)
-        out.append(best(lambda: attend(q, k, v).block_until_ready(), repeats))
+        out.append(best_seconds(lambda: attend(q, k, v).block_until_ready(), repeats))
     return out
 
 
@@ -74,13 +66,13 @@ def run_torch(repeats):
     with torch.inference_mode():
         for h, c in CONVS:
             x, w = torch.randn(2, c, h, h), torch.randn(c, c, 3, 3)
-            out.append(best(lambda: F.conv2d(x, w, padding=1), repeats))
+            out.append(best_seconds(lambda: F.conv2d(x, w, padding=1), repeats))
         for n, i, o in DENSES:
             x, w = torch.randn(n, i), torch.randn(o, i)
-            out.append(best(lambda: F.linear(x, w), repeats))
+            out.append(best_seconds(lambda: F.linear(x, w), repeats))
         for n, d in ATTENTIONS:
             q, k, v = (torch.randn(2, 8, n, d) for _ in range(3))
-            out.append(best(lambda: F.scaled_dot_product_attention(q, k, v), repeats))
+            out.append(best_seconds(lambda: F.scaled_dot_product_attention(q, k, v), repeats))
     return out
 
 

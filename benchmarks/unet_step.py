@@ -18,6 +18,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import best_seconds  # noqa: E402
+
 SMALL = dict(block_out_channels=(32, 64, 64, 64), layers_per_block=2, attention_head_dim=8, cross_attention_dim=768)
 
 
@@ -46,15 +49,10 @@ def run_minidiff(size, repeats, chunk, config):
     t0 = time.perf_counter()
     compiled = forward.lower({"params": params}, x, t, ctx).compile()
     compile_s = time.perf_counter() - t0
-    compiled({"params": params}, x, t, ctx).block_until_ready()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        compiled({"params": params}, x, t, ctx).block_until_ready()
-        times.append(time.perf_counter() - t0)
+    seconds = best_seconds(lambda: compiled({"params": params}, x, t, ctx).block_until_ready(), repeats)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return dict(seconds=min(times), compile=compile_s, flops=float(cost.get("flops", 0.0)))
+    return dict(seconds=seconds, compile=compile_s, flops=float(cost.get("flops", 0.0)))
 
 
 def matmul_peak(n=4096, repeats=3):
@@ -65,17 +63,9 @@ def matmul_peak(n=4096, repeats=3):
 
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = []
-    for name, mm in (("jax", lambda: f(a).block_until_ready()), ("torch", lambda: torch.ones(n, n) @ torch.ones(n, n))):
-        mm()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            mm()
-            times.append(time.perf_counter() - t0)
-        best.append((name, 2 * n**3 / min(times)))
-    return best
+    f(a).block_until_ready()  # compile
+    return [(name, 2 * n**3 / best_seconds(mm, repeats))
+            for name, mm in (("jax", lambda: f(a).block_until_ready()), ("torch", lambda: torch.ones(n, n) @ torch.ones(n, n)))]
 
 
 def run_diffusers(size, repeats, config):
@@ -95,13 +85,8 @@ def run_diffusers(size, repeats, config):
     t = torch.tensor([981, 981])
     ctx = torch.from_numpy(rng.standard_normal((2, 77, 768)).astype(np.float32))
     with torch.inference_mode():
-        model(x, t, ctx)  # warm-up
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x, t, ctx)
-            times.append(time.perf_counter() - t0)
-    return dict(seconds=min(times), compile=0.0, threads=torch.get_num_threads())
+        seconds = best_seconds(lambda: model(x, t, ctx), repeats)
+    return dict(seconds=seconds, compile=0.0, threads=torch.get_num_threads())
 
 
 def child(args):
@@ -133,15 +118,17 @@ def main():
           f"{'RSS minidiff':>13s} {'RSS diffusers':>14s}")
     for size in args.sizes:
         res = {}
-        for impl in ("minidiff", "diffusers") + (("jax-default",) if args.xla_default else ()):
-            cmd = [sys.executable, __file__, "--impl", impl.replace("jax-default", "minidiff"), "--size", str(size),
-                   "--repeats", str(args.repeats), "--chunk", str(args.chunk or 0), "--config", args.config]
-            env = dict(os.environ, MINIDIFF_XLA_DEFAULTS="0") if impl == "jax-default" else None
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        runs = [("minidiff", "minidiff", {}), ("diffusers", "diffusers", {})]  # (label, --impl, environment)
+        if args.xla_default:
+            runs.append(("jax-default", "minidiff", {"MINIDIFF_XLA_DEFAULTS": "0"}))
+        for label, impl, env in runs:
+            cmd = [sys.executable, __file__, "--impl", impl, "--size", str(size), "--repeats", str(args.repeats),
+                   "--chunk", str(args.chunk or 0), "--config", args.config]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode or not line:
-                sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
-            res[impl] = json.loads(line[0][7:])
+                sys.exit(f"{label} failed:\n{out.stderr[-3000:]}")
+            res[label] = json.loads(line[0][7:])
         m, d = res["minidiff"], res["diffusers"]
         print(f"{size:>5d}^2 {m['seconds']:11.2f} {d['seconds']:12.2f} {m['seconds'] / d['seconds']:6.2f} "
               f"{m['compile']:10.1f} {m['peak_rss_mib']:10.0f} MiB {d['peak_rss_mib']:11.0f} MiB", flush=True)
