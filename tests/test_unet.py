@@ -1,10 +1,13 @@
-"""The Flax UNet: SD parameter counts, parity with diffusers' UNet2DConditionModel, bad input."""
+"""The Flax UNet: SD parameter counts, parity with diffusers' UNet2DConditionModel, bad input; its
+convolutions over inputs smaller than the kernel."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from minidiff.nn.layers import Conv
 from minidiff.nn.unet import UNet2DCondition, UNetConfig
 from minidiff.weights import flax_path, torch_to_flax
 
@@ -100,10 +103,12 @@ def _diffusers_unet(**kw):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("variant", ["sd1", "sd2", "sd1_class"])
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "sd1_class", "sd1_16x16"])
 def test_unet_matches_diffusers(variant):
+    size = 16 if variant == "sd1_16x16" else 32  # 16: the deepest 3x3 convolutions see 2x2 (patches @ kernel)
     kw = {
         "sd1": dict(cross_attention_dim=48, attention_head_dim=8),
+        "sd1_16x16": dict(cross_attention_dim=48, attention_head_dim=8),
         "sd2": dict(cross_attention_dim=40, attention_head_dim=(2, 4, 4, 4), use_linear_projection=True),
         "sd1_class": dict(cross_attention_dim=48, attention_head_dim=8, num_class_embeds=10),
     }[variant]
@@ -113,7 +118,7 @@ def test_unet_matches_diffusers(variant):
                      cross_attention_dim=kw["cross_attention_dim"], use_linear_projection=kw.get("use_linear_projection", False),
                      num_class_embeds=kw.get("num_class_embeds"), attention_chunk_size=256)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 4, 32, 32)).astype(np.float32)
+    x = rng.standard_normal((2, 4, size, size)).astype(np.float32)
     t = np.array([10, 981])
     ctx = rng.standard_normal((2, 7, kw["cross_attention_dim"])).astype(np.float32)
     labels = np.array([3, 7]) if "num_class_embeds" in kw else None
@@ -148,3 +153,28 @@ def test_loading_reports_missing_and_misshapen_tensors():
         torch_to_flax(sd, template, "UNet")
     msg = str(e.value)
     assert "conv_in/kernel" in msg and "up_blocks.1.resnets.0.conv1.bias (3,)" in msg and "foo.bar.weight" in msg
+
+
+@pytest.mark.parametrize("hw, kernel, stride, padding", [
+    ((2, 2), 3, 1, ((1, 1), (1, 1))),   # SD's deepest 3x3 convolutions at 16x16 latents (128x128 images)
+    ((1, 1), 3, 1, ((1, 1), (1, 1))),
+    ((2, 3), 3, 1, ((1, 1), (1, 1))),
+    ((2, 2), 3, 2, ((1, 1), (1, 1))),   # Downsample
+    ((2, 2), 3, 1, "SAME"),
+    ((3, 3), 4, 2, ((1, 2), (0, 1))),   # asymmetric padding, a 4x4 kernel (the discriminator's)
+    ((8, 8), 3, 1, ((1, 1), (1, 1))),   # not smaller than the kernel: XLA's convolution
+])
+def test_a_convolution_over_an_input_smaller_than_its_kernel_is_a_product_of_patches(hw, kernel, stride, padding):
+    """Same numbers as nn.Conv (XLA's convolution at full precision), computed without a convolution op
+    when the input is smaller than the kernel (XLA would swap the operands and run ~30x slower on CPU)."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, *hw, 5)), jnp.float32)
+    args = dict(features=7, kernel_size=(kernel, kernel), strides=(stride, stride), padding=padding)
+    params = nn.Conv(**args).init(jax.random.PRNGKey(0), x)
+    params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # a bias that is not zero
+    want = nn.Conv(**args, precision="highest").apply(params, x)
+    f = jax.jit(Conv(**args).apply)
+    got = f(params, x)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-6)  # float32 sums of 45 terms
+    small = hw[0] < kernel or hw[1] < kernel
+    assert ("convolution(" in f.lower(params, x).compile().as_text()) is not small

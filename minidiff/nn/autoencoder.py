@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from .layers import ResnetBlock, Upsample, attention, conv3x3
+from .layers import Conv, ResnetBlock, Upsample, attention, conv3x3
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class AutoencoderKLConfig:
     mid_block_attention: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
-    attention_chunk_size: int | None = 1024  # queries per block in the mid-block attention (memory)
+    attention_chunk_size: int | None = 1024  # queries per block in the mid-block attention, up to 512
+    # pixels (more, a multiple of 64, take blocks of keys instead: layers._key_block)
 
     def __post_init__(self):
         for c in self.block_out_channels:
@@ -138,7 +139,7 @@ class EncoderDownsample(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.Conv(self.channels, (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)), dtype=self.dtype, name="conv")(x)
+        return Conv(self.channels, (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)), dtype=self.dtype, name="conv")(x)
 
 
 class SpatialSelfAttention(nn.Module):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from .layers import Conv
+
 
 class ShapesClassifier(nn.Module):
     """One set of logits per attribute.  ``heads``: ((name, number of classes), ...)."""
@@ -27,10 +29,10 @@ class ShapesClassifier(nn.Module):
         resolution first), the feature space of the VQGAN experiment's perceptual loss."""
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"ShapesClassifier takes images (B, H, W, 3) in [-1, 1], got shape {x.shape}")
-        h = nn.gelu(nn.Conv(self.stem, (3, 3), name="conv_in")(x))
+        h = nn.gelu(Conv(self.stem, (3, 3), name="conv_in")(x))
         maps = [h]
         for i, f in enumerate(self.features):
-            h = nn.gelu(nn.Conv(f, (3, 3), strides=(2, 2), name=f"down_{i}")(h))  # halve H and W
+            h = nn.gelu(Conv(f, (3, 3), strides=(2, 2), name=f"down_{i}")(h))  # halve H and W
             maps.append(h)
         if features:
             return maps

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import attention
+from .layers import Conv, attention
 
 Dtype = Any
 
@@ -250,9 +250,9 @@ class ToyImageEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = nn.gelu(nn.Conv(self.features[0], (3, 3), name="conv_in")(x))
+        h = nn.gelu(Conv(self.features[0], (3, 3), name="conv_in")(x))
         for i, f in enumerate(self.features):
-            h = nn.gelu(nn.Conv(f, (3, 3), strides=(2, 2), name=f"down_{i}")(h))
+            h = nn.gelu(Conv(f, (3, 3), strides=(2, 2), name=f"down_{i}")(h))
         h = nn.gelu(nn.Dense(self.hidden, name="hidden")(h.reshape(h.shape[0], -1)))
         return nn.Dense(self.embed_dim, name="proj")(h)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from .layers import Conv
+
 
 class PatchDiscriminator(nn.Module):
     channels: tuple = (32, 64)
@@ -19,5 +21,5 @@ class PatchDiscriminator(nn.Module):
     def __call__(self, x):
         h = x
         for i, c in enumerate(self.channels):
-            h = nn.leaky_relu(nn.Conv(c, (4, 4), strides=(2, 2), name=f"down_{i}")(h), 0.2)
-        return nn.Conv(1, (3, 3), name="logits")(h)[..., 0]
+            h = nn.leaky_relu(Conv(c, (4, 4), strides=(2, 2), name=f"down_{i}")(h), 0.2)
+        return Conv(1, (3, 3), name="logits")(h)[..., 0]

@@ -61,7 +61,8 @@ class UNetConfig:
     dropout: float = 0.0
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
-    attention_chunk_size: int | None = 1024  # queries per attention block (memory at 64x64 latents)
+    attention_chunk_size: int | None = 1024  # queries per block of cross-attention (self-attention over
+    # more than 512 pixels, a multiple of 64, takes blocks of keys instead: layers._key_block)
     addition_embed_type: str | None = None  # None (SD 1.x / 2.x) or "text_time" (SDXL)
     addition_time_embed_dim: int | None = None  # SDXL: 256
     projection_class_embeddings_input_dim: int | None = None  # SDXL: 2816 = 1280 + 6 x 256
