@@ -5,7 +5,9 @@
 
 Each column runs in its own process (the XLA flag is read once, when JAX's backend starts).  Prints
 milliseconds (best of --repeats, after a warm-up) and GFLOP/s for 3x3 convolutions at the UNet's four
-resolutions, its dense layers at 64x64 latents (8,192 tokens) and one self-attention at 64x64 and 32x32.
+resolutions at 64x64 latents and at 2x2 (its deepest level at 16x16 latents: minidiff's product of
+patches, and XLA's own convolution), its dense layers at 64x64 latents (8,192 tokens) and one
+self-attention at 64x64 and 32x32.
 """
 
 import argparse
@@ -17,14 +19,17 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import best_seconds  # noqa: E402
 
-CONVS = [(64, 320), (32, 640), (16, 1280), (8, 1280)]  # (H = W, channels in = out)
+# (H = W, channels in = out, through): minidiff's convolution (layers.conv_general_dilated), or XLA's
+# directly, which at 2x2 (SD's deepest level at 16x16 latents) swaps its operands (the slow form)
+CONVS = [(64, 320, "minidiff"), (32, 640, "minidiff"), (16, 1280, "minidiff"), (8, 1280, "minidiff"),
+         (2, 1280, "minidiff"), (2, 1280, "XLA")]
 DENSES = [(8192, 320, 1280), (8192, 1280, 320), (8192, 320, 2560)]  # (tokens, in, out): to_q.., ff
 ATTENTIONS = [(4096, 40), (1024, 80)]  # (tokens, head dim), 8 heads
 
 
 def cases():
-    for h, c in CONVS:
-        yield f"conv 3x3 {h}x{h}x{c}", 2 * 2 * h * h * 9 * c * c
+    for h, c, through in CONVS:
+        yield f"conv 3x3 {h}x{h}x{c}" + (f" ({through}'s)" if h < 3 else ""), 2 * 2 * h * h * 9 * c * c
     for n, i, o in DENSES:
         yield f"dense {n}x{i} -> {o}", 2 * n * i * o
     for n, d in ATTENTIONS:
@@ -36,18 +41,18 @@ def run_jax(repeats):
     import jax.numpy as jnp
     import numpy as np
 
-    from minidiff.nn.layers import attention
+    from minidiff.nn.layers import attention, conv_general_dilated
 
     rng = np.random.default_rng(0)
     a = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
-    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
-                                                             dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    convs = {name: jax.jit(lambda x, w, f=f: f(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))
+             for name, f in (("minidiff", conv_general_dilated), ("XLA", jax.lax.conv_general_dilated))}
     dense = jax.jit(lambda x, w: x @ w)
     attend = jax.jit(lambda q, k, v: attention(q, k, v, chunk_size=1024))
     out = []
-    for h, c in CONVS:
+    for h, c, through in CONVS:
         x, w = a(2, h, h, c), a(3, 3, c, c)
-        out.append(best_seconds(lambda: conv(x, w).block_until_ready(), repeats))
+        out.append(best_seconds(lambda: convs[through](x, w).block_until_ready(), repeats))
     for n, i, o in DENSES:
         x, w = a(n, i), a(i, o)
         out.append(best_seconds(lambda: dense(x, w).block_until_ready(), repeats))
@@ -64,7 +69,7 @@ def run_torch(repeats):
     torch.manual_seed(0)
     out = []
     with torch.inference_mode():
-        for h, c in CONVS:
+        for h, c, _ in CONVS:
             x, w = torch.randn(2, c, h, h), torch.randn(c, c, 3, 3)
             out.append(best_seconds(lambda: F.conv2d(x, w, padding=1), repeats))
         for n, i, o in DENSES:
